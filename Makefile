@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.quantlab-setup
+# The project's real text data (Jane Austen); recipes read it through this variable.
+export QUANTLAB_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
+
+DEMO_RECIPES := recipes/smollm2_int8_wo.yaml recipes/smollm2_int4_g64_sym.yaml \
+                recipes/smollm2_int4_g64_asym.yaml recipes/smollm2_fp8.yaml
+
+.PHONY: setup demo test lint clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh "$(VENV)" "$(PYTHON)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	MYPY=$(abspath $(BIN))/mypy bash scripts/typecheck.sh
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,63 @@
+"""Save and reload a quantized model in torch for evaluation: HF config + tokenizer + float tensors + QuantState."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from quantlab.errors import InputError
+from quantlab.qmodules import QuantLinear, apply_state
+from quantlab.state import QuantState
+
+FLOAT_FILE = "float_weights.safetensors"
+
+
+def save_reloadable(model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: QuantState, directory: Path) -> None:
+    """Write what load_quantized needs into directory (created): state, float tensors, config, tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state.save(directory)
+    quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k not in quantized and not (tied and k == "lm_head.weight") and not k.endswith("input_scale")
+    }
+    save_file(tensors, str(directory / FLOAT_FILE))
+    getattr(model, "config").save_pretrained(str(directory))  # noqa: B009 - nn.Module types it as Tensor|Module
+    tokenizer.save_pretrained(str(directory))
+    (directory / "README.txt").write_text(
+        "quantlab reloadable model: quantlab.export.reload.load_quantized(<this folder>) rebuilds the\n"
+        "quantized model in torch (weights dequantized from the QuantState codes).\n"
+    )
+
+
+def load_quantized(directory: Path, device: str = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Rebuild a quantized model (QuantLinear modules) saved by save_reloadable; safetensors only."""
+    directory = Path(directory)
+    if not (directory / FLOAT_FILE).is_file():
+        raise InputError(f"{directory} is not a quantlab reloadable model folder (no {FLOAT_FILE}).")
+    config = AutoConfig.from_pretrained(str(directory))
+    state = QuantState.load(directory)
+    float_tensors = load_file(str(directory / FLOAT_FILE))
+    dtype = next(iter(float_tensors.values())).dtype
+    # Built on a real device (not meta) so non-persistent buffers such as rotary inv_freq are computed.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    missing, unexpected = model.load_state_dict(float_tensors, strict=False)
+    allowed = {f"{m}.weight" for m in state.modules}
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        allowed.add("lm_head.weight")
+    if unexpected or set(missing) - allowed:
+        raise InputError(f"{directory}: float weights do not match the model (missing {sorted(set(missing) - allowed)[:5]}, unexpected {unexpected[:5]}).")
+    apply_state(model, state)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    meta = json.loads((directory / "quant_state.json").read_text())
+    model.quantlab_recipe = meta.get("recipe", {})  # type: ignore[assignment]
+    return model, tok

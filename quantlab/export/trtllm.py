@@ -1,0 +1,327 @@
+"""TensorRT-LLM checkpoint export: config.json + rank{N}.safetensors with tp/pp sharding.
+
+Conventions (see docs/export.md): dequantization scales (w ~= (q - z) * s); rank r has
+tp_rank = r % tp and pp_rank = r // tp; each pp rank numbers its layers from 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import quantlab
+from quantlab.adapters import ModelAdapter
+from quantlab.calibrator import param
+from quantlab.errors import InputError
+from quantlab.formats import FP8_E4M3_MAX, QuantFormat
+from quantlab.kernels.packing import pack_int4_rows
+from quantlab.primitives import dequantize
+from quantlab.state import ModuleState, QuantState
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+QKV = "self_attn.qkv"
+
+# (weight format, input format) -> quant_algo. Formats compared without scale_method.
+_ALGOS: list[tuple[str, QuantFormat, QuantFormat | None]] = [
+    ("W8A16", QuantFormat("int8", "channel"), None),
+    ("W4A16", QuantFormat("int4", "channel"), None),
+    ("FP8", QuantFormat("fp8_e4m3", "tensor"), QuantFormat("fp8_e4m3", "tensor")),
+    ("FP8_PER_CHANNEL_PER_TOKEN", QuantFormat("fp8_e4m3", "channel"), QuantFormat("fp8_e4m3", "token")),
+]
+
+
+def _plain(f: QuantFormat | None) -> QuantFormat | None:
+    return None if f is None else QuantFormat(f.dtype, f.granularity, f.group_size, f.symmetric)
+
+
+def quant_algo_for(wf: QuantFormat | None, af: QuantFormat | None) -> str | None:
+    """TensorRT-LLM quant_algo for a (weight, input) format pair; InputError when it has none."""
+    if wf is None and af is None:
+        return None
+    if wf is not None and wf.dtype == "int4" and wf.granularity == "group" and af is None:
+        return "W4A16_AWQ" if wf.symmetric else "W4A16_GPTQ"
+    for algo, w, a in _ALGOS:
+        if _plain(wf) == w and _plain(af) == a:
+            return algo
+    got = f"weights {wf.describe() if wf else 'float'}, activations {af.describe() if af else 'float'}"
+    raise InputError(
+        f"The TensorRT-LLM checkpoint has no quant_algo for {got}. Exportable combinations: int8 "
+        "per-channel sym weight-only (W8A16), int4 per-channel sym (W4A16), int4 group sym (W4A16_AWQ), "
+        "int4 group asym (W4A16_GPTQ), fp8 per-tensor weights + static per-tensor fp8 activations (FP8), "
+        "fp8 per-channel weights + dynamic per-token fp8 activations (FP8_PER_CHANNEL_PER_TOKEN)."
+    )
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where and how to write the checkpoint."""
+
+    output_dir: Path
+    dtype: str = "float16"
+    tp_size: int = 1
+    pp_size: int = 1
+
+
+@dataclass
+class ExportPlan:
+    """Everything checked before calibration: the quant_algo and the model dimensions."""
+
+    quant_algo: str | None
+    dims: dict[str, int]
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+def model_dims(config: Any) -> dict[str, int]:
+    """The dimensions sharding depends on, from an HF config."""
+    heads = int(config.num_attention_heads)
+    return {
+        "hidden": int(config.hidden_size),
+        "heads": heads,
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "intermediate": int(config.intermediate_size),
+        "vocab": int(config.vocab_size),
+        "layers": int(config.num_hidden_layers),
+    }
+
+
+def linear_shapes(d: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(N, K) of each layer-relative linear of a Llama-family layer."""
+    q, kv = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    return {
+        "self_attn.q_proj": (q, d["hidden"]),
+        "self_attn.k_proj": (kv, d["hidden"]),
+        "self_attn.v_proj": (kv, d["hidden"]),
+        "self_attn.o_proj": (d["hidden"], q),
+        "mlp.gate_proj": (d["intermediate"], d["hidden"]),
+        "mlp.up_proj": (d["intermediate"], d["hidden"]),
+        "mlp.down_proj": (d["hidden"], d["intermediate"]),
+    }
+
+
+def _shard_problems(d: dict[str, int], tp: int, pp: int, wf: QuantFormat | None, adapter: ModelAdapter) -> list[str]:
+    probs = []
+    for key, label in (("heads", "num_attention_heads"), ("kv_heads", "num_key_value_heads"),
+                       ("intermediate", "intermediate_size"), ("vocab", "vocab_size (lm_head rows)")):
+        if d[key] % tp:
+            probs.append(f"tp_size {tp} does not divide {label} = {d[key]}")
+    if d["layers"] % pp:
+        probs.append(f"pp_size {pp} does not divide num_hidden_layers = {d['layers']}")
+    if wf is None:
+        return probs
+    g = wf.group_size if wf.granularity == "group" else None
+    for name, (n, k) in linear_shapes(d).items():
+        row = name in adapter.row_parallel
+        k_shard = k // tp if row else k
+        n_shard = n if row else n // tp
+        if g and k % g:
+            probs.append(f"group size {g} does not divide the input dimension K = {k} of layers.*.{name}")
+        elif g and row and k % tp == 0 and k_shard % g:
+            probs.append(f"with tp_size {tp}, the input dimension of layers.*.{name} splits into {k_shard} "
+                         f"per rank, which group size {g} does not divide")
+        if wf.bits == 4 and n % tp == 0 and n_shard % 2:
+            probs.append(f"int4 packs two output rows a byte; layers.*.{name} has {n_shard} rows per rank")
+    return probs
+
+
+def plan_export(hf_config: Any, adapter: ModelAdapter, wf: QuantFormat | None, af: QuantFormat | None,
+                cfg: ExportConfig) -> ExportPlan:
+    """Validate formats and tp/pp against the model before any calibration; InputError naming the fix."""
+    if cfg.dtype not in DTYPES:
+        raise InputError(f"export.dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}.")
+    if cfg.tp_size < 1 or cfg.pp_size < 1:
+        raise InputError("export.tp_size and export.pp_size must be >= 1.")
+    algo = quant_algo_for(wf, af)
+    d = model_dims(hf_config)
+    probs = _shard_problems(d, cfg.tp_size, cfg.pp_size, wf, adapter)
+    if probs:
+        valid_tp = [t for t in range(1, 65) if not _shard_problems(d, t, 1, wf, adapter)]
+        valid_pp = [p for p in range(1, d["layers"] + 1) if d["layers"] % p == 0]
+        hint = f"Valid tp_size values for this model and format: {', '.join(map(str, valid_tp)) or 'none'}; valid pp_size values: {', '.join(map(str, valid_pp))}."
+        if wf is not None and wf.granularity == "group":
+            ks = sorted({k for _, k in linear_shapes(d).values()})
+            ok = [gs for gs in (32, 64, 128, 256) if all(k % gs == 0 for k in ks)]
+            hint += f" Group sizes that divide every input dimension ({', '.join(map(str, ks))}): {', '.join(map(str, ok)) or 'none'}."
+        raise InputError(f"Cannot export {adapter.trtllm_architecture} with tp_size={cfg.tp_size}, pp_size={cfg.pp_size}"
+                         f"{', ' + wf.describe() if wf else ''}: " + "; ".join(probs) + ". " + hint)
+    return ExportPlan(algo, d, hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config))
+
+
+# One exported tensor: (value, axis split by column parallelism, axis split by row parallelism).
+Part = tuple[torch.Tensor, int | None, int | None]
+
+
+def linear_parts(lin: nn.Module, ms: ModuleState | None, algo: str | None, dtype: torch.dtype) -> dict[str, Part]:
+    """TensorRT-LLM tensors of one HF linear (unsharded) for quant_algo `algo`."""
+    w = param(lin, "weight")
+    parts: dict[str, Part] = {}
+    bias = getattr(lin, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        parts["bias"] = (bias.detach().to(dtype), 0, None)
+    if ms is None or ms.weight_format is None or algo is None:
+        parts["weight"] = (w.to(dtype), 0, 1)
+        return parts
+    q, s, z, fmt = ms.tensors["qweight"], ms.tensors["weight_scale"], ms.tensors.get("weight_zero"), ms.weight_format
+    if algo in ("W8A16", "W4A16"):
+        # Portable: the dequantized weight in the model dtype + our scales; see docs/export.md.
+        parts["weight"] = (dequantize(q, s, None, fmt, dtype), 0, 1)
+        parts["per_channel_scale"] = (s.to(dtype), 0, None)
+    elif algo == "W4A16_AWQ":
+        parts["weight"] = (pack_int4_rows(q), 0, 1)
+        parts["weights_scaling_factor"] = (s.to(dtype), 0, 1)
+        pre = ms.tensors.get("pre_quant_scale", torch.ones(w.shape[1]))
+        parts["prequant_scaling_factor"] = (pre.to(dtype), None, 0)
+    elif algo == "W4A16_GPTQ":
+        assert z is not None
+        parts["weight"] = (pack_int4_rows((q.to(torch.int16) - 8).to(torch.int8)), 0, 1)
+        parts["weights_scaling_factor"] = (s.t().contiguous().to(dtype), 1, 0)
+        # TensorRT-LLM adds a per-group float after scaling signed codes: w = (u - 8) * s + (8 - z) * s.
+        parts["zero"] = (((8.0 - z.float()) * s.float()).t().contiguous().to(dtype), 1, 0)
+    elif algo == "FP8":
+        parts["weight"] = (q, 0, 1)
+        parts["weights_scaling_factor"] = (s.float().reshape(1), None, None)
+        parts["activation_scaling_factor"] = (ms.tensors["input_scale"].float().reshape(1), None, None)
+    elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        parts["weight"] = (q, 0, 1)
+        parts["per_channel_scale"] = (s.float(), 0, None)
+    else:  # pragma: no cover - quant_algo_for guards this
+        raise AssertionError(algo)
+    return parts
+
+
+def _shard(t: torch.Tensor, axis: int | None, rank: int, size: int) -> torch.Tensor:
+    if axis is None or size == 1:
+        return t
+    return t.chunk(size, dim=axis)[rank].contiguous()
+
+
+def fuse_fp8_qkv(parts: list[dict[str, Part]]) -> list[dict[str, Part]]:
+    """Re-quantize q/k/v FP8 weights to the max of their per-tensor scales (one GEMM, one scale)."""
+    scales = [p["weights_scaling_factor"][0] for p in parts]
+    smax = torch.stack(scales).amax(dim=0)
+    out = []
+    for p, s in zip(parts, scales, strict=True):
+        if torch.equal(s, smax):
+            out.append(p)
+            continue
+        w = (p["weight"][0].float() * (s / smax)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        log.warning("fp8 q/k/v scales differ; re-quantized to the shared max scale for fusion")
+        out.append({**p, "weight": (w, 0, 1), "weights_scaling_factor": (smax, None, None)})
+    return out
+
+
+def layer_tensors(layer: nn.Module, prefix: str, state: QuantState, adapter: ModelAdapter, algo: str | None,
+                  dtype: torch.dtype, tp_rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors for one tp rank, under TensorRT-LLM names relative to the layer."""
+    names = adapter.trtllm_layer_names
+    out: dict[str, torch.Tensor] = {}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"{names[norm]}.weight"] = param(layer.get_submodule(norm), "weight").to(dtype)
+
+    def parts_of(n: str) -> dict[str, Part]:
+        return linear_parts(layer.get_submodule(n), state.modules.get(f"{prefix}.{n}"), algo, dtype)
+
+    qkv = [parts_of(n) for n in adapter.fused_groups[0]]
+    if algo == "FP8":
+        qkv = fuse_fp8_qkv(qkv)
+    for key, (t0, col, _row) in qkv[0].items():
+        if col is None:
+            out[f"{names[QKV]}.{key}"] = t0
+        else:
+            out[f"{names[QKV]}.{key}"] = torch.cat([_shard(p[key][0], col, tp_rank, tp) for p in qkv], dim=col)
+    for n in adapter.linears:
+        if n in adapter.fused_groups[0]:
+            continue
+        row = n in adapter.row_parallel
+        for key, (t, col, rowax) in parts_of(n).items():
+            out[f"{names[n]}.{key}"] = _shard(t, rowax if row else col, tp_rank, tp)
+    return out
+
+
+def trtllm_config(plan: ExportPlan, adapter: ModelAdapter, cfg: ExportConfig, exclude: list[str],
+                  group_size: int | None, has_zero: bool, kv_algo: str | None = None) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    h, d = plan.hf_config, plan.dims
+    rope = h.get("rope_parameters") or {}
+    rope_theta = h.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_scaling = h.get("rope_scaling")
+    if rope_scaling is None and rope.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {
+        "architecture": adapter.trtllm_architecture,
+        "dtype": cfg.dtype,
+        "logits_dtype": "float32",
+        "vocab_size": d["vocab"],
+        "hidden_size": d["hidden"],
+        "num_hidden_layers": d["layers"],
+        "num_attention_heads": d["heads"],
+        "num_key_value_heads": d["kv_heads"],
+        "head_size": d["head_dim"],
+        "intermediate_size": d["intermediate"],
+        "max_position_embeddings": h.get("max_position_embeddings", 2048),
+        "hidden_act": h.get("hidden_act", "silu"),
+        "norm_epsilon": h.get("rms_norm_eps", 1e-6),
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": rope_theta,
+        "rotary_scaling": rope_scaling,
+        "share_embedding_table": False,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "bias": False,
+        "mapping": {"world_size": cfg.tp_size * cfg.pp_size, "tp_size": cfg.tp_size, "pp_size": cfg.pp_size},
+        "quantization": {
+            "quant_algo": plan.quant_algo,
+            "kv_cache_quant_algo": kv_algo,
+            "group_size": group_size if group_size is not None else 128,
+            "has_zero_point": has_zero,
+            "pre_quant_scale": plan.quant_algo == "W4A16_AWQ",
+            "exclude_modules": exclude,
+        },
+        "producer": {"name": "quantlab", "version": quantlab.__version__},
+        **adapter.trtllm_extra_config,
+    }
+
+
+def write_trtllm_checkpoint(model: nn.Module, state: QuantState, adapter: ModelAdapter, plan: ExportPlan,
+                            cfg: ExportConfig, out_dir: Path, exclude: list[str]) -> list[Path]:
+    """Write config.json and rank{N}.safetensors into out_dir (which must exist); returns the rank files."""
+    dtype = DTYPES[cfg.dtype]
+    tp, pp = cfg.tp_size, cfg.pp_size
+    n_layers = plan.dims["layers"]
+    per_pp = n_layers // pp
+    layers = model.get_submodule(adapter.layers)
+    assert isinstance(layers, nn.ModuleList)
+    wfmts = {ms.weight_format for ms in state.modules.values() if ms.weight_format is not None}
+    wf = next(iter(wfmts)) if wfmts else None
+    group = wf.group_size if wf is not None else None
+    conf = trtllm_config(plan, adapter, cfg, exclude, group, bool(wf and not wf.symmetric))
+    (out_dir / "config.json").write_text(json.dumps(conf, indent=2))
+    files = []
+    embed = param(model.get_submodule(adapter.embed), "weight").to(dtype)
+    head = param(model.get_submodule(adapter.lm_head), "weight").to(dtype)
+    norm = param(model.get_submodule(adapter.final_norm), "weight").to(dtype)
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            t: dict[str, torch.Tensor] = {}
+            if pp_rank == 0:
+                t["transformer.vocab_embedding.weight"] = embed
+            if pp_rank == pp - 1:
+                t["transformer.ln_f.weight"] = norm
+                t["lm_head.weight"] = _shard(head, 0, tp_rank, tp)
+            for local, li in enumerate(range(pp_rank * per_pp, (pp_rank + 1) * per_pp)):
+                lt = layer_tensors(layers[li], f"{adapter.layers}.{li}", state, adapter, plan.quant_algo, dtype,
+                                   tp_rank, tp)
+                t.update({f"transformer.layers.{local}.{k}": v for k, v in lt.items()})
+            path = out_dir / f"rank{tp_rank + pp_rank * tp}.safetensors"
+            save_file({k: v.contiguous() for k, v in t.items()}, str(path))
+            files.append(path)
+    return files

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real data folder, the embedded model, tiny random models of several families."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("QUANTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
+
+# Small but structurally faithful: GQA (4 heads, 2 KV heads), 2 layers, the real SmolLM2 tokenizer.
+TINY = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+}
+
+
+def require_data(relpath: str) -> Path:
+    """Path of a file under the shared data folder; fails under CI=true when missing, else skips."""
+    p = DATA / relpath
+    if not p.is_file():
+        msg = f"missing shared data file {p} (set QUANTLAB_DATA_DIR or check out ../shared/data)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture(scope="session")
+def emma() -> Path:
+    return require_data("austen/emma.txt")
+
+
+@pytest.fixture(scope="session")
+def pride() -> Path:
+    return require_data("austen/prideandprejudice.txt")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from quantlab.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Callable[[str], Path]:
+    """Factory: family name -> folder of a random-init tiny model of that family (cached per session)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    made: dict[str, Path] = {}
+    tok = AutoTokenizer.from_pretrained(str(embedded_dir))
+
+    def make(family: str) -> Path:
+        if family in made:
+            return made[family]
+        cls_name, extra = TINY[family]
+        cfg = getattr(transformers, cls_name)(
+            vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=family == "llama", bos_token_id=0, eos_token_id=2, **extra,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        out = tmp_path_factory.mktemp(f"tiny-{family}")
+        model.save_pretrained(str(out), safe_serialization=True)
+        tok.save_pretrained(str(out))
+        made[family] = out
+        return out
+
+    return make
