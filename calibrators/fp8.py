@@ -33,7 +33,9 @@ class FP8Calibrator:
     def __init__(self, args: FP8Args) -> None:
         self.args = args
         self.wfmt = QuantFormat("fp8_e4m3", args.weights)
-        self.afmt = QuantFormat("fp8_e4m3", "tensor" if args.activations == "static_tensor" else "token")
+        self.afmt = QuantFormat(
+            "fp8_e4m3", "tensor" if args.activations == "static_tensor" else "token"
+        )
         self._amax: dict[str, torch.Tensor] = {}
 
     def planned_formats(self) -> tuple[QuantFormat | None, QuantFormat | None]:
@@ -67,7 +69,9 @@ class FP8Calibrator:
             tensors = {"qweight": quantize(w, scale, None, self.wfmt), "weight_scale": scale}
             if self.afmt.granularity == "tensor":
                 a = torch.stack([self._amax[m] for m in members]).amax()
-                tensors["input_scale"] = (torch.where(a > 0, a, torch.ones_like(a)) / FP8_E4M3_MAX).reshape(1)
+                tensors["input_scale"] = (
+                    torch.where(a > 0, a, torch.ones_like(a)) / FP8_E4M3_MAX
+                ).reshape(1)
             out[n] = ModuleState(weight_format=self.wfmt, input_format=self.afmt, tensors=tensors)
         self._amax.clear()
         return out

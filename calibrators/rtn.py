@@ -25,7 +25,9 @@ class RTNArgs(CalibratorArgs):
     def _known(cls, v: str) -> str:
         if v not in PRESETS or PRESETS[v].granularity == "token" or not PRESETS[v].is_int:
             valid = sorted(k for k, f in PRESETS.items() if f.is_int and f.granularity != "token")
-            raise ValueError(f"'{v}' is not an integer weight format; use one of {', '.join(valid)}")
+            raise ValueError(
+                f"'{v}' is not an integer weight format; use one of {', '.join(valid)}"
+            )
         return v
 
 
@@ -68,7 +70,9 @@ class RTNCalibrator:
         out: dict[str, ModuleState] = {}
         for n in ctx.linears:
             w = ctx.weight(n)
-            out[n] = ModuleState(weight_format=self.fmt, tensors=rtn_quantize(w, self.fmt, ctx.scale_dtype))
+            out[n] = ModuleState(
+                weight_format=self.fmt, tensors=rtn_quantize(w, self.fmt, ctx.scale_dtype)
+            )
         return out
 
 

@@ -69,7 +69,9 @@ class Calibrator(Protocol):
     name: ClassVar[str]
     Args: ClassVar[type[CalibratorArgs]]
     edits_weights: ClassVar[bool]
-    needs_data: ClassVar[bool]  # False: solve works on weights alone; the Runner skips calibration data
+    needs_data: ClassVar[
+        bool
+    ]  # False: solve works on weights alone; the Runner skips calibration data
 
     def __init__(self, args: Any) -> None: ...
 
@@ -106,7 +108,9 @@ def get_calibrator(name: str) -> type[Calibrator]:
     cls = eps[name].load()
     for attr in ("Args", "targets", "observe", "solve", "planned_formats"):
         if not hasattr(cls, attr):
-            raise InputError(f"Calibrator '{name}' ({eps[name].value}) lacks `{attr}`; it does not implement the Calibrator interface.")
+            raise InputError(
+                f"Calibrator '{name}' ({eps[name].value}) lacks `{attr}`; it does not implement the Calibrator interface."
+            )
     return cls  # type: ignore[no-any-return]
 
 

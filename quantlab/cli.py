@@ -27,16 +27,24 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from quantlab.evaluate import format_table
+    from quantlab.evaluate import ReferenceCache, format_table
     from quantlab.pipeline import run_recipe
     from quantlab.recipe import load_recipe
 
-    loaded = [load_recipe(p, args.set) for p in args.recipes]  # validate every recipe before running any
+    loaded = [
+        load_recipe(p, args.set) for p in args.recipes
+    ]  # validate every recipe before running any
     rows = []
+    cache = ReferenceCache()  # recipes sharing model + evaluation data reuse the reference pass
     for recipe, base in loaded:
-        res = run_recipe(recipe, base, show_progress=not args.quiet)
-        log.info("%s: wrote %s (quant_algo %s, calibration %.1f s)", res.name, res.output_dir, res.quant_algo,
-                 res.calibration_seconds)
+        res = run_recipe(recipe, base, show_progress=not args.quiet, ref_cache=cache)
+        log.info(
+            "%s: wrote %s (quant_algo %s, calibration %.1f s)",
+            res.name,
+            res.output_dir,
+            res.quant_algo,
+            res.calibration_seconds,
+        )
         if res.accuracy is not None:
             rows.append((res.name, res.accuracy))
     if rows:
@@ -56,7 +64,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_import_gguf(args: argparse.Namespace) -> int:
     from quantlab.models import import_gguf
 
-    out = import_gguf(Path(args.file), Path(args.out_dir), dtype=args.dtype, overwrite=args.overwrite)
+    out = import_gguf(
+        Path(args.file), Path(args.out_dir), dtype=args.dtype, overwrite=args.overwrite
+    )
     print(out)
     return 0
 
@@ -81,14 +91,23 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `quantlab` command."""
-    p = argparse.ArgumentParser(prog="quantlab", description="Post-training quantization workbench.")
-    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors; no progress bars")
+    p = argparse.ArgumentParser(
+        prog="quantlab", description="Post-training quantization workbench."
+    )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="only warnings and errors; no progress bars"
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run recipe(s): calibrate, export, report accuracy")
     r.add_argument("recipes", nargs="+", help="recipe YAML file(s)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set export.tp_size=2 (repeatable)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set export.tp_size=2 (repeatable)",
+    )
     r.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
     r.set_defaults(func=_cmd_run)
     v = sub.add_parser("validate", help="validate recipe(s) without running them")
@@ -101,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=_cmd_import_gguf)
-    f = sub.add_parser("fetch-model", help="fetch and convert the embedded SmolLM2-135M-Instruct; print its folder")
+    f = sub.add_parser(
+        "fetch-model", help="fetch and convert the embedded SmolLM2-135M-Instruct; print its folder"
+    )
     f.set_defaults(func=_cmd_fetch_model)
     sub.add_parser("list", help="list calibrators and format presets").set_defaults(func=_cmd_list)
     return p
@@ -111,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantlab` console script; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet, args.verbose)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(args.func(args))
     except QuantlabError as e:

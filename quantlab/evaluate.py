@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +37,52 @@ def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1).cpu()
 
 
+class ReferenceCache:
+    """Reference log-probs [L-1, V] (float32) kept across recipes that share model and evaluation data.
+
+    Saves one reference forward per window and recipe; bounded by budget_bytes (16 SmolLM2 windows
+    of 511 x 49152 float32 take 1.6 GB), beyond which windows are recomputed.
+    """
+
+    def __init__(self, budget_bytes: int = 4 << 30) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self._store: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, key: str, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached tensor for (key, index), computing and storing it when it fits the budget."""
+        hit = self._store.get((key, index))
+        if hit is not None:
+            return hit
+        t = compute()
+        size = t.numel() * t.element_size()
+        if self.used + size <= self.budget:
+            self._store[(key, index)] = t
+            self.used += size
+        return t
+
+
 @torch.no_grad()
 def compare_models(
-    reference: nn.Module, quantized: nn.Module, windows: Sequence[torch.Tensor], show_progress: bool = True
+    reference: nn.Module,
+    quantized: nn.Module,
+    windows: Sequence[torch.Tensor],
+    show_progress: bool = True,
+    cache: ReferenceCache | None = None,
+    cache_key: str = "",
 ) -> AccuracyReport:
     """Evaluate both models on windows (each int64 [L]) in float32 log-space; one window at a time."""
     nll_ref = nll_q = kl = 0.0
     agree = n = 0
-    for w in tqdm(windows, desc="evaluating", unit="window", disable=not show_progress):
+    for i, w in enumerate(
+        tqdm(windows, desc="evaluating", unit="window", disable=not show_progress)
+    ):
         target = w[1:].view(-1, 1)
-        lp_r = _logprobs(reference, w)
+        lp_r = (
+            cache.get(cache_key, i, partial(_logprobs, reference, w))
+            if cache
+            else _logprobs(reference, w)
+        )
         lp_q = _logprobs(quantized, w)
         nll_ref -= float(lp_r.gather(1, target).sum())
         nll_q -= float(lp_q.gather(1, target).sum())
@@ -74,5 +111,7 @@ def format_table(rows: Sequence[tuple[str, AccuracyReport]]) -> str:
         )
     if rows:
         r0 = rows[0][1]
-        lines.append(f"({r0.windows} windows x {r0.window_len} tokens, {r0.tokens} predicted tokens each)")
+        lines.append(
+            f"({r0.windows} windows x {r0.window_len} tokens, {r0.tokens} predicted tokens each)"
+        )
     return "\n".join(lines)

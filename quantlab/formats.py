@@ -33,13 +33,19 @@ class QuantFormat:
     def __post_init__(self) -> None:
         if self.granularity == "group":
             if self.group_size is None or self.group_size <= 0:
-                raise InputError(f"QuantFormat: group granularity needs a positive group_size, got {self.group_size}.")
+                raise InputError(
+                    f"QuantFormat: group granularity needs a positive group_size, got {self.group_size}."
+                )
         elif self.group_size is not None:
-            raise InputError(f"QuantFormat: group_size is only meaningful with granularity 'group' (got {self.granularity}).")
+            raise InputError(
+                f"QuantFormat: group_size is only meaningful with granularity 'group' (got {self.granularity})."
+            )
         if self.dtype == "fp8_e4m3" and not self.symmetric:
             raise InputError("QuantFormat: fp8_e4m3 is always symmetric; remove symmetric: false.")
         if self.dtype == "fp8_e4m3" and self.granularity == "group":
-            raise InputError("QuantFormat: fp8_e4m3 supports tensor, channel and token granularity, not group.")
+            raise InputError(
+                "QuantFormat: fp8_e4m3 supports tensor, channel and token granularity, not group."
+            )
 
     @property
     def bits(self) -> int:
@@ -100,4 +106,6 @@ def preset(name: str) -> QuantFormat:
     try:
         return PRESETS[name]
     except KeyError:
-        raise InputError(f"Unknown quantization format preset '{name}'. Valid presets: {', '.join(sorted(PRESETS))}.") from None
+        raise InputError(
+            f"Unknown quantization format preset '{name}'. Valid presets: {', '.join(sorted(PRESETS))}."
+        ) from None

@@ -16,7 +16,7 @@ from quantlab.adapters import adapter_for
 from quantlab.calibrator import Calibrator, build_calibrator
 from quantlab.data import DataSpec, load_windows
 from quantlab.errors import InputError
-from quantlab.evaluate import AccuracyReport, compare_models
+from quantlab.evaluate import AccuracyReport, ReferenceCache, compare_models
 from quantlab.export.reload import save_reloadable
 from quantlab.export.trtllm import DTYPES, ExportConfig, plan_export, write_trtllm_checkpoint
 from quantlab.formats import QuantFormat
@@ -66,38 +66,60 @@ def _data(spec: DataSpec, base: Path) -> DataSpec:
 
 def _trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int) -> list[str]:
     """exclude_modules (TensorRT-LLM names) for lm_head and any layer linear the runner excludes."""
-    excluded = {n for i in range(n_layers) for n in adapter.linears
-                if n not in quantizable_linears(adapter, f"{adapter.layers}.{i}", recipe.runner.exclude)}
+    excluded = {
+        n
+        for i in range(n_layers)
+        for n in adapter.linears
+        if n not in quantizable_linears(adapter, f"{adapter.layers}.{i}", recipe.runner.exclude)
+    }
     fused = set(adapter.fused_groups[0])
     if excluded & fused and not fused <= excluded:
-        raise InputError("runner.exclude leaves part of q/k/v quantized; TensorRT-LLM fuses them into one "
-                         "qkv GEMM, so exclude all three or none.")
+        raise InputError(
+            "runner.exclude leaves part of q/k/v quantized; TensorRT-LLM fuses them into one "
+            "qkv GEMM, so exclude all three or none."
+        )
     names = {adapter.trtllm_layer_names["self_attn.qkv" if n in fused else n] for n in excluded}
     return ["lm_head", *sorted(f"transformer.layers.*.{n}" for n in names)]
 
 
-def run_recipe(recipe: Recipe, base: Path, show_progress: bool = True) -> RunResult:
+def run_recipe(
+    recipe: Recipe, base: Path, show_progress: bool = True, ref_cache: ReferenceCache | None = None
+) -> RunResult:
     """Run one validated recipe; the output directory appears only when everything succeeded."""
     out_dir = resolve_path(base, recipe.export.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not recipe.export.overwrite:
-        raise InputError(f"Output directory {out_dir} exists and is not empty. Remove it, choose another "
-                         "export.output_dir, or set export.overwrite: true (e.g. --set export.overwrite=true).")
+        raise InputError(
+            f"Output directory {out_dir} exists and is not empty. Remove it, choose another "
+            "export.output_dir, or set export.overwrite: true (e.g. --set export.overwrite=true)."
+        )
     steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
     wf, af = planned_formats(steps)
-    model, tok = load_model(_model_source(recipe.model.source, base), recipe.model.dtype, recipe.model.device)
+    model, tok = load_model(
+        _model_source(recipe.model.source, base), recipe.model.dtype, recipe.model.device
+    )
     adapter = adapter_for(model)
     ecfg = ExportConfig(out_dir, recipe.export.dtype, recipe.export.tp_size, recipe.export.pp_size)
-    plan = plan_export(model.config, adapter, wf, af, ecfg)  # refuses bad tp/pp/group before calibrating
+    plan = plan_export(
+        model.config, adapter, wf, af, ecfg
+    )  # refuses bad tp/pp/group before calibrating
     excludes = _trtllm_excludes(recipe, adapter, plan.dims["layers"])
     needs_data = any(c.needs_data for c in steps)
     if needs_data and recipe.calibration is None:
-        raise InputError(f"Recipe '{recipe.name}': step(s) {', '.join(s.calibrator for s in recipe.steps)} need "
-                         "calibration data; add a `calibration:` section (source: file | hf | model).")
-    windows = load_windows(_data(recipe.calibration, base), tok, model) if needs_data and recipe.calibration else []
+        raise InputError(
+            f"Recipe '{recipe.name}': step(s) {', '.join(s.calibrator for s in recipe.steps)} need "
+            "calibration data; add a `calibration:` section (source: file | hf | model)."
+        )
+    windows = (
+        load_windows(_data(recipe.calibration, base), tok, model)
+        if needs_data and recipe.calibration
+        else []
+    )
     eval_windows = []
     if recipe.evaluation.enabled:
         if recipe.evaluation.data is None:
-            raise InputError(f"Recipe '{recipe.name}': evaluation is enabled but evaluation.data is not set.")
+            raise InputError(
+                f"Recipe '{recipe.name}': evaluation is enabled but evaluation.data is not set."
+            )
         eval_windows = load_windows(_data(recipe.evaluation.data, base), tok, model)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -109,18 +131,40 @@ def run_recipe(recipe: Recipe, base: Path, show_progress: bool = True) -> RunRes
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("quantlab").addHandler(handler)
     try:
-        log.info("recipe %s: %s -> %s (quant_algo %s)", recipe.name, recipe.model.source, out_dir, plan.quant_algo)
+        log.info(
+            "recipe %s: %s -> %s (quant_algo %s)",
+            recipe.name,
+            recipe.model.source,
+            out_dir,
+            plan.quant_algo,
+        )
         quant = copy.deepcopy(model)
         state = QuantState(recipe=recipe.model_dump(mode="json"), model=model_info(model))
-        rcfg = RunnerConfig(propagate=recipe.runner.propagate, exclude=recipe.runner.exclude,
-                            show_progress=show_progress, scale_dtype=DTYPES[recipe.export.dtype])
+        rcfg = RunnerConfig(
+            propagate=recipe.runner.propagate,
+            exclude=recipe.runner.exclude,
+            show_progress=show_progress,
+            scale_dtype=DTYPES[recipe.export.dtype],
+        )
         t0 = time.perf_counter()
         quantize_model(quant, adapter, windows, steps, rcfg, state)
         seconds = time.perf_counter() - t0
         log.info("calibration took %.1f s", seconds)
         write_trtllm_checkpoint(quant, state, adapter, plan, ecfg, tmp, excludes)
         save_reloadable(quant, tok, state, tmp / "quantlab")
-        report = compare_models(model, quant, eval_windows, show_progress) if eval_windows else None
+        key = json.dumps(
+            [
+                recipe.model.model_dump(),
+                recipe.evaluation.data.model_dump() if recipe.evaluation.data else None,
+                str(base),
+            ],
+            sort_keys=True,
+        )
+        report = (
+            compare_models(model, quant, eval_windows, show_progress, ref_cache, key)
+            if eval_windows
+            else None
+        )
         summary = {
             "recipe": recipe.name,
             "model": state.model,
@@ -128,7 +172,9 @@ def run_recipe(recipe: Recipe, base: Path, show_progress: bool = True) -> RunRes
             "calibration_seconds": seconds,
             "calibration_windows": len(windows),
             "accuracy": report.to_dict() if report else None,
-            "evaluation_data": recipe.evaluation.data.model_dump(mode="json") if recipe.evaluation.data else None,
+            "evaluation_data": recipe.evaluation.data.model_dump(mode="json")
+            if recipe.evaluation.data
+            else None,
         }
         (tmp / "accuracy.json").write_text(json.dumps(summary, indent=2))
         logging.getLogger("quantlab").removeHandler(handler)

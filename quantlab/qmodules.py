@@ -78,7 +78,13 @@ def apply_module_states(root: nn.Module, states: dict[str, ModuleState]) -> int:
 
 
 def _as_linear(q: QuantLinear) -> nn.Linear:
-    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.weight.device, dtype=q.weight.dtype)
+    lin = nn.Linear(
+        q.in_features,
+        q.out_features,
+        bias=q.bias is not None,
+        device=q.weight.device,
+        dtype=q.weight.dtype,
+    )
     lin.weight = q.weight
     lin.bias = q.bias
     return lin

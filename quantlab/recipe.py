@@ -115,7 +115,9 @@ def _expand_env(value: Any, where: str) -> Any:
             return os.environ[name]
         if default is not None:
             return default
-        raise InputError(f"{where}: environment variable {name} is not set and has no default; set it or write ${{{name}:-default}}.")
+        raise InputError(
+            f"{where}: environment variable {name} is not set and has no default; set it or write ${{{name}:-default}}."
+        )
 
     return _ENV.sub(sub, value)
 
@@ -123,7 +125,9 @@ def _expand_env(value: Any, where: str) -> Any:
 def _apply_override(doc: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
-        raise InputError(f"--set {assignment!r}: expected path.to.key=value, e.g. --set export.tp_size=2.")
+        raise InputError(
+            f"--set {assignment!r}: expected path.to.key=value, e.g. --set export.tp_size=2."
+        )
     value = yaml.safe_load(raw) if raw else ""
     parts = key.split(".")
     cur: Any = doc
@@ -131,7 +135,9 @@ def _apply_override(doc: dict[str, Any], assignment: str) -> None:
         nxt_is_index = parts[i + 1].isdigit()
         if isinstance(cur, list):
             if not p.isdigit() or int(p) >= len(cur):
-                raise InputError(f"--set {key}: '{p}' is not an index of a list of {len(cur)} item(s).")
+                raise InputError(
+                    f"--set {key}: '{p}' is not an index of a list of {len(cur)} item(s)."
+                )
             cur = cur[int(p)]
         else:
             if p not in cur or cur[p] is None:
@@ -140,7 +146,9 @@ def _apply_override(doc: dict[str, Any], assignment: str) -> None:
     last = parts[-1]
     if isinstance(cur, list):
         if not last.isdigit() or int(last) > len(cur):
-            raise InputError(f"--set {key}: '{last}' is not an index of a list of {len(cur)} item(s).")
+            raise InputError(
+                f"--set {key}: '{last}' is not an index of a list of {len(cur)} item(s)."
+            )
         if int(last) == len(cur):
             cur.append(value)
         else:
@@ -161,14 +169,24 @@ def _fields_at(loc: Loc) -> list[str]:
         if f is None:
             return []
         ann = f.annotation
-        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
+        args = [
+            a
+            for a in getattr(ann, "__args__", ())
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        cls = (
+            ann
+            if isinstance(ann, type) and issubclass(ann, BaseModel)
+            else (args[0] if args else None)
+        )
     return sorted(getattr(cls, "model_fields", {})) if cls else []
 
 
 def _describe(err: Any, loc: Loc, allowed: list[str]) -> str:
     if err["type"] == "extra_forbidden":
-        return f"unknown key '{loc[-1]}'" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+        return f"unknown key '{loc[-1]}'" + (
+            f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        )
     if err["type"] == "missing":
         return "required key is missing"
     return f"{err['msg']} (got {err.get('input')!r})"
@@ -188,7 +206,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     """Parse, override, expand and validate a recipe file; returns (recipe, recipe directory)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"Recipe file {path} does not exist. Pass the path of a YAML recipe, e.g. recipes/smollm2_int8_wo.yaml.")
+        raise InputError(
+            f"Recipe file {path} does not exist. Pass the path of a YAML recipe, e.g. recipes/smollm2_int8_wo.yaml."
+        )
     text = path.read_text()
     try:
         doc = yaml.safe_load(text)
@@ -196,7 +216,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping with keys {', '.join(sorted(Recipe.model_fields))}.")
+        raise RecipeError(
+            f"{path}: a recipe is a YAML mapping with keys {', '.join(sorted(Recipe.model_fields))}."
+        )
     overrides = overrides or []
     for o in overrides:
         _apply_override(doc, o)
@@ -210,13 +232,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
             loc = tuple(err["loc"])
             where = _line_for(lines, loc, set_keys)
             parent = loc[:-1] if err["type"] == "extra_forbidden" else loc
-            problems.append(f"{path}:{where}: {'.'.join(map(str, loc))}: {_describe(err, loc, _fields_at(parent))}")
+            problems.append(
+                f"{path}:{where}: {'.'.join(map(str, loc))}: {_describe(err, loc, _fields_at(parent))}"
+            )
         raise RecipeError("Invalid recipe:\n  " + "\n  ".join(problems)) from None
     for i, step in enumerate(recipe.steps):
         try:
             cls = get_calibrator(step.calibrator)
         except InputError as e:
-            problems.append(f"{path}:{_line_for(lines, ('steps', i, 'calibrator'), set_keys)}: steps.{i}.calibrator: {e}")
+            problems.append(
+                f"{path}:{_line_for(lines, ('steps', i, 'calibrator'), set_keys)}: steps.{i}.calibrator: {e}"
+            )
             continue
         try:
             cls.Args.model_validate(step.args)
@@ -224,8 +250,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
             for err in e.errors():
                 loc = ("steps", i, "args", *err["loc"])
                 allowed = sorted(cls.Args.model_fields)
-                problems.append(f"{path}:{_line_for(lines, loc, set_keys)}: {'.'.join(map(str, loc))}: "
-                                f"{_describe(err, loc, allowed)} [calibrator '{step.calibrator}']")
+                problems.append(
+                    f"{path}:{_line_for(lines, loc, set_keys)}: {'.'.join(map(str, loc))}: "
+                    f"{_describe(err, loc, allowed)} [calibrator '{step.calibrator}']"
+                )
     if problems:
         raise RecipeError("Invalid recipe:\n  " + "\n  ".join(problems))
     return recipe, path.resolve().parent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import time
@@ -51,7 +52,9 @@ def quantizable_linears(adapter: ModelAdapter, prefix: str, exclude: Sequence[st
     return [
         n
         for n in adapter.linears
-        if not any(fnmatch.fnmatchcase(f"{prefix}.{n}", p) or fnmatch.fnmatchcase(n, p) for p in exclude)
+        if not any(
+            fnmatch.fnmatchcase(f"{prefix}.{n}", p) or fnmatch.fnmatchcase(n, p) for p in exclude
+        )
     ]
 
 
@@ -74,10 +77,8 @@ def capture_layer_inputs(
     device = next(model.parameters()).device
     try:
         for w in windows:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=w.view(1, -1).to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured
@@ -107,7 +108,12 @@ def quantize_model(
     # Data-free steps only (round-to-nearest): no layer is ever run.
     needs_data = any(cal.needs_data for cal in steps)
     inputs: list[LayerInput] = capture_layer_inputs(model, adapter, windows) if needs_data else []
-    bar = tqdm(range(len(layers)), desc="calibrating layers", unit="layer", disable=not config.show_progress)
+    bar = tqdm(
+        range(len(layers)),
+        desc="calibrating layers",
+        unit="layer",
+        disable=not config.show_progress,
+    )
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i]
@@ -118,7 +124,7 @@ def quantize_model(
             layer=layer,
             linears=quantizable_linears(adapter, prefix, config.exclude),
             adapter=adapter,
-            run=lambda layer=layer: run_layer(layer, inputs),  # type: ignore[misc]
+            run=lambda layer=layer, inputs=inputs: run_layer(layer, inputs),  # type: ignore[misc]
             scale_dtype=config.scale_dtype,
         )
         layer_states: dict[str, ModuleState] = {}
@@ -135,7 +141,12 @@ def quantize_model(
             apply_module_states(layer, layer_states)
             outputs = run_layer(layer, inputs) if inputs else []
         inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
-        log.debug("layer %d: %d module(s) quantized in %.2f s", i, len(layer_states), time.perf_counter() - t0)
+        log.debug(
+            "layer %d: %d module(s) quantized in %.2f s",
+            i,
+            len(layer_states),
+            time.perf_counter() - t0,
+        )
     return state
 
 

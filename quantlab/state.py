@@ -83,16 +83,24 @@ class QuantState:
         """Read a state written by save (safetensors only, nothing unpickled)."""
         jpath, tpath = directory / "quant_state.json", directory / "quant_state.safetensors"
         if not jpath.is_file() or not tpath.is_file():
-            raise InputError(f"No QuantState in {directory}: expected quant_state.json and quant_state.safetensors there.")
+            raise InputError(
+                f"No QuantState in {directory}: expected quant_state.json and quant_state.safetensors there."
+            )
         doc = json.loads(jpath.read_text())
         if doc.get("version") != STATE_VERSION:
-            raise InputError(f"QuantState in {directory} has version {doc.get('version')}; this quantlab reads version {STATE_VERSION}.")
+            raise InputError(
+                f"QuantState in {directory} has version {doc.get('version')}; this quantlab reads version {STATE_VERSION}."
+            )
         flat = load_file(str(tpath))
         state = cls(recipe=doc["recipe"], model=doc["model"], version=doc["version"])
         for m, d in doc["modules"].items():
             state.modules[m] = ModuleState(
-                weight_format=QuantFormat.from_dict(d["weight_format"]) if d["weight_format"] else None,
-                input_format=QuantFormat.from_dict(d["input_format"]) if d["input_format"] else None,
+                weight_format=QuantFormat.from_dict(d["weight_format"])
+                if d["weight_format"]
+                else None,
+                input_format=QuantFormat.from_dict(d["input_format"])
+                if d["input_format"]
+                else None,
                 tensors={t: flat[f"{m}{_SEP}{t}"] for t in d["tensors"]},
                 meta=d.get("meta", {}),
             )
@@ -113,7 +121,12 @@ class QuantState:
                 if ta is None or tb is None:
                     out.append(f"{m}.{t}: only in {'second' if ta is None else 'first'}")
                 elif ta.shape != tb.shape or ta.dtype != tb.dtype:
-                    out.append(f"{m}.{t}: {tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype}")
-                elif not torch.equal(ta.view(torch.uint8) if ta.dtype.itemsize == 1 else ta, tb.view(torch.uint8) if tb.dtype.itemsize == 1 else tb):
+                    out.append(
+                        f"{m}.{t}: {tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype}"
+                    )
+                elif not torch.equal(
+                    ta.view(torch.uint8) if ta.dtype.itemsize == 1 else ta,
+                    tb.view(torch.uint8) if tb.dtype.itemsize == 1 else tb,
+                ):
                     out.append(f"{m}.{t}: values differ")
         return out

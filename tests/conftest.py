@@ -49,7 +49,9 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Callable[[str], Path]:
+def tiny_model(
+    tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path
+) -> Callable[[str], Path]:
     """Factory: family name -> folder of a random-init tiny model of that family (cached per session)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,9 +64,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> 
             return made[family]
         cls_name, extra = TINY[family]
         cfg = getattr(transformers, cls_name)(
-            vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=family == "llama", bos_token_id=0, eos_token_id=2, **extra,
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=family == "llama",
+            bos_token_id=0,
+            eos_token_id=2,
+            **extra,
         )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg)

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from quantlab.kernels.packing import unpack_int4_rows
 from safetensors.torch import load_file
 
 from quantlab.data import DataSpec, load_windows
 from quantlab.evaluate import compare_models
 from quantlab.export.reload import load_quantized
-from quantlab.kernels.packing import unpack_int4_rows
 from quantlab.models import load_model
 from quantlab.pipeline import run_recipe
 from quantlab.recipe import Recipe
@@ -26,31 +26,44 @@ STEPS: dict[str, list[dict[str, Any]]] = {
     "W4A16_AWQ": [{"calibrator": "rtn", "args": {"format": "int4_g32_sym"}}],
     "W4A16_GPTQ": [{"calibrator": "rtn", "args": {"format": "int4_g32_asym"}}],
     "FP8": [{"calibrator": "fp8", "args": {}}],
-    "FP8_PER_CHANNEL_PER_TOKEN": [{"calibrator": "fp8", "args": {"weights": "channel", "activations": "dynamic_token"}}],
+    "FP8_PER_CHANNEL_PER_TOKEN": [
+        {"calibrator": "fp8", "args": {"weights": "channel", "activations": "dynamic_token"}}
+    ],
 }
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-TRT = {"self_attn.o_proj": "attention.dense", "mlp.gate_proj": "mlp.fc", "mlp.up_proj": "mlp.gate", "mlp.down_proj": "mlp.proj"}
+TRT = {
+    "self_attn.o_proj": "attention.dense",
+    "mlp.gate_proj": "mlp.fc",
+    "mlp.up_proj": "mlp.gate",
+    "mlp.down_proj": "mlp.proj",
+}
 
 
-def make_recipe(model_dir: Path, out: Path, algo: str, emma: Path, pride: Path, tp: int = 1, pp: int = 1) -> Recipe:
+def make_recipe(
+    model_dir: Path, out: Path, algo: str, emma: Path, pride: Path, tp: int = 1, pp: int = 1
+) -> Recipe:
     data = {"source": "file", "num_samples": 3, "seq_len": 64, "bos_id": 0}
-    return Recipe.model_validate({
-        "name": f"tiny-{algo}",
-        "model": {"source": str(model_dir)},
-        "calibration": {**data, "path": str(emma)},
-        "steps": STEPS[algo],
-        "export": {"output_dir": str(out), "tp_size": tp, "pp_size": pp},
-        "evaluation": {"data": {**data, "path": str(pride)}},
-    })
+    return Recipe.model_validate(
+        {
+            "name": f"tiny-{algo}",
+            "model": {"source": str(model_dir)},
+            "calibration": {**data, "path": str(emma)},
+            "steps": STEPS[algo],
+            "export": {"output_dir": str(out), "tp_size": tp, "pp_size": pp},
+            "evaluation": {"data": {**data, "path": str(pride)}},
+        }
+    )
 
 
 def split_qkv(t: torch.Tensor, sizes: list[int], axis: int) -> list[torch.Tensor]:
     return list(t.split(sizes, dim=axis))
 
 
-def decode_linear(tensors: dict[str, torch.Tensor], prefix: str, algo: str, sizes: list[int] | None) -> list[dict[str, torch.Tensor]]:
+def decode_linear(
+    tensors: dict[str, torch.Tensor], prefix: str, algo: str, sizes: list[int] | None
+) -> list[dict[str, torch.Tensor]]:
     """Codes/scales/zeros of each HF linear stored under a TensorRT-LLM prefix (q|k|v split when sizes given)."""
-    g = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    g = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     n_parts = len(sizes) if sizes else 1
     sz = sizes or [None]
 
@@ -61,16 +74,28 @@ def decode_linear(tensors: dict[str, torch.Tensor], prefix: str, algo: str, size
 
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(n_parts)]
     if algo in ("W8A16", "W4A16"):
-        for o, w, s in zip(out, parts(g["weight"], 0), parts(g["per_channel_scale"], 0), strict=True):
+        for o, w, s in zip(
+            out, parts(g["weight"], 0), parts(g["per_channel_scale"], 0), strict=True
+        ):
             o["weight_scale"] = s.float()
             o["qweight"] = torch.round(w.float() / s.float()[:, None]).to(torch.int8)
     elif algo == "W4A16_AWQ":
-        for o, w, s in zip(out, parts(g["weight"], 0, 2), parts(g["weights_scaling_factor"], 0), strict=True):
+        for o, w, s in zip(
+            out, parts(g["weight"], 0, 2), parts(g["weights_scaling_factor"], 0), strict=True
+        ):
             o["qweight"] = unpack_int4_rows(w)
             o["weight_scale"] = s.float()
-        assert torch.equal(g["prequant_scaling_factor"], torch.ones_like(g["prequant_scaling_factor"]))
+        assert torch.equal(
+            g["prequant_scaling_factor"], torch.ones_like(g["prequant_scaling_factor"])
+        )
     elif algo == "W4A16_GPTQ":
-        for o, w, s, z in zip(out, parts(g["weight"], 0, 2), parts(g["weights_scaling_factor"], 1), parts(g["zero"], 1), strict=True):
+        for o, w, s, z in zip(
+            out,
+            parts(g["weight"], 0, 2),
+            parts(g["weights_scaling_factor"], 1),
+            parts(g["zero"], 1),
+            strict=True,
+        ):
             o["qweight"] = (unpack_int4_rows(w).to(torch.int16) + 8).to(torch.uint8)
             o["weight_scale"] = s.t().float()
             o["weight_zero"] = (8 - torch.round(z.t().float() / s.t().float())).to(torch.uint8)
@@ -94,17 +119,27 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(b.shape).to(b.dtype), b)
 
 
-def check_bit_exact(out: Path, state: QuantState, algo: str, qkv_sizes: list[int], n_layers: int) -> None:
+def check_bit_exact(
+    out: Path, state: QuantState, algo: str, qkv_sizes: list[int], n_layers: int
+) -> None:
     t = load_file(str(out / "rank0.safetensors"))
     for i in range(n_layers):
         pre = f"model.layers.{i}"
-        decoded = dict(zip(QKV, decode_linear(t, f"transformer.layers.{i}.attention.qkv", algo, qkv_sizes), strict=True))
+        decoded = dict(
+            zip(
+                QKV,
+                decode_linear(t, f"transformer.layers.{i}.attention.qkv", algo, qkv_sizes),
+                strict=True,
+            )
+        )
         for hf, trt in TRT.items():
             decoded[hf] = decode_linear(t, f"transformer.layers.{i}.{trt}", algo, None)[0]
         for hf, d in decoded.items():
             ms = state.modules[f"{pre}.{hf}"]
             for name, v in d.items():
-                assert same(v, ms.tensors[name]), f"{pre}.{hf}.{name} differs between checkpoint and QuantState"
+                assert same(v, ms.tensors[name]), (
+                    f"{pre}.{hf}.{name} differs between checkpoint and QuantState"
+                )
 
 
 @pytest.mark.parametrize("algo", list(STEPS))
@@ -131,7 +166,9 @@ def test_llama_every_algo_bit_exact_and_reloadable(
     summary = json.loads((out / "accuracy.json").read_text())
     qmodel, tok = load_quantized(out / "quantlab")
     ref, _ = load_model(str(model_dir))
-    windows = load_windows(DataSpec(source="file", path=str(pride), num_samples=3, seq_len=64, bos_id=0), tok)
+    windows = load_windows(
+        DataSpec(source="file", path=str(pride), num_samples=3, seq_len=64, bos_id=0), tok
+    )
     again = compare_models(ref, qmodel, windows, show_progress=False)
     assert again.ppl_quant == pytest.approx(summary["accuracy"]["ppl_quant"], rel=1e-6)
     assert again.kl_mean == pytest.approx(summary["accuracy"]["kl_mean"], rel=1e-4, abs=1e-9)
@@ -140,11 +177,22 @@ def test_llama_every_algo_bit_exact_and_reloadable(
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 @pytest.mark.parametrize("algo", ["W4A16_GPTQ", "FP8"])
-def test_other_families(family: str, algo: str, tiny_model: Callable[[str], Path], tmp_path: Path, emma: Path, pride: Path) -> None:
+def test_other_families(
+    family: str,
+    algo: str,
+    tiny_model: Callable[[str], Path],
+    tmp_path: Path,
+    emma: Path,
+    pride: Path,
+) -> None:
     out = tmp_path / "ckpt"
-    run_recipe(make_recipe(tiny_model(family), out, algo, emma, pride), tmp_path, show_progress=False)
+    run_recipe(
+        make_recipe(tiny_model(family), out, algo, emma, pride), tmp_path, show_progress=False
+    )
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architecture"] == {"qwen2": "Qwen2ForCausalLM", "mistral": "LlamaForCausalLM"}[family]
+    assert (
+        cfg["architecture"] == {"qwen2": "Qwen2ForCausalLM", "mistral": "LlamaForCausalLM"}[family]
+    )
     t = load_file(str(out / "rank0.safetensors"))
     if family == "qwen2":  # q/k/v biases are fused like the weights
         assert t["transformer.layers.0.attention.qkv.bias"].shape == (256,)
@@ -161,9 +209,15 @@ def split_axis(key: str, algo: str) -> int | None:
         return None
     transposed = algo == "W4A16_GPTQ" and leaf in ("weights_scaling_factor", "zero")  # [K/G, N]
     if ".attention.dense." in key or ".mlp.proj." in key:  # row parallel: split K
-        return {"weight": 1, "prequant_scaling_factor": 0, "zero": 0,
-                "weights_scaling_factor": 0 if transposed else (None if algo == "FP8" else 1)}.get(leaf)
-    if leaf in ("prequant_scaling_factor", "activation_scaling_factor") or (algo == "FP8" and leaf == "weights_scaling_factor"):
+        return {
+            "weight": 1,
+            "prequant_scaling_factor": 0,
+            "zero": 0,
+            "weights_scaling_factor": 0 if transposed else (None if algo == "FP8" else 1),
+        }.get(leaf)
+    if leaf in ("prequant_scaling_factor", "activation_scaling_factor") or (
+        algo == "FP8" and leaf == "weights_scaling_factor"
+    ):
         return None
     return 1 if transposed else 0  # column parallel: split N
 
@@ -177,7 +231,7 @@ def merged_ranks(out: Path) -> dict[str, torch.Tensor]:
     ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in range(tp * pp)]
     merged: dict[str, torch.Tensor] = {}
     for pp_rank in range(pp):
-        group = ranks[pp_rank * tp:(pp_rank + 1) * tp]
+        group = ranks[pp_rank * tp : (pp_rank + 1) * tp]
         for key in sorted(group[0]):
             parts = [g[key] for g in group]
             gkey = key
@@ -192,25 +246,35 @@ def merged_ranks(out: Path) -> dict[str, torch.Tensor]:
                 unit = parts[0].shape[axis] // (heads // tp + 2 * kv // tp)
                 sizes = [heads // tp * unit, kv // tp * unit, kv // tp * unit]
                 pieces = [p.split(sizes, dim=axis) for p in parts]
-                merged[gkey] = torch.cat([torch.cat([pc[j] for pc in pieces], dim=axis) for j in range(3)], dim=axis)
+                merged[gkey] = torch.cat(
+                    [torch.cat([pc[j] for pc in pieces], dim=axis) for j in range(3)], dim=axis
+                )
             else:
                 merged[gkey] = torch.cat(parts, dim=axis)
     return merged
 
 
 @pytest.mark.parametrize("algo", ["W4A16_AWQ", "W4A16_GPTQ", "FP8", "W8A16"])
-def test_tp2_pp2_shards_reassemble_to_tp1(algo: str, tiny_model: Callable[[str], Path], tmp_path: Path, emma: Path, pride: Path) -> None:
+def test_tp2_pp2_shards_reassemble_to_tp1(
+    algo: str, tiny_model: Callable[[str], Path], tmp_path: Path, emma: Path, pride: Path
+) -> None:
     model_dir = tiny_model("llama")
     one, four = tmp_path / "tp1", tmp_path / "tp2pp2"
     run_recipe(make_recipe(model_dir, one, algo, emma, pride), tmp_path, show_progress=False)
-    run_recipe(make_recipe(model_dir, four, algo, emma, pride, tp=2, pp=2), tmp_path, show_progress=False)
+    run_recipe(
+        make_recipe(model_dir, four, algo, emma, pride, tp=2, pp=2), tmp_path, show_progress=False
+    )
     cfg = json.loads((four / "config.json").read_text())
     assert cfg["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
-    assert sorted(p.name for p in four.glob("rank*.safetensors")) == [f"rank{i}.safetensors" for i in range(4)]
+    assert sorted(p.name for p in four.glob("rank*.safetensors")) == [
+        f"rank{i}.safetensors" for i in range(4)
+    ]
     r0, r3 = load_file(str(four / "rank0.safetensors")), load_file(str(four / "rank3.safetensors"))
     assert "transformer.vocab_embedding.weight" in r0 and "lm_head.weight" not in r0
     assert "lm_head.weight" in r3 and "transformer.vocab_embedding.weight" not in r3
-    assert {k.split(".")[2] for k in r3 if k.startswith("transformer.layers.")} == {"0"}  # local layer index
+    assert {k.split(".")[2] for k in r3 if k.startswith("transformer.layers.")} == {
+        "0"
+    }  # local layer index
     ref = load_file(str(one / "rank0.safetensors"))
     got = merged_ranks(four)
     assert set(got) == set(ref)

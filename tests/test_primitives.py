@@ -43,7 +43,11 @@ def test_codes_round_trip_exactly(name: str) -> None:
         assert int(q.min()) >= qmin and int(q.max()) <= qmax
     # Error bounded by half a step (integer) / fp8's relative precision.
     if fmt.is_int:
-        step = scale if fmt.granularity != "group" else scale.repeat_interleave(fmt.group_size or 1, dim=1)
+        step = (
+            scale
+            if fmt.granularity != "group"
+            else scale.repeat_interleave(fmt.group_size or 1, dim=1)
+        )
         step = step.reshape(-1, 1) if fmt.granularity == "channel" else step
         assert bool(((w - d).abs() <= step * 0.5 + 1e-7).all())
     else:
@@ -55,7 +59,10 @@ def test_codes_round_trip_exactly(name: str) -> None:
 
 def test_precision_orders_as_expected() -> None:
     w = _w(1)
-    s = {n: sqnr(w, fake_quant(w, preset(n))) for n in ("int8_channel", "fp8_tensor", "int4_g32_asym", "int4_g64_sym", "int4_channel")}
+    s = {
+        n: sqnr(w, fake_quant(w, preset(n)))
+        for n in ("int8_channel", "fp8_tensor", "int4_g32_asym", "int4_g64_sym", "int4_channel")
+    }
     assert s["int8_channel"] > s["fp8_tensor"] > s["int4_g32_asym"] > s["int4_channel"]
     assert s["int4_g64_sym"] > s["int4_channel"]
     assert s["int8_channel"] > 38.0  # ~6 dB per bit: 8 bits of a Gaussian
@@ -145,7 +152,7 @@ def test_invalid_formats_and_presets() -> None:
         QuantFormat("int4", "group")
     with pytest.raises(InputError, match="always symmetric"):
         QuantFormat("fp8_e4m3", "tensor", symmetric=False)
-    with pytest.raises(InputError, match="Valid presets: .*int4_g64_sym"):
+    with pytest.raises(InputError, match=r"Valid presets: .*int4_g64_sym"):
         preset("int3")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -17,7 +16,9 @@ from quantlab.state import QuantState
 FLOAT_FILE = "float_weights.safetensors"
 
 
-def save_reloadable(model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: QuantState, directory: Path) -> None:
+def save_reloadable(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: QuantState, directory: Path
+) -> None:
     """Write what load_quantized needs into directory (created): state, float tensors, config, tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     state.save(directory)
@@ -26,7 +27,9 @@ def save_reloadable(model: nn.Module, tokenizer: PreTrainedTokenizerBase, state:
     tensors = {
         k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
-        if k not in quantized and not (tied and k == "lm_head.weight") and not k.endswith("input_scale")
+        if k not in quantized
+        and not (tied and k == "lm_head.weight")
+        and not k.endswith("input_scale")
     }
     save_file(tensors, str(directory / FLOAT_FILE))
     getattr(model, "config").save_pretrained(str(directory))  # noqa: B009 - nn.Module types it as Tensor|Module
@@ -37,11 +40,15 @@ def save_reloadable(model: nn.Module, tokenizer: PreTrainedTokenizerBase, state:
     )
 
 
-def load_quantized(directory: Path, device: str = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_quantized(
+    directory: Path, device: str = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Rebuild a quantized model (QuantLinear modules) saved by save_reloadable; safetensors only."""
     directory = Path(directory)
     if not (directory / FLOAT_FILE).is_file():
-        raise InputError(f"{directory} is not a quantlab reloadable model folder (no {FLOAT_FILE}).")
+        raise InputError(
+            f"{directory} is not a quantlab reloadable model folder (no {FLOAT_FILE})."
+        )
     config = AutoConfig.from_pretrained(str(directory))
     state = QuantState.load(directory)
     float_tensors = load_file(str(directory / FLOAT_FILE))
@@ -54,7 +61,9 @@ def load_quantized(directory: Path, device: str = "cpu") -> tuple[nn.Module, Pre
         model.tie_weights()
         allowed.add("lm_head.weight")
     if unexpected or set(missing) - allowed:
-        raise InputError(f"{directory}: float weights do not match the model (missing {sorted(set(missing) - allowed)[:5]}, unexpected {unexpected[:5]}).")
+        raise InputError(
+            f"{directory}: float weights do not match the model (missing {sorted(set(missing) - allowed)[:5]}, unexpected {unexpected[:5]})."
+        )
     apply_state(model, state)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(directory))

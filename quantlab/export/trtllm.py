@@ -35,7 +35,11 @@ _ALGOS: list[tuple[str, QuantFormat, QuantFormat | None]] = [
     ("W8A16", QuantFormat("int8", "channel"), None),
     ("W4A16", QuantFormat("int4", "channel"), None),
     ("FP8", QuantFormat("fp8_e4m3", "tensor"), QuantFormat("fp8_e4m3", "tensor")),
-    ("FP8_PER_CHANNEL_PER_TOKEN", QuantFormat("fp8_e4m3", "channel"), QuantFormat("fp8_e4m3", "token")),
+    (
+        "FP8_PER_CHANNEL_PER_TOKEN",
+        QuantFormat("fp8_e4m3", "channel"),
+        QuantFormat("fp8_e4m3", "token"),
+    ),
 ]
 
 
@@ -108,10 +112,16 @@ def linear_shapes(d: dict[str, int]) -> dict[str, tuple[int, int]]:
     }
 
 
-def _shard_problems(d: dict[str, int], tp: int, pp: int, wf: QuantFormat | None, adapter: ModelAdapter) -> list[str]:
+def _shard_problems(
+    d: dict[str, int], tp: int, pp: int, wf: QuantFormat | None, adapter: ModelAdapter
+) -> list[str]:
     probs = []
-    for key, label in (("heads", "num_attention_heads"), ("kv_heads", "num_key_value_heads"),
-                       ("intermediate", "intermediate_size"), ("vocab", "vocab_size (lm_head rows)")):
+    for key, label in (
+        ("heads", "num_attention_heads"),
+        ("kv_heads", "num_key_value_heads"),
+        ("intermediate", "intermediate_size"),
+        ("vocab", "vocab_size (lm_head rows)"),
+    ):
         if d[key] % tp:
             probs.append(f"tp_size {tp} does not divide {label} = {d[key]}")
     if d["layers"] % pp:
@@ -124,17 +134,28 @@ def _shard_problems(d: dict[str, int], tp: int, pp: int, wf: QuantFormat | None,
         k_shard = k // tp if row else k
         n_shard = n if row else n // tp
         if g and k % g:
-            probs.append(f"group size {g} does not divide the input dimension K = {k} of layers.*.{name}")
+            probs.append(
+                f"group size {g} does not divide the input dimension K = {k} of layers.*.{name}"
+            )
         elif g and row and k % tp == 0 and k_shard % g:
-            probs.append(f"with tp_size {tp}, the input dimension of layers.*.{name} splits into {k_shard} "
-                         f"per rank, which group size {g} does not divide")
+            probs.append(
+                f"with tp_size {tp}, the input dimension of layers.*.{name} splits into {k_shard} "
+                f"per rank, which group size {g} does not divide"
+            )
         if wf.bits == 4 and n % tp == 0 and n_shard % 2:
-            probs.append(f"int4 packs two output rows a byte; layers.*.{name} has {n_shard} rows per rank")
+            probs.append(
+                f"int4 packs two output rows a byte; layers.*.{name} has {n_shard} rows per rank"
+            )
     return probs
 
 
-def plan_export(hf_config: Any, adapter: ModelAdapter, wf: QuantFormat | None, af: QuantFormat | None,
-                cfg: ExportConfig) -> ExportPlan:
+def plan_export(
+    hf_config: Any,
+    adapter: ModelAdapter,
+    wf: QuantFormat | None,
+    af: QuantFormat | None,
+    cfg: ExportConfig,
+) -> ExportPlan:
     """Validate formats and tp/pp against the model before any calibration; InputError naming the fix."""
     if cfg.dtype not in DTYPES:
         raise InputError(f"export.dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}.")
@@ -151,16 +172,22 @@ def plan_export(hf_config: Any, adapter: ModelAdapter, wf: QuantFormat | None, a
             ks = sorted({k for _, k in linear_shapes(d).values()})
             ok = [gs for gs in (32, 64, 128, 256) if all(k % gs == 0 for k in ks)]
             hint += f" Group sizes that divide every input dimension ({', '.join(map(str, ks))}): {', '.join(map(str, ok)) or 'none'}."
-        raise InputError(f"Cannot export {adapter.trtllm_architecture} with tp_size={cfg.tp_size}, pp_size={cfg.pp_size}"
-                         f"{', ' + wf.describe() if wf else ''}: " + "; ".join(probs) + ". " + hint)
-    return ExportPlan(algo, d, hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config))
+        raise InputError(
+            f"Cannot export {adapter.trtllm_architecture} with tp_size={cfg.tp_size}, pp_size={cfg.pp_size}"
+            f"{', ' + wf.describe() if wf else ''}: " + "; ".join(probs) + ". " + hint
+        )
+    return ExportPlan(
+        algo, d, hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    )
 
 
 # One exported tensor: (value, axis split by column parallelism, axis split by row parallelism).
 Part = tuple[torch.Tensor, int | None, int | None]
 
 
-def linear_parts(lin: nn.Module, ms: ModuleState | None, algo: str | None, dtype: torch.dtype) -> dict[str, Part]:
+def linear_parts(
+    lin: nn.Module, ms: ModuleState | None, algo: str | None, dtype: torch.dtype
+) -> dict[str, Part]:
     """TensorRT-LLM tensors of one HF linear (unsharded) for quant_algo `algo`."""
     w = param(lin, "weight")
     parts: dict[str, Part] = {}
@@ -170,7 +197,12 @@ def linear_parts(lin: nn.Module, ms: ModuleState | None, algo: str | None, dtype
     if ms is None or ms.weight_format is None or algo is None:
         parts["weight"] = (w.to(dtype), 0, 1)
         return parts
-    q, s, z, fmt = ms.tensors["qweight"], ms.tensors["weight_scale"], ms.tensors.get("weight_zero"), ms.weight_format
+    q, s, z, fmt = (
+        ms.tensors["qweight"],
+        ms.tensors["weight_scale"],
+        ms.tensors.get("weight_zero"),
+        ms.weight_format,
+    )
     if algo in ("W8A16", "W4A16"):
         # Portable: the dequantized weight in the model dtype + our scales; see docs/export.md.
         parts["weight"] = (dequantize(q, s, None, fmt, dtype), 0, 1)
@@ -189,7 +221,11 @@ def linear_parts(lin: nn.Module, ms: ModuleState | None, algo: str | None, dtype
     elif algo == "FP8":
         parts["weight"] = (q, 0, 1)
         parts["weights_scaling_factor"] = (s.float().reshape(1), None, None)
-        parts["activation_scaling_factor"] = (ms.tensors["input_scale"].float().reshape(1), None, None)
+        parts["activation_scaling_factor"] = (
+            ms.tensors["input_scale"].float().reshape(1),
+            None,
+            None,
+        )
     elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
         parts["weight"] = (q, 0, 1)
         parts["per_channel_scale"] = (s.float(), 0, None)
@@ -213,14 +249,26 @@ def fuse_fp8_qkv(parts: list[dict[str, Part]]) -> list[dict[str, Part]]:
         if torch.equal(s, smax):
             out.append(p)
             continue
-        w = (p["weight"][0].float() * (s / smax)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        w = (
+            (p["weight"][0].float() * (s / smax))
+            .clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+            .to(torch.float8_e4m3fn)
+        )
         log.warning("fp8 q/k/v scales differ; re-quantized to the shared max scale for fusion")
         out.append({**p, "weight": (w, 0, 1), "weights_scaling_factor": (smax, None, None)})
     return out
 
 
-def layer_tensors(layer: nn.Module, prefix: str, state: QuantState, adapter: ModelAdapter, algo: str | None,
-                  dtype: torch.dtype, tp_rank: int, tp: int) -> dict[str, torch.Tensor]:
+def layer_tensors(
+    layer: nn.Module,
+    prefix: str,
+    state: QuantState,
+    adapter: ModelAdapter,
+    algo: str | None,
+    dtype: torch.dtype,
+    tp_rank: int,
+    tp: int,
+) -> dict[str, torch.Tensor]:
     """One decoder layer's tensors for one tp rank, under TensorRT-LLM names relative to the layer."""
     names = adapter.trtllm_layer_names
     out: dict[str, torch.Tensor] = {}
@@ -237,7 +285,9 @@ def layer_tensors(layer: nn.Module, prefix: str, state: QuantState, adapter: Mod
         if col is None:
             out[f"{names[QKV]}.{key}"] = t0
         else:
-            out[f"{names[QKV]}.{key}"] = torch.cat([_shard(p[key][0], col, tp_rank, tp) for p in qkv], dim=col)
+            out[f"{names[QKV]}.{key}"] = torch.cat(
+                [_shard(p[key][0], col, tp_rank, tp) for p in qkv], dim=col
+            )
     for n in adapter.linears:
         if n in adapter.fused_groups[0]:
             continue
@@ -247,8 +297,15 @@ def layer_tensors(layer: nn.Module, prefix: str, state: QuantState, adapter: Mod
     return out
 
 
-def trtllm_config(plan: ExportPlan, adapter: ModelAdapter, cfg: ExportConfig, exclude: list[str],
-                  group_size: int | None, has_zero: bool, kv_algo: str | None = None) -> dict[str, Any]:
+def trtllm_config(
+    plan: ExportPlan,
+    adapter: ModelAdapter,
+    cfg: ExportConfig,
+    exclude: list[str],
+    group_size: int | None,
+    has_zero: bool,
+    kv_algo: str | None = None,
+) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
     h, d = plan.hf_config, plan.dims
     rope = h.get("rope_parameters") or {}
@@ -277,7 +334,11 @@ def trtllm_config(plan: ExportPlan, adapter: ModelAdapter, cfg: ExportConfig, ex
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "bias": False,
-        "mapping": {"world_size": cfg.tp_size * cfg.pp_size, "tp_size": cfg.tp_size, "pp_size": cfg.pp_size},
+        "mapping": {
+            "world_size": cfg.tp_size * cfg.pp_size,
+            "tp_size": cfg.tp_size,
+            "pp_size": cfg.pp_size,
+        },
         "quantization": {
             "quant_algo": plan.quant_algo,
             "kv_cache_quant_algo": kv_algo,
@@ -291,8 +352,15 @@ def trtllm_config(plan: ExportPlan, adapter: ModelAdapter, cfg: ExportConfig, ex
     }
 
 
-def write_trtllm_checkpoint(model: nn.Module, state: QuantState, adapter: ModelAdapter, plan: ExportPlan,
-                            cfg: ExportConfig, out_dir: Path, exclude: list[str]) -> list[Path]:
+def write_trtllm_checkpoint(
+    model: nn.Module,
+    state: QuantState,
+    adapter: ModelAdapter,
+    plan: ExportPlan,
+    cfg: ExportConfig,
+    out_dir: Path,
+    exclude: list[str],
+) -> list[Path]:
     """Write config.json and rank{N}.safetensors into out_dir (which must exist); returns the rank files."""
     dtype = DTYPES[cfg.dtype]
     tp, pp = cfg.tp_size, cfg.pp_size
@@ -318,8 +386,16 @@ def write_trtllm_checkpoint(model: nn.Module, state: QuantState, adapter: ModelA
                 t["transformer.ln_f.weight"] = norm
                 t["lm_head.weight"] = _shard(head, 0, tp_rank, tp)
             for local, li in enumerate(range(pp_rank * per_pp, (pp_rank + 1) * per_pp)):
-                lt = layer_tensors(layers[li], f"{adapter.layers}.{li}", state, adapter, plan.quant_algo, dtype,
-                                   tp_rank, tp)
+                lt = layer_tensors(
+                    layers[li],
+                    f"{adapter.layers}.{li}",
+                    state,
+                    adapter,
+                    plan.quant_algo,
+                    dtype,
+                    tp_rank,
+                    tp,
+                )
                 t.update({f"transformer.layers.{local}.{k}": v for k, v in lt.items()})
             path = out_dir / f"rank{tp_rank + pp_rank * tp}.safetensors"
             save_file({k: v.contiguous() for k, v in t.items()}, str(path))
