@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -128,9 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantlab` console script; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C so temporary output folders are removed on the way out.
+    signal.signal(signal.SIGTERM, _terminate)
     _setup_logging(args.quiet, args.verbose)
     if args.quiet:
         from transformers.utils import logging as hf_logging

@@ -82,6 +82,15 @@ def _trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int) -> list[str]:
     return ["lm_head", *sorted(f"transformer.layers.*.{n}" for n in names)]
 
 
+def _remove_stale_tmp(out_dir: Path) -> None:
+    """Delete temporary folders of earlier runs for out_dir whose process is gone (killed with SIGKILL)."""
+    for old in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            log.warning("removing %s left by a killed run", old)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def run_recipe(
     recipe: Recipe, base: Path, show_progress: bool = True, ref_cache: ReferenceCache | None = None
 ) -> RunResult:
@@ -123,6 +132,7 @@ def run_recipe(
         eval_windows = load_windows(_data(recipe.evaluation.data, base), tok, model)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

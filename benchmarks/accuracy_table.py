@@ -1,0 +1,75 @@
+"""Accuracy of every shipped mode on the standard protocol, in one process, as a markdown table.
+
+Usage: .venv/bin/python benchmarks/accuracy_table.py [--out docs/accuracy_results.md] [--windows 16]
+
+Protocol (../shared/data/README.md): SmolLM2-135M-Instruct in float32; calibration = the first 32
+windows of emma.txt, evaluation = the first 16 windows of prideandprejudice.txt, window = [0] + 511
+tokens; metrics against the float32 model. Each variant is a shipped recipe plus `--set` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quantlab.evaluate import ReferenceCache
+from quantlab.pipeline import run_recipe
+from quantlab.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+VARIANTS: list[tuple[str, str, list[str]]] = [
+    ("INT8 weight-only per-channel (RTN)", "smollm2_int8_wo.yaml", []),
+    ("INT4 weight-only per-channel (RTN)", "smollm2_int4_wo.yaml", []),
+    ("INT4 g64 sym, s = amax/7 (RTN, default)", "smollm2_int4_g64_sym.yaml", []),
+    ("INT4 g64 sym, s = amax/7.5 (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=half_step"]),
+    ("INT4 g64 sym, s = max(-min/8, max/7) (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=full_range"]),
+    ("INT4 g64 asym (RTN)", "smollm2_int4_g64_asym.yaml", []),
+    ("FP8 per-tensor W + static per-tensor A", "smollm2_fp8.yaml", []),
+    ("FP8 per-channel W + dynamic per-token A", "smollm2_fp8_channel_token.yaml", []),
+    ("FP8 per-tensor, data-free calibration", "smollm2_fp8_datafree.yaml", []),
+]
+
+
+def main() -> None:
+    """Run every variant and write the table."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(REPO / "docs" / "accuracy_results.md"))
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--only", default="", help="substring filter on variant labels")
+    args = ap.parse_args()
+    cache = ReferenceCache()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, recipe_file, sets) in enumerate(VARIANTS):
+            if args.only and args.only not in label:
+                continue
+            overrides = [*sets, f"export.output_dir={tmp}/v{i}", f"evaluation.data.num_samples={args.windows}"]
+            recipe, base = load_recipe(REPO / "recipes" / recipe_file, overrides)
+            res = run_recipe(recipe, base, show_progress=False, ref_cache=cache)
+            a = res.accuracy
+            assert a is not None
+            rows.append(
+                f"| {label} | {res.quant_algo} | {a.ppl_ref:.3f} | {a.ppl_quant:.3f} | {a.kl_mean:.5f} | "
+                f"{a.top1_agreement:.2%} | {res.calibration_seconds:.1f} |"
+            )
+            print(rows[-1], flush=True)
+    head = [
+        f"Measured {datetime.date.today()} on {platform.machine()} CPU ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}; command: `.venv/bin/python benchmarks/accuracy_table.py`.",
+        f"Evaluation: {args.windows} windows x 512 tokens of prideandprejudice.txt "
+        f"({args.windows * 511} predicted tokens), float32 reference.",
+        "",
+        "| mode | quant_algo | ppl ref | ppl quant | KL (nats/token) | top-1 agreement | calibration s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    Path(args.out).write_text("\n".join(head + rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
