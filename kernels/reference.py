@@ -1,0 +1,108 @@
+"""Torch reference GEMMs: dequantize-then-matmul for every kernel format; the ground truth.
+
+Formats (weights W [N, K], activations x [..., K] fp16/bf16, output [..., N] in x's dtype):
+  W4A16 sym : qweight int8 [N // 2, K] (pack_int4_rows of q in [-8, 7]), scales [N, K // G];
+              w = q * s.
+  W4A16 asym: qweight from pack_int4_asym (codes u in [0, 15] stored as u - 8), scales [N, K // G],
+              zeros uint8 [N, K // G] integer zero point in [0, 15]; w = (u - z) * s.
+  W8A16     : qweight int8 [N, K], scales [N]; w = q * s.
+  FP8 W8A8  : weight float8_e4m3fn [N, K], weight_scale fp32 [1] or [N]; activations quantized
+              to e4m3 per tensor or per row (see quantize_fp8_act); y = (xq * sx) @ (wq * sw)^T.
+Scales may be fp16, bf16 or fp32; the math here runs in float32 (or float64 when asked).
+"""
+
+from __future__ import annotations
+
+import torch
+from quantlab.kernels.packing import ASYM_OFFSET, unpack_int4_rows
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def dequant_w4(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize W4 (qweight int8 [N/2, K], scales [N, K/G], zeros uint8 [N, K/G] or None) to [N, K]."""
+    q = unpack_int4_rows(qweight).to(dtype)
+    n, k = q.shape
+    if scales.shape != (n, k // group_size):
+        raise ValueError(f"scales must be [{n}, {k // group_size}], got {tuple(scales.shape)}")
+    if zeros is not None:
+        q = q - (zeros.to(dtype) - ASYM_OFFSET).repeat_interleave(group_size, dim=1)
+    return q * scales.to(dtype).repeat_interleave(group_size, dim=1)
+
+
+def dequant_w8(
+    qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dequantize W8 per-channel (qweight int8 [N, K], scales [N]) to [N, K]."""
+    return qweight.to(dtype) * scales.to(dtype).reshape(-1, 1)
+
+
+def quantize_fp8_act(
+    x: torch.Tensor, granularity: str, x_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x [M, K] to e4m3: returns (xq [M, K], scale fp32 [1, 1] per tensor or [M, 1] per row)."""
+    if x_scale is not None:
+        scale = x_scale.float().reshape(1, 1)
+    elif granularity == "tensor":
+        scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12).reshape(1, 1)
+    elif granularity == "row":
+        scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    else:
+        raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return xq, scale
+
+
+def _finish(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(dtype)
+
+
+def ref_linear_w4a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant_w4(...)^T (+ bias [N]) in compute_dtype, returned in x's dtype."""
+    w = dequant_w4(qweight, scales, zeros, group_size, compute_dtype)
+    y = x.to(compute_dtype) @ w.t()
+    return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
+
+
+def ref_linear_w8a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant_w8(...)^T (+ bias [N]) in compute_dtype, returned in x's dtype."""
+    y = x.to(compute_dtype) @ dequant_w8(qweight, scales, compute_dtype).t()
+    return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
+
+
+def ref_linear_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    granularity: str = "tensor",
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y [M, N] from x [M, K] quantized to e4m3 and weight e4m3 [N, K] with weight_scale [1] or [N]."""
+    xq, sx = quantize_fp8_act(x, granularity, x_scale)
+    w = weight.to(compute_dtype) * weight_scale.to(compute_dtype).reshape(-1, 1)
+    y = (xq.to(compute_dtype) * sx.to(compute_dtype)) @ w.t()
+    return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
