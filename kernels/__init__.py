@@ -1,8 +1,35 @@
-"""quantlab.kernels: packed layouts, torch reference GEMMs and (later) Triton/CUDA kernels.
+"""quantlab.kernels: packed layouts, torch reference GEMMs, Triton kernels and the dispatch point.
 
-This package is the ground floor: it imports torch (and triton, lazily) and nothing of quantlab.
+This package is the ground floor: it imports torch (and triton, lazily, only when a Triton path
+runs) and nothing of quantlab. Importing it registers the quantlab::linear_* custom ops.
 """
 
-from quantlab.kernels.packing import pack_int4_rows, unpack_int4_rows
+from quantlab.kernels.ops import (
+    KernelArgumentError,
+    linear_fp8,
+    linear_w4a16,
+    linear_w8a16,
+)
+from quantlab.kernels.packing import (
+    act_order_perm,
+    pack_int4_asym,
+    pack_int4_rows,
+    unpack_int4_asym,
+    unpack_int4_rows,
+    w4_from_codes,
+    w4_to_codes,
+)
 
-__all__ = ["pack_int4_rows", "unpack_int4_rows"]
+__all__ = [
+    "KernelArgumentError",
+    "act_order_perm",
+    "linear_fp8",
+    "linear_w4a16",
+    "linear_w8a16",
+    "pack_int4_asym",
+    "pack_int4_rows",
+    "unpack_int4_asym",
+    "unpack_int4_rows",
+    "w4_from_codes",
+    "w4_to_codes",
+]

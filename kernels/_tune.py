@@ -1,0 +1,90 @@
+"""A small autotuner keyed by (format, M bucket, N, K, group, dtypes): times candidates once, on CUDA.
+
+triton.autotune cannot choose between launch plans that need different host work (a split-K
+workspace plus a reduce launch, or dequantize + cuBLAS), so the weight-only GEMMs tune here.
+The cache lives in one Tuner object per format; it is filled on the first call of each key and
+never during CUDA-graph capture (a capture uses the cached plan, else the first candidate), so
+warm up once before capturing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Decode (M = 1..4), small batches and prefill need different kernels; inside a bucket the best
+# plan barely moves, so tuning once per power-of-two bucket keeps tuning to ~13 keys per shape.
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the last bucket catches everything larger)."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to run a GEMM: a backend name and its launch parameters (hashable)."""
+
+    backend: str
+    cfg: tuple[tuple[str, int], ...] = ()
+
+    def get(self, key: str) -> int:
+        """Value of one launch parameter."""
+        return dict(self.cfg)[key]
+
+    def __str__(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.cfg)
+        return f"{self.backend}({inner})"
+
+
+def plan(backend: str, **cfg: int) -> Plan:
+    """Build a Plan from keyword launch parameters."""
+    return Plan(backend, tuple(sorted(cfg.items())))
+
+
+@dataclass
+class Tuner:
+    """Per-process cache of the fastest Plan for each key."""
+
+    name: str
+    cache: dict[Hashable, Plan] = field(default_factory=dict)
+    timings: dict[Hashable, list[tuple[str, float]]] = field(default_factory=dict)
+
+    def pick(
+        self, key: Hashable, candidates: Sequence[Plan], run: Callable[[Plan], object]
+    ) -> Plan:
+        """Return the cached plan for key, else time every candidate (median, ms) and cache the best."""
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        if (
+            len(candidates) == 1
+            or not torch.cuda.is_available()
+            or torch.cuda.is_current_stream_capturing()
+            or os.environ.get("QUANTLAB_KERNELS_NO_TUNE") == "1"
+        ):
+            return candidates[0]
+        from triton.testing import do_bench
+
+        results: list[tuple[str, float]] = []
+        best, best_ms = candidates[0], float("inf")
+        for c in candidates:
+            try:
+                # do_bench flushes L2 before each call, so weights stream from DRAM as in decode.
+                ms = float(do_bench(lambda c=c: run(c), warmup=5, rep=20, return_mode="median"))
+            except Exception as err:  # a config that does not compile/fit is skipped, not fatal
+                results.append((f"{c} failed: {type(err).__name__}", float("inf")))
+                continue
+            results.append((str(c), ms))
+            if ms < best_ms:
+                best, best_ms = c, ms
+        self.cache[key] = best
+        self.timings[key] = results
+        return best

@@ -1,0 +1,58 @@
+"""FP8 W8A8 GEMM through torch._scaled_mm (cuBLASLt), per-tensor or rowwise scales.
+
+Activations are quantized on the fly (dynamic amax) unless a static per-tensor x_scale is given.
+Rowwise: one scale per activation row [M, 1] and per weight row [1, N]; cuBLASLt's rowwise
+path only writes bf16, so fp16 callers get a cast.
+"""
+
+from __future__ import annotations
+
+import torch
+from quantlab.kernels.reference import quantize_fp8_act
+
+
+def _quant_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization of x [M, K] fp16/bf16 in one launch: (xq [M, K], scale [M, 1])."""
+    import triton
+    from quantlab.kernels.triton_fp8_quant import quant_rows_kernel
+
+    m, k = x.shape
+    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    block = min(4096, triton.next_power_of_2(k))
+    quant_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), BLOCK=block, num_warps=8)
+    return xq, scale
+
+
+def fp8_scaled_mm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
+    granularity: str,
+) -> torch.Tensor:
+    """x [M, K] fp16/bf16, weight e4m3 [N, K], weight_scale fp32 [1] or [N] -> [M, N] in x's dtype."""
+    if granularity == "row" and x_scale is None and x.is_cuda:
+        # torch ops need ~5 passes over x (abs, amax, div, clamp, cast); run 2 measured 1.45x
+        # vs cuBLAS for the dynamic path against 1.88x for the GEMM alone (28672x8192, M=1024).
+        xq, sx = _quant_rows_triton(x)
+    else:
+        xq, sx = quantize_fp8_act(x, granularity, x_scale)
+    wt = weight.t()  # [K, N] column-major view: the layout cuBLASLt wants for the second operand
+    if granularity == "tensor":
+        if weight_scale.numel() != 1:
+            raise ValueError("granularity='tensor' needs a single weight scale; use 'row' for [N]")
+        return torch._scaled_mm(
+            xq,
+            wt,
+            scale_a=sx.reshape(()),
+            scale_b=weight_scale.float().reshape(()),
+            bias=bias,
+            out_dtype=x.dtype,
+        )
+    sw = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)

@@ -1,0 +1,228 @@
+"""The one dispatch point: linear_w4a16 / linear_w8a16 / linear_fp8 as torch custom ops.
+
+Each public function validates its arguments, flattens x [..., K] to [M, K] and calls a custom
+op (quantlab::linear_*) whose fake implementation only computes the output shape, so
+torch.compile traces through it and CUDA graphs capture the kernels it launches.
+
+backend:
+  "auto"       CUDA: the Triton plans tuned per (M bucket, N, K, group) (see _tune.py); FP8 uses
+               torch._scaled_mm. CPU (or no triton): the torch reference.
+  "reference"  dequantize-then-matmul in fp32 (kernels.reference), any device.
+  "gemv" | "halves" | "splitk" | "tiled" | "dequant"  force one W4A16 path ("halves" is
+               W4-only; W8A16 has the other four), tuned among that path's configs.
+  "scaled_mm"  force the FP8 cuBLASLt path.
+Forced Triton paths on CPU tensors run only under TRITON_INTERPRET=1 (that is how tests use them).
+"""
+
+from __future__ import annotations
+
+import torch
+from quantlab.kernels.reference import ref_linear_fp8, ref_linear_w4a16, ref_linear_w8a16
+
+W4_BACKENDS = ("auto", "reference", "gemv", "halves", "splitk", "tiled", "dequant")
+W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant")
+FP8_BACKENDS = ("auto", "reference", "scaled_mm")
+TRITON_GROUPS = (32, 64, 128)
+
+
+class KernelArgumentError(ValueError):
+    """Arguments that no kernel of this format accepts (shape, dtype or backend)."""
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_reference(x: torch.Tensor, backend: str) -> bool:
+    return backend == "reference" or (
+        backend == "auto" and (not x.is_cuda or not _triton_available())
+    )
+
+
+def _check_x(x: torch.Tensor, k: int, name: str) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise KernelArgumentError(f"{name}: activations must be fp16 or bf16, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise KernelArgumentError(f"{name}: x has K={x.shape[-1]} but the weight has K={k}")
+
+
+# ---- W4A16 -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("quantlab::linear_w4a16", mutates_args=())
+def _linear_w4a16_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if _use_reference(x, backend):
+        y = ref_linear_w4a16(x2, qweight, scales, zeros, group_size, bias)
+    else:
+        from quantlab.kernels.triton_w4a16 import w4a16_gemm
+
+        y = w4a16_gemm(x2, qweight, scales, zeros, group_size, bias, backend)
+    return y.reshape(*x.shape[:-1], qweight.shape[0] * 2)
+
+
+@_linear_w4a16_op.register_fake
+def _(x, qweight, scales, zeros, group_size, bias, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] * 2))
+
+
+def check_w4a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    backend: str,
+) -> None:
+    """Raise KernelArgumentError unless the W4A16 arguments fit (see reference.py for layouts)."""
+    if backend not in W4_BACKENDS:
+        raise KernelArgumentError(f"linear_w4a16: backend must be one of {W4_BACKENDS}")
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise KernelArgumentError("linear_w4a16: qweight must be int8 [N // 2, K] (pack_int4_rows)")
+    n, k = qweight.shape[0] * 2, qweight.shape[1]
+    _check_x(x, k, "linear_w4a16")
+    if k % group_size or scales.shape != (n, k // group_size):
+        raise KernelArgumentError(
+            f"linear_w4a16: scales must be [{n}, {k}//{group_size}], got {tuple(scales.shape)}"
+        )
+    if zeros is not None and (zeros.dtype != torch.uint8 or zeros.shape != scales.shape):
+        raise KernelArgumentError("linear_w4a16: zeros must be uint8 shaped like scales")
+    if backend not in ("auto", "reference") and group_size not in TRITON_GROUPS:
+        raise KernelArgumentError(f"linear_w4a16: Triton paths support group sizes {TRITON_GROUPS}")
+    if x.is_cuda and backend == "auto" and group_size not in TRITON_GROUPS:
+        raise KernelArgumentError(
+            f"linear_w4a16: group size {group_size} has no CUDA kernel; use {TRITON_GROUPS} or "
+            "backend='reference'"
+        )
+
+
+def linear_w4a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    perm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ W4^T + bias; qweight int8 [N/2, K], scales [N, K/G], zeros uint8|None.
+
+    perm (int64 [K], from packing.act_order_perm) gathers x's columns for act-order checkpoints
+    whose weight columns were permuted offline; the weights are never permuted at run time.
+    """
+    check_w4a16(x, qweight, scales, zeros, group_size, backend)
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    return _linear_w4a16_op(x, qweight, scales, zeros, group_size, bias, backend)
+
+
+# ---- W8A16 -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("quantlab::linear_w8a16", mutates_args=())
+def _linear_w8a16_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if _use_reference(x, backend):
+        y = ref_linear_w8a16(x2, qweight, scales, bias)
+    else:
+        from quantlab.kernels.triton_w8a16 import w8a16_gemm
+
+        y = w8a16_gemm(x2, qweight, scales, bias, backend)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@_linear_w8a16_op.register_fake
+def _(x, qweight, scales, bias, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def linear_w8a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ (qweight int8 [N, K] * scales [N])^T + bias [N]."""
+    if backend not in W8_BACKENDS:
+        raise KernelArgumentError(f"linear_w8a16: backend must be one of {W8_BACKENDS}")
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise KernelArgumentError("linear_w8a16: qweight must be int8 [N, K]")
+    _check_x(x, qweight.shape[1], "linear_w8a16")
+    if scales.shape != (qweight.shape[0],):
+        raise KernelArgumentError(f"linear_w8a16: scales must be [{qweight.shape[0]}]")
+    return _linear_w8a16_op(x, qweight, scales, bias, backend)
+
+
+# ---- FP8 W8A8 --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("quantlab::linear_fp8", mutates_args=())
+def _linear_fp8_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
+    granularity: str,
+    backend: str,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    # _scaled_mm needs sm_89+ (Ada/Hopper fp8 tensor cores); older GPUs use the reference.
+    fast = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    if backend == "reference" or (backend == "auto" and not fast):
+        y = ref_linear_fp8(x2, weight, weight_scale, bias, x_scale, granularity)
+    else:
+        from quantlab.kernels.fp8 import fp8_scaled_mm
+
+        y = fp8_scaled_mm(x2, weight, weight_scale, bias, x_scale, granularity)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_fp8_op.register_fake
+def _(x, weight, weight_scale, bias, x_scale, granularity, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    granularity: str = "tensor",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [..., N] from x [..., K] (quantized to e4m3 per tensor or per row) and e4m3 weight [N, K].
+
+    weight_scale: fp32 [1] ('tensor') or [N] ('row'); x_scale: optional static fp32 [1] scale.
+    """
+    if backend not in FP8_BACKENDS:
+        raise KernelArgumentError(f"linear_fp8: backend must be one of {FP8_BACKENDS}")
+    if granularity not in ("tensor", "row"):
+        raise KernelArgumentError("linear_fp8: granularity must be 'tensor' or 'row'")
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise KernelArgumentError("linear_fp8: weight must be float8_e4m3fn [N, K]")
+    _check_x(x, weight.shape[1], "linear_fp8")
+    if weight.shape[0] % 16 or weight.shape[1] % 16:
+        raise KernelArgumentError("linear_fp8: N and K must be multiples of 16 (cuBLASLt fp8)")
+    return _linear_fp8_op(x, weight, weight_scale, bias, x_scale, granularity, backend)

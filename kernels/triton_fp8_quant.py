@@ -1,0 +1,23 @@
+"""Triton per-row dynamic e4m3 quantization: two passes over each row (amax, then scale+cast)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """Row m of x [M, K] -> xq [M, K] e4m3 and scale [M, 1] fp32 = max(amax / 448, 1e-12)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+        q = tl.clamp(v.to(tl.float32) / scale, -448.0, 448.0)
+        tl.store(xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K)

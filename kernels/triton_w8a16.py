@@ -1,0 +1,238 @@
+"""Triton W8A16 per-channel GEMMs: int8 weights [N, K], one scale per output row.
+
+The per-channel scale is constant along K, so the K loop accumulates x @ q^T with q exact in the
+activation dtype and the scale multiplies the [BM, BN] accumulator once at the end (before the
+split-K partials are written: the sum is linear). Backends mirror triton_w4a16 (gemv, splitk,
+tiled, dequant) and share its split-K reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
+from quantlab.kernels.triton_w4a16 import interpreter_bf16, splitk_reduce_kernel
+
+# int8 rows carry 2x the bytes of int4 per K, so tiles are half as wide along K for the same
+# bytes in flight; otherwise the same reasoning as triton_w4a16's configs.
+_GEMV = [
+    plan("gemv", BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+    for bn, bk, sk, w, st in [
+        (32, 128, 1, 4, 4),
+        (32, 128, 2, 4, 4),
+        (64, 128, 2, 4, 4),
+        (64, 128, 4, 4, 3),
+        (32, 256, 4, 4, 3),
+        (16, 256, 2, 4, 4),
+    ]
+]
+_SPLITK = [
+    plan("splitk", BM=bm, BN=bn, BK=bk, SPLIT_K=sk, GROUP_M=1, num_warps=w, num_stages=st)
+    for bm, bn, bk, sk, w, st in [
+        (16, 32, 128, 1, 4, 4),
+        (16, 64, 128, 1, 4, 4),
+        (16, 64, 128, 2, 4, 4),
+        (16, 64, 128, 4, 4, 4),
+        (16, 128, 128, 2, 4, 3),
+        (32, 64, 128, 2, 4, 4),
+        (64, 128, 64, 2, 4, 4),
+        (64, 128, 128, 1, 8, 3),
+    ]
+]
+_TILED = [
+    plan("tiled", BM=bm, BN=bn, BK=bk, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 4),
+        (128, 256, 64, 8, 3),
+        (128, 128, 128, 8, 3),
+    ]
+]
+BACKENDS = ("gemv", "splitk", "tiled", "dequant")
+
+TUNER = Tuner("w8a16")
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w8a16_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_om,
+    stride_os,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    GEMV: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_k[None, :]
+
+    k_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(t0, t1):
+        k0 = t * BK
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        if GEMV:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
+        else:
+            if DOT_F32:
+                x = x.to(tl.float32)
+            acc += tl.dot(x, tl.trans(q.to(tl.float32).to(x.dtype)))
+    acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if PARTIAL:
+        tl.store(
+            out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
+            acc,
+            mask=mask,
+        )
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
+
+
+def candidates(m: int, backend: str) -> list[Plan]:
+    """Plans to try for M rows under a backend name ('auto' picks backends by M bucket)."""
+    by_name = {"gemv": _GEMV, "splitk": _SPLITK, "tiled": _TILED, "dequant": [plan("dequant")]}
+    if backend == "auto":
+        b = m_bucket(m)
+        names = (
+            ["gemv", "splitk"]
+            if b <= 4
+            else ["splitk"]
+            if b <= 32
+            else ["splitk", "tiled"]
+            if b <= 128
+            else ["tiled"]
+            if b <= 512
+            else ["tiled", "dequant"]
+        )
+    else:
+        names = [backend]
+    return [c for name in names for c in by_name[name] if not (name == "gemv" and m > 4)]
+
+
+def run_plan(
+    p: Plan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Launch one plan: x [M, K] fp16/bf16 contiguous -> out [M, N] in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    cfg = dict(p.cfg)
+
+    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=x.device)
+        return t if fill is None else t.fill_(fill)
+
+    if p.backend == "dequant":
+        # int8 -> x dtype is exact; the scale multiplies in fp32 and rounds once, like the kernel.
+        w = (qweight.float() * scales.float().reshape(-1, 1)).to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+    out = empty((m, n), x.dtype)
+    split = cfg["SPLIT_K"]
+    partial = split > 1
+    ws = empty((split, m, n), torch.float32) if partial else out
+    gemv = p.backend == "gemv"
+    bm = triton.next_power_of_2(m) if gemv else cfg["BM"]
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, cfg["BN"]), split)
+    _w8a16_kernel[grid](
+        x,
+        qweight,
+        scales,
+        bias if bias is not None else scales,
+        ws,
+        m,
+        n,
+        k,
+        x.stride(0),
+        qweight.stride(0),
+        n,
+        m * n,
+        HAS_BIAS=bias is not None,
+        PARTIAL=partial,
+        GEMV=gemv,
+        DOT_F32=interpreter_bf16(x),
+        BM=bm,
+        BN=cfg["BN"],
+        BK=cfg["BK"],
+        SPLIT_K=split,
+        GROUP_M=1 if gemv else cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if partial:
+        block = 1024
+        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws,
+            bias if bias is not None else ws,
+            out,
+            m * n,
+            n,
+            SPLIT_K=split,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
+    return out
+
+
+def w8a16_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str = "auto",
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Triton W8A16: x [M, K] fp16/bf16 @ (q [N, K] * s [N])^T -> [M, N]; 'auto' tunes per M bucket."""
+    m, k = x.shape
+    key = (m_bucket(m), qweight.shape[0], k, x.dtype, scales.dtype, bias is not None, backend)
+    chosen = TUNER.pick(
+        key, candidates(m, backend), lambda c: run_plan(c, x, qweight, scales, bias)
+    )
+    return run_plan(chosen, x, qweight, scales, bias, fill)
