@@ -1,0 +1,449 @@
+"""Build, check and time every kernel format in one go: `python -m quantlab.kernels.bench --out DIR`.
+
+1. fp64 correctness over every benchmark shape and M (poisoned outputs, norm-wise relative error
+   against x.double() @ W.double()^T of the same dequantized weights; limit 1e-2, no NaN).
+2. Timing: median per-call time from CUDA-graph replays that rotate through >= 8 weight copies
+   (more when needed so the copies together exceed 3x the L2), random weights (never zeros).
+   Baselines measured in the same run: cuBLAS bf16 (F.linear) and torch's int4 tinygemm
+   (aten._weight_int4pack_mm, g128). Effective GB/s counts weights + scales + x + output.
+Writes bench.json and bench.md under --out (default $OUT or ./bench_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from quantlab.kernels import packing, reference
+from quantlab.kernels.fp8 import fp8_scaled_mm
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192), (8192, 28672)]
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+TOL = 1e-2
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Norm-wise relative error of y against an fp64 reference (inf if y holds NaN/inf)."""
+    if not bool(torch.isfinite(y).all()):
+        return math.inf
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def make_w4(n: int, k: int, g: int, asym: bool, dtype: torch.dtype, dev: str) -> dict[str, Any]:
+    """Random W4 tensors: codes uniform over the int4 range, scales ~1e-2 (weights of a real LM)."""
+    scale = (torch.rand(n, k // g, device=dev) * 0.02 + 0.005).to(dtype)
+    if asym:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)
+        zero = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, device=dev)
+    else:
+        codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=dev)
+        zero = None
+    qw, s, z = packing.w4_from_codes(codes, scale, zero)
+    return {"qweight": qw, "scales": s, "zeros": z}
+
+
+def make_w8(n: int, k: int, dtype: torch.dtype, dev: str) -> dict[str, Any]:
+    """Random W8 per-channel tensors."""
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+    return {"qweight": q, "scales": (torch.rand(n, device=dev) * 0.002 + 0.0005).to(dtype)}
+
+
+def make_fp8(n: int, k: int, dev: str) -> dict[str, Any]:
+    """Random e4m3 weight with per-row scales."""
+    w = (torch.randn(n, k, device=dev) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return {"weight": w, "weight_scale": torch.rand(n, device=dev) * 1e-4 + 1e-5}
+
+
+def nbytes(*ts: torch.Tensor | None) -> int:
+    """Total bytes of the given tensors."""
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def time_rotating(fn: Callable[..., object], copies: int, est_ms: float) -> float:
+    """Median per-call ms of fn(i) over i = 0..copies-1, replayed from a CUDA graph."""
+    for i in range(copies):  # compile / tune / warm every copy outside the capture
+        fn(i)
+    torch.cuda.synchronize()
+    per_graph = max(copies, math.ceil(2.0 / max(est_ms, 1e-3) / copies) * copies)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(0)
+        with torch.cuda.graph(graph, stream=stream):
+            for j in range(per_graph):
+                fn(j % copies)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(15):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / per_graph)
+    del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
+def quick_ms(fn: Callable[..., object]) -> float:
+    """Rough per-call ms (eager, 5 calls) used to size a graph."""
+    fn(0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        fn(0)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 5 * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(10):
+        b.copy_(a)
+    ev[1].record()
+    ev[1].synchronize()
+    return 2 * a.numel() * 10 / (ev[0].elapsed_time(ev[1]) * 1e-3) / 1e9
+
+
+def check_all(
+    shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], None], dev: str = "cuda"
+) -> list[dict]:
+    """fp64 correctness of every format/path over shapes x ms; returns one record per check."""
+    from quantlab.kernels import triton_w4a16 as t4
+    from quantlab.kernels import triton_w8a16 as t8
+
+    recs: list[dict[str, Any]] = []
+
+    def record(fmt: str, path: str, n: int, k: int, m: int, y: torch.Tensor, ref: torch.Tensor):
+        err = rel_err(y, ref)
+        ok = err < TOL and not bool(torch.isnan(y).any())
+        recs.append({"fmt": fmt, "path": path, "N": n, "K": k, "M": m, "rel_err": err, "ok": ok})
+        if not ok:
+            log(f"FAIL {fmt} {path} N={n} K={k} M={m} rel_err={err:.3e}")
+
+    for n, k in shapes:
+        w4 = make_w4(n, k, 128, False, torch.bfloat16, dev)
+        w4a = make_w4(n, k, 128, True, torch.float16, dev)
+        w8 = make_w8(n, k, torch.bfloat16, dev)
+        f8 = make_fp8(n, k, dev)
+        wd4 = reference.dequant_w4(w4["qweight"], w4["scales"], None, 128, torch.float64)
+        wd4a = reference.dequant_w4(w4a["qweight"], w4a["scales"], w4a["zeros"], 128, torch.float64)
+        wd8 = reference.dequant_w8(w8["qweight"], w8["scales"], torch.float64)
+        for m in ms:
+            xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            xh = torch.randn(m, k, device=dev, dtype=torch.float16)
+            bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+            ref = xb.double() @ wd4.t()
+            y = t4.w4a16_gemm(
+                xb, w4["qweight"], w4["scales"], None, 128, None, "auto", fill=math.nan
+            )
+            record("w4a16_g128_sym_bf16", "auto", n, k, m, y, ref)
+            ref = xh.double() @ wd4a.t()
+            y = t4.w4a16_gemm(
+                xh, w4a["qweight"], w4a["scales"], w4a["zeros"], 128, None, "auto", fill=math.nan
+            )
+            record("w4a16_g128_asym_fp16", "auto", n, k, m, y, ref)
+            ref = xb.double() @ wd8.t()
+            y = t8.w8a16_gemm(xb, w8["qweight"], w8["scales"], None, "auto", fill=math.nan)
+            record("w8a16_bf16", "auto", n, k, m, y, ref)
+            for gran in ("tensor", "row"):
+                ws = f8["weight_scale"][:1] if gran == "tensor" else f8["weight_scale"]
+                ref = reference.ref_linear_fp8(
+                    xb, f8["weight"], ws, None, None, gran, torch.float64
+                )
+                y = fp8_scaled_mm(xb, f8["weight"], ws, None, None, gran)
+                record(f"fp8_{gran}_bf16", "scaled_mm", n, k, m, y, ref)
+            # every forced W4/W8 path where it applies, untuned (first config) to bound compiles
+            os.environ["QUANTLAB_KERNELS_NO_TUNE"] = "1"
+            for path in ("gemv", "halves", "splitk", "tiled", "dequant"):
+                if path == "gemv" and m > 4:
+                    continue
+                if path == "halves":  # W4-only path
+                    ref = xb.double() @ wd4.t()
+                    y = t4.w4a16_gemm(
+                        xb, w4["qweight"], w4["scales"], None, 128, None, path, fill=math.nan
+                    )
+                    record("w4a16_g128_sym_bf16", path, n, k, m, y, ref)
+                    continue
+                ref = xb.double() @ wd4.t() + bias.double()
+                y = t4.w4a16_gemm(
+                    xb, w4["qweight"], w4["scales"], None, 128, bias, path, fill=math.nan
+                )
+                record("w4a16_g128_sym_bf16", path, n, k, m, y, ref)
+                ref = xb.double() @ wd8.t()
+                y = t8.w8a16_gemm(xb, w8["qweight"], w8["scales"], None, path, fill=math.nan)
+                record("w8a16_bf16", path, n, k, m, y, ref)
+            os.environ.pop("QUANTLAB_KERNELS_NO_TUNE")
+        del w4, w4a, w8, f8, wd4, wd4a, wd8
+        torch.cuda.empty_cache()
+        log(f"checked N={n} K={k}: {sum(bool(r['ok']) for r in recs)}/{len(recs)} ok so far")
+    # group sizes 32/64 and fp16 on the smallest shape, every path
+    n, k = shapes[0]
+    for g in (32, 64):
+        for dt in (torch.float16, torch.bfloat16):
+            for asym in (False, True):
+                w = make_w4(n, k, g, asym, dt, dev)
+                wd = reference.dequant_w4(w["qweight"], w["scales"], w["zeros"], g, torch.float64)
+                for m in (1, 16, 256):
+                    x = torch.randn(m, k, device=dev, dtype=dt)
+                    ref = x.double() @ wd.t()
+                    y = t4.w4a16_gemm(
+                        x, w["qweight"], w["scales"], w["zeros"], g, None, "auto", fill=math.nan
+                    )
+                    name = f"w4a16_g{g}_{'asym' if asym else 'sym'}_{str(dt)[6:]}"
+                    record(name, "auto", n, k, m, y, ref)
+    return recs
+
+
+def tinygemm_pack(
+    n: int, k: int, copies: int, dev: str
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Random weights in torch's int4 tinygemm layout (g128), or None if this build lacks it."""
+    try:
+        out = []
+        for _ in range(copies):
+            w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+            packed = torch.ops.aten._convert_weight_to_int4pack(w, 8)
+            sz = (torch.rand(k // 128, n, 2, device=dev) * 0.01).to(torch.bfloat16)
+            out.append((packed, sz))
+        return out
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], None]) -> list[dict]:
+    """Time every method on one N x K over ms."""
+    from quantlab.kernels import triton_w4a16 as t4
+    from quantlab.kernels import triton_w8a16 as t8
+
+    dev = "cuda"
+    # >= 8 copies, and enough that the int4 copies together are >= 3x L2 (bf16 ones are 4x more).
+    cps = max(8, math.ceil(3 * l2 / (n * k // 2)))
+    w4 = [make_w4(n, k, 128, False, torch.bfloat16, dev) for _ in range(cps)]
+    w8 = [make_w8(n, k, torch.bfloat16, dev) for _ in range(8)]
+    f8 = [make_fp8(n, k, dev) for _ in range(8)]
+    wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+    tg = tinygemm_pack(n, k, cps, dev)
+    recs = []
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        xq, sx = reference.quantize_fp8_act(x, "row")
+        act_out = nbytes(x) + m * n * 2
+        methods: dict[str, tuple[Callable[..., object], int, int]] = {
+            "cublas_bf16": (lambda i, x=x: F.linear(x, wb[i]), 8, nbytes(wb[0]) + act_out),
+            "w4a16_g128": (
+                lambda i, x=x: t4.w4a16_gemm(x, w4[i]["qweight"], w4[i]["scales"], None, 128, None),
+                cps,
+                nbytes(w4[0]["qweight"], w4[0]["scales"]) + act_out,
+            ),
+            "w8a16": (
+                lambda i, x=x: t8.w8a16_gemm(x, w8[i]["qweight"], w8[i]["scales"], None),
+                8,
+                nbytes(w8[0]["qweight"], w8[0]["scales"]) + act_out,
+            ),
+            "fp8_row_dyn": (
+                lambda i, x=x: fp8_scaled_mm(
+                    x, f8[i]["weight"], f8[i]["weight_scale"], None, None, "row"
+                ),
+                8,
+                nbytes(f8[0]["weight"], f8[0]["weight_scale"]) + act_out,
+            ),
+            "fp8_row_gemm_only": (
+                lambda i, xq=xq, sx=sx: torch._scaled_mm(
+                    xq,
+                    f8[i]["weight"].t(),
+                    scale_a=sx,
+                    scale_b=f8[i]["weight_scale"].reshape(1, -1),
+                    out_dtype=torch.bfloat16,
+                ),
+                8,
+                nbytes(f8[0]["weight"], f8[0]["weight_scale"]) + act_out,
+            ),
+        }
+        xt, st = reference.quantize_fp8_act(x, "tensor")
+        one = torch.ones((), device=dev)
+        methods["fp8_tensor_fast_gemm_only"] = (
+            lambda i, xt=xt, st=st, one_=one: torch._scaled_mm(
+                xt,
+                f8[i]["weight"].t(),
+                scale_a=st.reshape(()),
+                scale_b=one_,
+                out_dtype=torch.bfloat16,
+                use_fast_accum=True,
+            ),
+            8,
+            nbytes(f8[0]["weight"]) + act_out,
+        )
+        if tg is not None:
+            methods["tinygemm_int4"] = (
+                lambda i, x=x: torch.ops.aten._weight_int4pack_mm(x, tg[i][0], 128, tg[i][1]),
+                cps,
+                nbytes(*tg[0]) + act_out,
+            )
+        row: dict[str, Any] = {"N": n, "K": k, "M": m, "copies_w4": cps}
+        for name, (fn, copies, b) in methods.items():
+            try:
+                ms_ = time_rotating(fn, copies, quick_ms(fn))
+            except Exception as err:  # a baseline that this build cannot run is reported, not fatal
+                row[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+                continue
+            row[name] = {"us": ms_ * 1e3, "GBps": b / (ms_ * 1e-3) / 1e9}
+        base = row["cublas_bf16"].get("us")
+        for name in methods:
+            if "us" in row[name] and base:
+                row[name]["x_cublas"] = base / row[name]["us"]
+        key4 = next(
+            (
+                kk
+                for kk in t4.TUNER.cache
+                if kk[0] == t4.m_bucket(m)
+                and kk[1] == n
+                and kk[2] == k
+                and kk[3] == 128
+                and kk[4] == torch.bfloat16
+                and not kk[6]
+                and not kk[7]
+                and kk[8] == "auto"
+            ),
+            None,
+        )
+        row["w4a16_g128"]["plan"] = str(t4.TUNER.cache.get(key4)) if key4 else "?"
+        key8 = next(
+            (
+                kk
+                for kk in t8.TUNER.cache
+                if kk[0] == t8.m_bucket(m)
+                and kk[1] == n
+                and kk[2] == k
+                and kk[3] == torch.bfloat16
+                and not kk[5]
+                and kk[6] == "auto"
+            ),
+            None,
+        )
+        row["w8a16"]["plan"] = str(t8.TUNER.cache.get(key8)) if key8 else "?"
+        recs.append(row)
+        log(json.dumps(row))
+    return recs
+
+
+def markdown(rows: list[dict]) -> str:
+    """Results table: per shape and M, microseconds and ratio vs cuBLAS bf16 for each method."""
+    names = [
+        "cublas_bf16",
+        "w4a16_g128",
+        "tinygemm_int4",
+        "w8a16",
+        "fp8_row_dyn",
+        "fp8_row_gemm_only",
+        "fp8_tensor_fast_gemm_only",
+    ]
+    head = (
+        "| N x K | M | "
+        + " | ".join(f"{n} us (x cuBLAS)" for n in names)
+        + " | W4 GB/s | W4 plan |"
+    )
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for r in rows:
+        cells = []
+        for nm in names:
+            v = r.get(nm, {})
+            cells.append(f"{v['us']:.1f} ({v.get('x_cublas', 1):.2f}x)" if "us" in v else "n/a")
+        w4 = r.get("w4a16_g128", {})
+        lines.append(
+            f"| {r['N']}x{r['K']} | {r['M']} | "
+            + " | ".join(cells)
+            + f" | {w4.get('GBps', 0):.0f} | {w4.get('plan', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: correctness over all shapes, then timing; writes JSON + markdown."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA device; CPU correctness lives in tests/test_kernels_*.py")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
+    logf = open(out / "bench.log", "w")  # noqa: SIM115 - kept open for the whole run
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        logf.write(s + "\n")
+        logf.flush()
+
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "l2_bytes": getattr(props, "L2_cache_size", 50 * 2**20),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": "python -m quantlab.kernels.bench " + " ".join(sys.argv[1:]),
+        "copy_GBps": copy_bandwidth(),
+        "weights": "random (uniform int4/int8 codes, random scales); never zeros",
+    }
+    log(json.dumps(meta))
+    result: dict[str, Any] = {"meta": meta}
+    t0 = time.time()
+    if not args.skip_check:
+        checks = check_all(shapes, ms, log)  # type: ignore[arg-type]
+        result["checks"] = checks
+        bad = [c for c in checks if not c["ok"]]
+        worst = max(c["rel_err"] for c in checks)
+        log(
+            f"correctness: {len(checks) - len(bad)}/{len(checks)} ok, worst rel_err {worst:.3e}, "
+            f"{time.time() - t0:.0f}s"
+        )
+        (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    rows = []
+    for n, k in shapes:
+        rows += bench_shape(n, k, ms, meta["l2_bytes"], log)
+        torch.cuda.empty_cache()
+        result["rows"] = rows
+        (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    from quantlab.kernels import triton_w4a16 as t4
+
+    result["tuning"] = {str(k): v for k, v in t4.TUNER.timings.items()}
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(rows)
+    (out / "bench.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
+    log(table)
+    log(f"total {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
