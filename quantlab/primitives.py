@@ -23,6 +23,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "pack_int4_rows",
+    "qparams_from_range",
     "quantize",
     "sqnr",
     "unpack_int4_rows",
@@ -95,52 +96,44 @@ def compute_qparams(
     scale_dtype: the dtype a checkpoint will store the scale in; the scale is rounded to it first
     so that codes, checkpoint and reload agree bit for bit.
     """
-    scale, zero = _qparams(x, fmt, name)
-    if scale_dtype == torch.float32:
-        return scale, zero
-    rounded = scale.to(scale_dtype).float()
-    rounded = torch.where(rounded > 0, rounded, torch.ones_like(rounded))
-    if zero is not None:  # keep 0 exactly representable with the rounded scale
-        lo = _grouped(x.detach(), fmt).float().amin(dim=-1).clamp(max=0).reshape(scale.shape)
-        qmin, qmax = fmt.qrange()
-        zero = torch.round(-lo / rounded).clamp(qmin, qmax).to(torch.uint8)
-    return rounded, zero
-
-
-def _qparams(
-    x: torch.Tensor, fmt: QuantFormat, name: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
     g = _grouped(x.detach(), fmt).float()
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     # amin/amax propagate NaN and inf, so checking the reduced values finds any bad element
     # at a fraction of a full isfinite pass over the tensor.
-    if not bool(torch.isfinite(g.amax(dim=-1)).all() and torch.isfinite(g.amin(dim=-1)).all()):
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         check_finite(x, name)
     shape = _scale_shape(x, fmt)
+    return qparams_from_range(lo.reshape(shape), hi.reshape(shape), fmt, scale_dtype)
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (float32) and zero (uint8 or None) covering [lo, hi] (scale-shaped float32; e.g. clipped ranges)."""
+    lo, hi = lo.float(), hi.float()
     if fmt.dtype == "fp8_e4m3":
-        a = g.abs().amax(dim=-1)
-        scale = torch.where(a > 0, a / FP8_E4M3_MAX, torch.ones_like(a))
-        return scale.reshape(shape), None
-    qmin, qmax = fmt.qrange()
-    if fmt.symmetric:
-        lo = g.amin(dim=-1)
-        hi = g.amax(dim=-1)
-        a = torch.maximum(-lo, hi)
+        scale = torch.maximum(-lo, hi) / FP8_E4M3_MAX
+    elif fmt.symmetric:
+        qmin, qmax = fmt.qrange()
         if fmt.scale_method == "absmax":
-            scale = a / qmax
+            scale = torch.maximum(-lo, hi) / qmax
         elif fmt.scale_method == "half_step":
-            scale = a / (qmax + 0.5)
+            scale = torch.maximum(-lo, hi) / (qmax + 0.5)
         else:  # full_range: the negative end may use qmin = -(qmax + 1)
             scale = torch.maximum(-lo / -qmin, hi / qmax)
-        # An all-zero row/group: any positive scale quantizes it exactly to 0.
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale.reshape(shape), None
-    # Asymmetric: the range always contains 0 so that 0 is exactly representable (padding, ReLU zeros).
-    lo = g.amin(dim=-1).clamp(max=0)
-    hi = g.amax(dim=-1).clamp(min=0)
-    scale = (hi - lo) / (qmax - qmin)
+    else:
+        # Asymmetric: the range always contains 0 so that 0 is exactly representable.
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        qmin, qmax = fmt.qrange()
+        scale = (hi - lo) / (qmax - qmin)
+    if scale_dtype != torch.float32:
+        scale = scale.to(scale_dtype).float()
+    # An all-zero row/group: any positive scale quantizes it exactly to 0.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if fmt.dtype == "fp8_e4m3" or fmt.symmetric:
+        return scale, None
     zero = torch.round(-lo / scale).clamp(qmin, qmax).to(torch.uint8)
-    return scale.reshape(shape), zero.reshape(shape)
+    return scale, zero
 
 
 def quantize(
