@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS: list[tuple[str, str, list[str]]] = [
     ("INT8 weight-only per-channel (RTN)", "smollm2_int8_wo.yaml", []),
     ("INT4 weight-only per-channel (RTN)", "smollm2_int4_wo.yaml", []),
-    ("INT4 g64 sym, s = amax/7 (RTN, default)", "smollm2_int4_g64_sym.yaml", []),
+    ("INT4 g64 sym, s = amax/7 (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=absmax"]),
     ("INT4 g64 sym, s = amax/7.5 (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=half_step"]),
-    ("INT4 g64 sym, s = max(-min/8, max/7) (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=full_range"]),
+    ("INT4 g64 sym, s = max(-min/8, max/7) (RTN, recipe)", "smollm2_int4_g64_sym.yaml", []),
     ("INT4 g64 asym (RTN)", "smollm2_int4_g64_asym.yaml", []),
     ("FP8 per-tensor W + static per-tensor A", "smollm2_fp8.yaml", []),
     ("FP8 per-channel W + dynamic per-token A", "smollm2_fp8_channel_token.yaml", []),
