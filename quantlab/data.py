@@ -131,7 +131,12 @@ def _dataset_documents(spec: DataSpec, builder: str, path: Path) -> list[str]:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
-        raise InputError(f"Could not read {path} as {builder} records ({exc}).") from exc
+        cause = exc.__cause__ or exc  # datasets wraps the parser's own, more precise error
+        raise InputError(
+            f"Could not read {path} as {builder} records ({_first_line(cause)}). Check that "
+            "the file is valid: one JSON object per line for .jsonl, a parquet table for "
+            ".parquet."
+        ) from exc
     return _column(ds, spec, str(path))
 
 
@@ -143,11 +148,16 @@ def _hf_documents(spec: DataSpec) -> list[str]:
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise InputError(
             f"Could not load Hugging Face dataset {spec.path!r} split {spec.split!r} "
-            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})."
-            " Check the name and split, and that the Hub (or the local datasets cache) is "
-            "reachable; or export the text to a local .jsonl/.txt and use source='file'."
+            f"({_first_line(exc)}). Check the name and split, and that the Hub (or the local "
+            "datasets cache) is reachable; or export the text to a local .jsonl/.txt and use "
+            "source='file'."
         ) from exc
     return _column(ds, spec, f"dataset {spec.path!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _column(ds: Any, spec: DataSpec, where: str) -> list[str]:

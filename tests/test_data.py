@@ -155,6 +155,13 @@ def test_jsonl_and_parquet(tok, tmp_path: Path, paragraphs) -> None:
         load_windows(DataSpec(path=str(jsonl), text_field="content"), tok)
 
 
+def test_malformed_jsonl(tok, tmp_path: Path) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(InputError, match="one JSON object per line"):
+        load_windows(DataSpec(path=str(f)), tok)
+
+
 def test_hf_source_local_folder(tok, tmp_path: Path, paragraphs) -> None:
     # load_dataset accepts a local folder of data files, so the hf path is testable offline.
     folder = tmp_path / "ds"
