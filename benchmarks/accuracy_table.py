@@ -30,7 +30,9 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("INT4 g64 sym, s = amax/7.5 (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=half_step"]),
     ("INT4 g64 sym, s = max(-min/8, max/7) (RTN, recipe)", "smollm2_int4_g64_sym.yaml", []),
     ("INT4 g64 asym (RTN)", "smollm2_int4_g64_asym.yaml", []),
-    ("FP8 per-tensor W + static per-tensor A", "smollm2_fp8.yaml", []),
+    ("FP8 per-tensor W + static per-tensor A (amax = max over windows)", "smollm2_fp8.yaml", []),
+    ("FP8 per-tensor W + static A, amax = mean of window maxima", "smollm2_fp8.yaml", ["steps.0.args.activation_amax=mean"]),
+    ("FP8 per-tensor, q/k/v and gate/up scales not shared (not what a fused runtime computes)", "smollm2_fp8.yaml", ["steps.0.args.share_fused_scales=false"]),
     ("FP8 per-channel W + dynamic per-token A", "smollm2_fp8_channel_token.yaml", []),
     ("FP8 per-tensor, data-free calibration", "smollm2_fp8_datafree.yaml", []),
 ]
@@ -68,7 +70,11 @@ def main() -> None:
         "| mode | quant_algo | ppl ref | ppl quant | KL (nats/token) | top-1 agreement | calibration s |",
         "|---|---|---|---|---|---|---|",
     ]
-    Path(args.out).write_text("\n".join(head + rows) + "\n")
+    out = Path(args.out)
+    if args.only and out.exists():  # a partial run appends to the existing table
+        out.write_text(out.read_text() + "\n".join(rows) + "\n")
+    else:
+        out.write_text("\n".join(head + rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ class FP8Args(CalibratorArgs):
     # A runtime fuses q|k|v (and gate|up) into one GEMM with one per-tensor scale: share it so the
     # accuracy we report is the accuracy that runtime sees.
     share_fused_scales: bool = True
+    # How per-window activation amaxes combine into the static scale: "max" never clips a
+    # calibration token; "mean" (the average window's amax) trades rare clipping for a finer grid.
+    activation_amax: Literal["max", "mean"] = "max"
 
 
 class FP8Calibrator:
@@ -28,7 +31,6 @@ class FP8Calibrator:
     name: ClassVar[str] = "fp8"
     Args: ClassVar[type[CalibratorArgs]] = FP8Args
     edits_weights: ClassVar[bool] = False
-    needs_data: ClassVar[bool] = True
 
     def __init__(self, args: FP8Args) -> None:
         self.args = args
@@ -36,7 +38,9 @@ class FP8Calibrator:
         self.afmt = QuantFormat(
             "fp8_e4m3", "tensor" if args.activations == "static_tensor" else "token"
         )
-        self._amax: dict[str, torch.Tensor] = {}
+        # Dynamic per-token activations need no calibration data.
+        self.needs_data = args.activations == "static_tensor"
+        self._amax: dict[str, list[torch.Tensor]] = {}
 
     def planned_formats(self) -> tuple[QuantFormat | None, QuantFormat | None]:
         """(fp8 weight format, fp8 input format)."""
@@ -47,10 +51,9 @@ class FP8Calibrator:
         return list(ctx.linears) if self.afmt.granularity == "tensor" else []
 
     def observe(self, name: str, x: torch.Tensor) -> None:
-        """Running max of |x| over all calibration tokens (a scalar per module)."""
+        """Record max |x| of one calibration window (a scalar per module and window)."""
         check_finite(x, f"input of {name}")
-        a = x.detach().abs().amax().float().cpu()
-        self._amax[name] = torch.maximum(self._amax[name], a) if name in self._amax else a
+        self._amax.setdefault(name, []).append(x.detach().abs().amax().float().cpu())
 
     def solve(self, ctx: LayerContext) -> dict[str, ModuleState]:
         """Codes + scales for each linear; fused groups share per-tensor scales."""
@@ -68,7 +71,8 @@ class FP8Calibrator:
                 scale = compute_qparams(w, self.wfmt, f"{n}.weight")[0]
             tensors = {"qweight": quantize(w, scale, None, self.wfmt), "weight_scale": scale}
             if self.afmt.granularity == "tensor":
-                a = torch.stack([self._amax[m] for m in members]).amax()
+                per_window = torch.stack([torch.stack(self._amax[m]) for m in members]).amax(dim=0)
+                a = per_window.amax() if self.args.activation_amax == "max" else per_window.mean()
                 tensors["input_scale"] = (
                     torch.where(a > 0, a, torch.ones_like(a)) / FP8_E4M3_MAX
                 ).reshape(1)

@@ -69,9 +69,8 @@ class Calibrator(Protocol):
     name: ClassVar[str]
     Args: ClassVar[type[CalibratorArgs]]
     edits_weights: ClassVar[bool]
-    needs_data: ClassVar[
-        bool
-    ]  # False: solve works on weights alone; the Runner skips calibration data
+    # False: solve works on weights alone and the Runner runs no calibration data for it.
+    needs_data: bool
 
     def __init__(self, args: Any) -> None: ...
 
