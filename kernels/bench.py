@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from quantlab.kernels import packing, reference
+from quantlab.kernels import cuda_gemv, packing, reference
 from quantlab.kernels.fp8 import fp8_scaled_mm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192), (8192, 28672)]
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 TOL = 1e-2
 
 
@@ -176,6 +176,17 @@ def check_all(
                 record(f"fp8_{gran}_bf16", "scaled_mm", n, k, m, y, ref)
             # every forced W4/W8 path where it applies, untuned (first config) to bound compiles
             os.environ["QUANTLAB_KERNELS_NO_TUNE"] = "1"
+            if m <= cuda_gemv.MAX_M:
+                for name, w, wd, x in (
+                    ("w4a16_g128_sym_bf16", w4, wd4, xb),
+                    ("w4a16_g128_asym_fp16", w4a, wd4a, xh),
+                ):
+                    b = bias.to(x.dtype)
+                    ref = x.double() @ wd.t() + b.double()
+                    y = cuda_gemv.w4a16_cuda_gemm(
+                        x, w["qweight"], w["scales"], w["zeros"], 128, b, fill=math.nan
+                    )
+                    record(name, "cuda_gemv", n, k, m, y, ref)
             for path in ("gemv", "halves", "splitk", "tiled", "dequant"):
                 if path == "gemv" and m > 4:
                     continue
@@ -205,14 +216,19 @@ def check_all(
             for asym in (False, True):
                 w = make_w4(n, k, g, asym, dt, dev)
                 wd = reference.dequant_w4(w["qweight"], w["scales"], w["zeros"], g, torch.float64)
-                for m in (1, 16, 256):
+                name = f"w4a16_g{g}_{'asym' if asym else 'sym'}_{str(dt)[6:]}"
+                for m in (1, 3, 8, 16, 256):
                     x = torch.randn(m, k, device=dev, dtype=dt)
                     ref = x.double() @ wd.t()
                     y = t4.w4a16_gemm(
                         x, w["qweight"], w["scales"], w["zeros"], g, None, "auto", fill=math.nan
                     )
-                    name = f"w4a16_g{g}_{'asym' if asym else 'sym'}_{str(dt)[6:]}"
                     record(name, "auto", n, k, m, y, ref)
+                    if m <= cuda_gemv.MAX_M:
+                        y = cuda_gemv.w4a16_cuda_gemm(
+                            x, w["qweight"], w["scales"], w["zeros"], g, None, fill=math.nan
+                        )
+                        record(name, "cuda_gemv", n, k, m, y, ref)
     return recs
 
 
@@ -313,10 +329,12 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
         for name in methods:
             if "us" in row[name] and base:
                 row[name]["x_cublas"] = base / row[name]["us"]
+        keys4: list[Any] = list(t4.TUNER.cache)  # tuple keys (see triton_w4a16.w4a16_gemm)
+        keys8: list[Any] = list(t8.TUNER.cache)
         key4 = next(
             (
                 kk
-                for kk in t4.TUNER.cache
+                for kk in keys4
                 if kk[0] == t4.m_bucket(m)
                 and kk[1] == n
                 and kk[2] == k
@@ -332,7 +350,7 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
         key8 = next(
             (
                 kk
-                for kk in t8.TUNER.cache
+                for kk in keys8
                 if kk[0] == t8.m_bucket(m)
                 and kk[1] == n
                 and kk[2] == k
@@ -346,6 +364,82 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
         recs.append(row)
         log(json.dumps(row))
     return recs
+
+
+def check_small_m(shapes: list[tuple[int, int]], log: Callable[[str], None]) -> list[dict]:
+    """fp64 check of every CUDA small-M plan: every shape x G 32/64/128 x fp16/bf16 x sym/asym
+    (asym with bias and fp32 scales on half the formats) x M in 1, 2, 3, 4, 8; NaN-poisoned."""
+    recs: list[dict[str, Any]] = []
+    dev = "cuda"
+    for n, k in shapes:
+        for g in (32, 64, 128):
+            for dt in (torch.float16, torch.bfloat16):
+                for asym in (False, True):
+                    w = make_w4(n, k, g, asym, dt, dev)
+                    if asym and dt == torch.bfloat16:
+                        w["scales"] = w["scales"].float()
+                    wd = reference.dequant_w4(
+                        w["qweight"], w["scales"], w["zeros"], g, torch.float64
+                    )
+                    bias = torch.randn(n, device=dev, dtype=dt) if asym else None
+                    name = f"g{g}_{'asym' if asym else 'sym'}_{str(dt)[6:]}"
+                    for m in (1, 2, 3, 4, 8):
+                        x = torch.randn(m, k, device=dev, dtype=dt)
+                        ref = x.double() @ wd.t()
+                        if bias is not None:
+                            ref += bias.double()
+                        for p in cuda_gemv.candidates(g):
+                            y = cuda_gemv.run_plan(
+                                p, x, w["qweight"], w["scales"], w["zeros"], g, bias, math.nan
+                            )
+                            err = rel_err(y, ref)
+                            ok = err < TOL
+                            recs.append(
+                                {"fmt": name, "plan": str(p), "N": n, "K": k, "M": m,
+                                 "rel_err": err, "ok": ok}
+                            )  # fmt: skip
+                            if not ok:
+                                log(f"FAIL {name} {p} N={n} K={k} M={m} rel_err={err:.3e}")
+                    del w, wd
+            torch.cuda.empty_cache()
+        bad = sum(not r["ok"] for r in recs)
+        log(f"small-M check N={n} K={k}: {len(recs) - bad}/{len(recs)} ok so far")
+    return recs
+
+
+def time_small_m(
+    shapes: list[tuple[int, int]], ms: list[int], l2: int, log: Callable[[str], None]
+) -> list[dict]:
+    """Every CUDA small-M plan (g128 sym bf16) vs cuBLAS bf16, rotated weights, CUDA graphs."""
+    dev = "cuda"
+    rows = []
+    for n, k in shapes:
+        cps = max(8, math.ceil(3 * l2 / (n * k // 2)))
+        w4 = [make_w4(n, k, 128, False, torch.bfloat16, dev) for _ in range(cps)]
+        wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        wbytes = nbytes(w4[0]["qweight"], w4[0]["scales"])
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            fb = lambda i, x=x, wb=wb: F.linear(x, wb[i])  # noqa: E731
+            base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
+            row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
+            for p in cuda_gemv.candidates(128):
+                fn = lambda i, x=x, p=p, w4=w4: cuda_gemv.run_plan(  # noqa: E731
+                    p, x, w4[i]["qweight"], w4[i]["scales"], None, 128, None
+                )
+                us = time_rotating(fn, cps, quick_ms(fn)) * 1e3
+                row["plans"][str(p)] = us
+            best = min(row["plans"], key=row["plans"].get)
+            us = row["plans"][best]
+            row.update(best=best, best_us=us, x_cublas=base / us, GBps=wbytes / us / 1e3)
+            log(
+                f"{n}x{k} M={m}: cuBLAS {base:.1f} us, best {best} {us:.1f} us "
+                f"({base / us:.2f}x, {wbytes / us / 1e3:.0f} GB/s)"
+            )
+            rows.append(row)
+        del w4, wb
+        torch.cuda.empty_cache()
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
@@ -386,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument(
+        "--small-m",
+        action="store_true",
+        help="only the CUDA small-M kernel: fp64 check of every plan, then every plan's timing",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench needs a CUDA device; CPU correctness lives in tests/test_kernels_*.py")
@@ -418,6 +517,18 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps(meta))
     result: dict[str, Any] = {"meta": meta}
     t0 = time.time()
+    if args.small_m:
+        lib = cuda_gemv.build(verbose=True)
+        log(f"built {lib} in {time.time() - t0:.1f}s")
+        checks = check_small_m(shapes, log)  # type: ignore[arg-type]
+        bad = [c for c in checks if not c["ok"]]
+        worst = max(c["rel_err"] for c in checks)
+        log(f"small-M correctness: {len(checks) - len(bad)}/{len(checks)} ok, worst {worst:.3e}")
+        result["small_m_checks"] = {"n": len(checks), "bad": bad, "worst": worst}
+        result["small_m"] = time_small_m(shapes, ms, meta["l2_bytes"], log)  # type: ignore[arg-type]
+        (out / "small_m.json").write_text(json.dumps(result, indent=1, default=str))
+        log(f"total {time.time() - t0:.0f}s")
+        return 0 if not bad else 1
     if not args.skip_check:
         checks = check_all(shapes, ms, log)  # type: ignore[arg-type]
         result["checks"] = checks

@@ -10,6 +10,8 @@ backend:
   "reference"  dequantize-then-matmul in fp32 (kernels.reference), any device.
   "gemv" | "halves" | "splitk" | "tiled" | "dequant"  force one W4A16 path ("halves" is
                W4-only; W8A16 has the other four), tuned among that path's configs.
+  "cuda_gemv"  force the CUDA C++ W4A16 kernel for M <= 8 (cuda_gemv.py; nvcc builds it on
+               first use); "auto" also tries it there and keeps it where it times fastest.
   "scaled_mm"  force the FP8 cuBLASLt path.
 Forced Triton paths on CPU tensors run only under TRITON_INTERPRET=1 (that is how tests use them).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from quantlab.kernels.reference import ref_linear_fp8, ref_linear_w4a16, ref_linear_w8a16
 
-W4_BACKENDS = ("auto", "reference", "gemv", "halves", "splitk", "tiled", "dequant")
+W4_BACKENDS = ("auto", "reference", "gemv", "halves", "splitk", "tiled", "dequant", "cuda_gemv")
 W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
 TRITON_GROUPS = (32, 64, 128)
@@ -66,6 +68,10 @@ def _linear_w4a16_op(
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if _use_reference(x, backend):
         y = ref_linear_w4a16(x2, qweight, scales, zeros, group_size, bias)
+    elif backend == "cuda_gemv":
+        from quantlab.kernels.cuda_gemv import w4a16_cuda_gemm
+
+        y = w4a16_cuda_gemm(x2, qweight, scales, zeros, group_size, bias)
     else:
         from quantlab.kernels.triton_w4a16 import w4a16_gemm
 
@@ -99,6 +105,12 @@ def check_w4a16(
         )
     if zeros is not None and (zeros.dtype != torch.uint8 or zeros.shape != scales.shape):
         raise KernelArgumentError("linear_w4a16: zeros must be uint8 shaped like scales")
+    if backend == "cuda_gemv":
+        from quantlab.kernels.cuda_gemv import unsupported_reason
+
+        reason = unsupported_reason(x, qweight, scales, zeros, group_size, None, False)
+        if reason is not None:
+            raise KernelArgumentError(f"linear_w4a16: backend 'cuda_gemv' {reason}")
     if backend not in ("auto", "reference") and group_size not in TRITON_GROUPS:
         raise KernelArgumentError(f"linear_w4a16: Triton paths support group sizes {TRITON_GROUPS}")
     if x.is_cuda and backend == "auto" and group_size not in TRITON_GROUPS:

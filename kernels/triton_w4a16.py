@@ -16,6 +16,8 @@ Backends (plans, see _tune.Plan):
   splitk  small M: one dot per tile (_w4a16_rows_kernel), BM = 16..64, split-K fp32 partials.
   tiled   larger M: the one-dot kernel with 64/128-row tiles, grouped program order.
   dequant very large M: dequantize to a [N, K] workspace in x's dtype, then cuBLAS.
+  cuda_gemv  M <= 8 on CUDA: the nvcc-built kernel of cuda_gemv.py; "auto" times its plans
+          against the Triton ones under the same tuning key (w4a16_gemm).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from quantlab.kernels import cuda_gemv
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
 
 # Configs. Run 2 (H100, 28672x8192, M = 1): the best two-dot "halves" plan took 133 us, every
@@ -455,6 +458,8 @@ def run_plan(
     fill: float | None = None,
 ) -> torch.Tensor:
     """Launch one plan: x [M, K] fp16/bf16 contiguous -> out [M, N] in x's dtype."""
+    if p.backend == "cuda_gemv":
+        return cuda_gemv.run_plan(p, x, qweight, scales, zeros, group_size, bias, fill)
     m, k = x.shape
     n = qweight.shape[0] * 2
     cfg = dict(p.cfg)
@@ -555,6 +560,16 @@ def w4a16_gemm(
     """Triton W4A16: x [M, K] fp16/bf16 @ W4^T -> [M, N]; backend 'auto' tunes per M bucket."""
     m, k = x.shape
     cands = candidates(m, group_size, backend)
+    # The CUDA small-M kernel competes in the same tuning run when it takes the arguments (and
+    # nvcc built it); otherwise the Triton plans alone.
+    cuda_ok = (
+        backend == "auto"
+        and x.is_cuda
+        and cuda_gemv.unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None
+        and cuda_gemv.available(x.device)
+    )
+    if cuda_ok:
+        cands = cuda_gemv.candidates(group_size) + cands
     key = (
         m_bucket(m),
         qweight.shape[0] * 2,
@@ -565,6 +580,7 @@ def w4a16_gemm(
         zeros is not None,
         bias is not None,
         backend,
+        cuda_ok,  # a cached CUDA plan is only reused where the CUDA kernel takes the arguments
     )
     chosen = TUNER.pick(
         key, cands, lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias)
