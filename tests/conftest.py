@@ -38,6 +38,12 @@ def require_data(relpath: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def data_file() -> Callable[[str], Path]:
+    """require_data as a fixture, for test modules (imported in importlib mode, they cannot import conftest)."""
+    return require_data
+
+
+@pytest.fixture(scope="session")
 def emma() -> Path:
     return require_data("austen/emma.txt")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -16,19 +15,6 @@ from transformers import AutoTokenizer
 from quantlab.data import DataSpec, load_windows
 from quantlab.errors import InputError
 from quantlab.models import embedded_model_dir, load_model
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def data_file(relative: str) -> Path:
-    """Path of a file in shared/data; missing: skip locally, fail under CI=true."""
-    path = DATA_DIR / relative
-    if not path.is_file():
-        msg = f"test data {path} is missing (shared/data must sit beside the repository)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +28,19 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def pp_ids(tok) -> list[int]:
+def pp_ids(tok, data_file) -> list[int]:
     text = data_file("austen/prideandprejudice.txt").read_text(encoding="utf-8")
     return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 @pytest.fixture
-def paragraphs() -> list[str]:
+def paragraphs(data_file) -> list[str]:
     """The first 40 paragraphs of Persuasion longer than 80 characters."""
     text = data_file("austen/persuasion.txt").read_text(encoding="utf-8")
     return [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 80][:40]
 
 
-def test_standard_protocol(tok, pp_ids: list[int]) -> None:
+def test_standard_protocol(tok, pp_ids: list[int], data_file) -> None:
     path = data_file("austen/prideandprejudice.txt")
     spec = DataSpec(source="file", path=str(path), num_samples=16, seq_len=512, bos_id=0)
     windows = load_windows(spec, tok)
@@ -65,7 +51,7 @@ def test_standard_protocol(tok, pp_ids: list[int]) -> None:
         assert w.tolist() == [0, *pp_ids[512 * i : 512 * i + 511]]
 
 
-def test_concat_without_bos_is_contiguous(tok, pp_ids: list[int]) -> None:
+def test_concat_without_bos_is_contiguous(tok, pp_ids: list[int], data_file) -> None:
     path = data_file("austen/prideandprejudice.txt")
     windows = load_windows(DataSpec(path=str(path), num_samples=5, seq_len=100), tok)
     assert [w.shape for w in windows] == [(100,)] * 5
@@ -109,7 +95,7 @@ def test_unsupported_extension(tok, tmp_path: Path) -> None:
         load_windows(DataSpec(path=str(f)), tok)
 
 
-def test_per_document_txt(tok) -> None:
+def test_per_document_txt(tok, data_file) -> None:
     path = data_file("austen/prideandprejudice.txt")
     spec = DataSpec(path=str(path), packing="per_document", num_samples=8, seq_len=64, bos_id=0)
     a = load_windows(spec, tok)
