@@ -15,6 +15,7 @@ from quantlab.formats import QuantFormat
 
 STATE_VERSION = 1
 _SEP = "::"
+WEIGHT_TENSORS = ("qweight", "weight_scale", "weight_zero")
 
 
 @dataclass
@@ -32,7 +33,14 @@ class ModuleState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def merge(self, other: ModuleState) -> None:
-        """Take other's formats (where set), tensors and meta; other wins per name."""
+        """Take other's formats (where set), tensors and meta; other wins per name.
+
+        A step that sets a weight format replaces the whole weight quantization (codes, scale,
+        zero), so a symmetric step after an asymmetric one leaves no stale zero point behind.
+        """
+        if other.weight_format is not None:
+            for t in WEIGHT_TENSORS:
+                self.tensors.pop(t, None)
         self.weight_format = other.weight_format or self.weight_format
         self.input_format = other.input_format or self.input_format
         self.tensors.update(other.tensors)

@@ -106,3 +106,22 @@ def test_exclude_patterns(tiny) -> None:  # type: ignore[no-untyped-def]
     assert "model.layers.0.self_attn.o_proj" not in state.modules
     assert "model.layers.1.self_attn.o_proj" in state.modules
     assert len(state.modules) == 14 - 3
+
+
+def test_later_weight_step_replaces_earlier_codes_entirely() -> None:
+    from quantlab.formats import preset
+    from quantlab.state import ModuleState
+
+    ms = ModuleState(
+        preset("int4_g32_asym"), None, {"qweight": torch.zeros(1), "weight_zero": torch.ones(1)}
+    )
+    ms.merge(
+        ModuleState(
+            preset("int4_g32_sym"), None, {"qweight": torch.ones(1), "weight_scale": torch.ones(1)}
+        )
+    )
+    assert set(ms.tensors) == {"qweight", "weight_scale"} and ms.weight_format == preset(
+        "int4_g32_sym"
+    )
+    ms.merge(ModuleState(None, preset("fp8_tensor"), {"input_scale": torch.ones(1)}))
+    assert set(ms.tensors) == {"qweight", "weight_scale", "input_scale"}
