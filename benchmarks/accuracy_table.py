@@ -26,13 +26,29 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS: list[tuple[str, str, list[str]]] = [
     ("INT8 weight-only per-channel (RTN)", "smollm2_int8_wo.yaml", []),
     ("INT4 weight-only per-channel (RTN)", "smollm2_int4_wo.yaml", []),
-    ("INT4 g64 sym, s = amax/7 (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=absmax"]),
-    ("INT4 g64 sym, s = amax/7.5 (RTN)", "smollm2_int4_g64_sym.yaml", ["steps.0.args.scale_method=half_step"]),
+    (
+        "INT4 g64 sym, s = amax/7 (RTN)",
+        "smollm2_int4_g64_sym.yaml",
+        ["steps.0.args.scale_method=absmax"],
+    ),
+    (
+        "INT4 g64 sym, s = amax/7.5 (RTN)",
+        "smollm2_int4_g64_sym.yaml",
+        ["steps.0.args.scale_method=half_step"],
+    ),
     ("INT4 g64 sym, s = max(-min/8, max/7) (RTN, recipe)", "smollm2_int4_g64_sym.yaml", []),
     ("INT4 g64 asym (RTN)", "smollm2_int4_g64_asym.yaml", []),
     ("FP8 per-tensor W + static per-tensor A (amax = max over windows)", "smollm2_fp8.yaml", []),
-    ("FP8 per-tensor W + static A, amax = mean of window maxima", "smollm2_fp8.yaml", ["steps.0.args.activation_amax=mean"]),
-    ("FP8 per-tensor, q/k/v and gate/up scales not shared (not what a fused runtime computes)", "smollm2_fp8.yaml", ["steps.0.args.share_fused_scales=false"]),
+    (
+        "FP8 per-tensor W + static A, amax = mean of window maxima",
+        "smollm2_fp8.yaml",
+        ["steps.0.args.activation_amax=mean"],
+    ),
+    (
+        "FP8 per-tensor, q/k/v and gate/up scales not shared (not what a fused runtime computes)",
+        "smollm2_fp8.yaml",
+        ["steps.0.args.share_fused_scales=false"],
+    ),
     ("FP8 per-channel W + dynamic per-token A", "smollm2_fp8_channel_token.yaml", []),
     ("FP8 per-tensor, data-free calibration", "smollm2_fp8_datafree.yaml", []),
 ]
@@ -51,7 +67,11 @@ def main() -> None:
         for i, (label, recipe_file, sets) in enumerate(VARIANTS):
             if args.only and args.only not in label:
                 continue
-            overrides = [*sets, f"export.output_dir={tmp}/v{i}", f"evaluation.data.num_samples={args.windows}"]
+            overrides = [
+                *sets,
+                f"export.output_dir={tmp}/v{i}",
+                f"evaluation.data.num_samples={args.windows}",
+            ]
             recipe, base = load_recipe(REPO / "recipes" / recipe_file, overrides)
             res = run_recipe(recipe, base, show_progress=False, ref_cache=cache)
             a = res.accuracy
