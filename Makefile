@@ -19,13 +19,16 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 demo: setup
 	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
 
+# Tools run as `python -m`: with --system-site-packages a tool the system already has (pytest,
+# say) is not reinstalled into .venv, so .venv/bin may lack its script.
+# PYTHONSAFEPATH keeps the checkout's folders off sys.path, so tests import the installed package.
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	MYPY=$(abspath $(BIN))/mypy bash scripts/typecheck.sh
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	MYPY="$(abspath $(BIN))/python -m mypy" bash scripts/typecheck.sh
 
 test: lint
-	$(BIN)/pytest
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

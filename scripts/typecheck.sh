@@ -11,4 +11,5 @@ for f in "$root"/quantlab/*; do ln -s "$f" "$tree/quantlab/$(basename "$f")"; do
 ln -s "$root/calibrators" "$tree/quantlab/calibrators"
 ln -s "$root/kernels" "$tree/quantlab/kernels"
 cd "$tree"
-"${MYPY:-mypy}" --config-file "$root/pyproject.toml" -p quantlab
+read -r -a mypy <<< "${MYPY:-mypy}"
+"${mypy[@]}" --config-file "$root/pyproject.toml" -p quantlab
