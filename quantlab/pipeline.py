@@ -8,9 +8,12 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import torch
+from torch import nn
 
 from quantlab.adapters import adapter_for
 from quantlab.calibrator import Calibrator, build_calibrator
@@ -22,7 +25,8 @@ from quantlab.export.trtllm import DTYPES, ExportConfig, plan_export, write_trtl
 from quantlab.formats import QuantFormat
 from quantlab.models import load_model, model_info
 from quantlab.recipe import Recipe, resolve_path
-from quantlab.runner import RunnerConfig, quantizable_linears, quantize_model
+from quantlab.resume import fingerprint
+from quantlab.runner import LayerProfile, RunnerConfig, quantizable_linears, quantize_model
 from quantlab.state import QuantState
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,36 @@ def _remove_stale_tmp(out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _resume_dir(out_dir: Path) -> Path:
+    """Where finished layers of an interrupted run for out_dir are kept (removed on success)."""
+    return out_dir.parent / f".{out_dir.name}.resume"
+
+
+def _fingerprint(recipe: Recipe, model: dict[str, Any], windows: list[torch.Tensor]) -> str:
+    """Identity of a calibration: the recipe parts that change its result, the model, the tokens."""
+    parts = recipe.model_dump(
+        mode="json", include={"model", "calibration", "steps", "runner", "export"}
+    )
+    parts["export"] = {"dtype": parts["export"]["dtype"]}  # scales are stored in this dtype
+    parts["model"].pop("device", None)
+    parts["runner"].pop("resume", None)
+    parts["runner"].pop("offload", None)
+    return fingerprint(parts, model, windows)
+
+
+def _profile_summary(profile: list[LayerProfile], device: str, offload: bool) -> dict[str, Any]:
+    """Per-layer seconds and peak memory, plus the maxima, for accuracy.json."""
+    host = [p.peak_host_mb for p in profile if p.peak_host_mb is not None]
+    dev = [p.peak_device_mb for p in profile if p.peak_device_mb is not None]
+    return {
+        "device": device,
+        "offload": offload,
+        "peak_host_mb": max(host, default=None),
+        "peak_device_mb": max(dev, default=None),
+        "layers": [asdict(p) for p in profile],
+    }
+
+
 def run_recipe(
     recipe: Recipe, base: Path, show_progress: bool = True, ref_cache: ReferenceCache | None = None
 ) -> RunResult:
@@ -103,8 +137,12 @@ def run_recipe(
         )
     steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
     wf, af = planned_formats(steps)
+    # With offload the weights stay in host memory and the Runner moves one layer at a time.
+    offload = recipe.runner.offload and recipe.model.device != "cpu"
     model, tok = load_model(
-        _model_source(recipe.model.source, base), recipe.model.dtype, recipe.model.device
+        _model_source(recipe.model.source, base),
+        recipe.model.dtype,
+        "cpu" if offload else recipe.model.device,
     )
     adapter = adapter_for(model)
     ecfg = ExportConfig(out_dir, recipe.export.dtype, recipe.export.tp_size, recipe.export.pp_size)
@@ -155,9 +193,14 @@ def run_recipe(
             exclude=recipe.runner.exclude,
             show_progress=show_progress,
             scale_dtype=DTYPES[recipe.export.dtype],
+            device=recipe.model.device,
+            offload=offload,
+            checkpoint_dir=_resume_dir(out_dir) if recipe.runner.resume else None,
+            fingerprint=_fingerprint(recipe, state.model, windows),
         )
+        profile: list[LayerProfile] = []
         t0 = time.perf_counter()
-        quantize_model(quant, adapter, windows, steps, rcfg, state)
+        quantize_model(quant, adapter, windows, steps, rcfg, state, profile)
         seconds = time.perf_counter() - t0
         log.info("calibration took %.1f s", seconds)
         write_trtllm_checkpoint(quant, state, adapter, plan, ecfg, tmp, excludes)
@@ -170,6 +213,9 @@ def run_recipe(
             ],
             sort_keys=True,
         )
+        if offload and eval_windows:  # evaluation runs the whole models on the recipe's device
+            for m in (model, quant):
+                cast(nn.Module, m).to(recipe.model.device)
         report = (
             compare_models(model, quant, eval_windows, show_progress, ref_cache, key)
             if eval_windows
@@ -181,6 +227,7 @@ def run_recipe(
             "quant_algo": plan.quant_algo,
             "calibration_seconds": seconds,
             "calibration_windows": len(windows),
+            "calibration_profile": _profile_summary(profile, recipe.model.device, offload),
             "accuracy": report.to_dict() if report else None,
             "evaluation_data": recipe.evaluation.data.model_dump(mode="json")
             if recipe.evaluation.data
@@ -192,6 +239,7 @@ def run_recipe(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
+        shutil.rmtree(_resume_dir(out_dir), ignore_errors=True)
     except BaseException:
         logging.getLogger("quantlab").removeHandler(handler)
         handler.close()

@@ -35,10 +35,14 @@ class StepSection(_Strict):
 
 
 class RunnerSection(_Strict):
-    """propagate: next layer's inputs from the quantized ('quantized') or float layer; exclude: fnmatch patterns."""
+    """propagate: next layer's inputs from the quantized or float layer; exclude: fnmatch patterns; offload; resume."""
 
     propagate: Literal["quantized", "float"] = "quantized"
     exclude: list[str] = Field(default_factory=list)
+    # Keep the model in host memory and move one decoder layer at a time to model.device.
+    offload: bool = True
+    # Record each finished layer beside the output folder; a restarted run continues from there.
+    resume: bool = True
 
 
 class ExportSection(_Strict):

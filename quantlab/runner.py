@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import logging
+import os
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -16,12 +20,16 @@ from tqdm.auto import tqdm
 
 from quantlab.adapters import ModelAdapter
 from quantlab.calibrator import Calibrator, LayerContext
+from quantlab.memory import device_peak_mb, host_peak_mb, reset_peaks
 from quantlab.qmodules import apply_module_states
+from quantlab.resume import LayerCheckpoint
 from quantlab.state import ModuleState, QuantState
 
 log = logging.getLogger(__name__)
 
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
+# Test hook: the process SIGKILLs itself right after recording this layer in the resume folder.
+KILL_AFTER_LAYER_ENV = "QUANTLAB_KILL_AFTER_LAYER"
 
 
 @dataclass
@@ -34,6 +42,26 @@ class RunnerConfig:
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns on full module names
     show_progress: bool = True
     scale_dtype: torch.dtype = torch.float32  # checkpoint dtype of integer weight scales
+    # Where layers are calibrated; None: where the model's parameters are.
+    device: str | None = None
+    # Keep the model where it is (normally CPU) and move one decoder layer at a time to `device`.
+    offload: bool = False
+    # Resume folder: each finished layer is recorded there and a restarted run continues after it.
+    checkpoint_dir: Path | None = None
+    fingerprint: str = ""  # identifies the run a resume folder belongs to (see quantlab.resume)
+
+
+@dataclass
+class LayerProfile:
+    """Wall time and peak memory of one decoder layer's calibration."""
+
+    layer: int
+    seconds: float
+    peak_host_mb: (
+        float | None
+    )  # process peak RSS while this layer ran (Linux VmHWM, reset per layer)
+    peak_device_mb: float | None  # torch's peak CUDA allocation while this layer ran
+    resumed: bool = False  # restored from a resume folder, not calibrated in this process
 
 
 class _StopForward(Exception):
@@ -101,58 +129,163 @@ def quantize_model(
     steps: Sequence[Calibrator],
     config: RunnerConfig,
     state: QuantState | None = None,
+    profile: list[LayerProfile] | None = None,
 ) -> QuantState:
-    """Calibrate model in place, layer by layer; returns the QuantState (model's linears become QuantLinear)."""
+    """Calibrate model in place, layer by layer; returns the QuantState (model's linears become QuantLinear).
+
+    With config.offload only the decoder layer being calibrated (plus the embedding for the first
+    capture) sits on config.device; everything else stays where it was loaded. Each layer's time
+    and peak memory are appended to `profile` and logged. With config.checkpoint_dir every finished
+    layer is recorded there and a later call continues after the last one; the caller removes the
+    folder once it no longer needs it.
+    """
     state = state if state is not None else QuantState()
+    profile = profile if profile is not None else []
     layers = decoder_layers(model, adapter)
+    home = next(model.parameters()).device
+    dev = torch.device(config.device) if config.device else home
+    offload = config.offload and dev != home
     # Data-free steps only (round-to-nearest): no layer is ever run.
     needs_data = any(cal.needs_data for cal in steps)
-    inputs: list[LayerInput] = capture_layer_inputs(model, adapter, windows) if needs_data else []
+    inputs: list[LayerInput] = []
+    if needs_data:
+        with _on_device(_prologue(model, adapter), dev, offload):
+            inputs = capture_layer_inputs(model, adapter, windows)
+    ckpt = (
+        LayerCheckpoint(config.checkpoint_dir, config.fingerprint)
+        if config.checkpoint_dir is not None
+        else None
+    )
+    start = 0
+    if ckpt is not None:
+        resumed = ckpt.restore(layers, adapter.layers, state, dev)
+        if resumed is not None:
+            start = resumed.done
+            inputs = [(h, kw) for h, (_, kw) in zip(resumed.hidden, inputs, strict=True)]
+            profile.extend(LayerProfile(i, 0.0, None, None, True) for i in range(start))
     bar = tqdm(
-        range(len(layers)),
+        range(start, len(layers)),
         desc="calibrating layers",
         unit="layer",
         disable=not config.show_progress,
+        initial=start,
+        total=len(layers),
     )
     for i in bar:
+        reset_peaks(dev)
         t0 = time.perf_counter()
         layer = layers[i]
         prefix = f"{adapter.layers}.{i}"
-        ctx = LayerContext(
-            index=i,
-            prefix=prefix,
-            layer=layer,
-            linears=quantizable_linears(adapter, prefix, config.exclude),
-            adapter=adapter,
-            run=lambda layer=layer, inputs=inputs: run_layer(layer, inputs),  # type: ignore[misc]
-            scale_dtype=config.scale_dtype,
-        )
-        layer_states: dict[str, ModuleState] = {}
-        for cal in steps:
-            _observe(cal, ctx, inputs)
-            results = cal.solve(ctx)
-            for name, ms in results.items():
-                layer_states.setdefault(name, ModuleState()).merge(ms)
-            state.update(prefix, results)
-        if config.propagate == "float" and inputs:
-            outputs = run_layer(layer, inputs)
-            apply_module_states(layer, layer_states)
-        else:
-            apply_module_states(layer, layer_states)
-            outputs = run_layer(layer, inputs) if inputs else []
+        with _on_device([layer], dev, offload):
+            layer_states, outputs, float_tensors = _calibrate_layer(
+                i, prefix, layer, adapter, inputs, steps, config, state, ckpt is not None
+            )
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
         inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
-        log.debug(
-            "layer %d: %d module(s) quantized in %.2f s",
+        prof = LayerProfile(i, time.perf_counter() - t0, host_peak_mb(), device_peak_mb(dev))
+        profile.append(prof)
+        if ckpt is not None:
+            ckpt.save_layer(i, float_tensors, layer_states, [h for h, _ in inputs])
+            if os.environ.get(KILL_AFTER_LAYER_ENV) == str(i):  # fault injection for resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
+        log.info(
+            "layer %d: %d module(s) quantized in %.2f s; peak host RSS %s MiB, peak device %s MiB",
             i,
             len(layer_states),
-            time.perf_counter() - t0,
+            prof.seconds,
+            _mb(prof.peak_host_mb),
+            _mb(prof.peak_device_mb),
         )
     return state
 
 
+def _calibrate_layer(
+    index: int,
+    prefix: str,
+    layer: nn.Module,
+    adapter: ModelAdapter,
+    inputs: list[LayerInput],
+    steps: Sequence[Calibrator],
+    config: RunnerConfig,
+    state: QuantState,
+    keep_float: bool,
+) -> tuple[dict[str, ModuleState], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Run every step on one layer; (merged ModuleStates, next-layer hidden states, float tensors if keep_float)."""
+    ctx = LayerContext(
+        index=index,
+        prefix=prefix,
+        layer=layer,
+        linears=quantizable_linears(adapter, prefix, config.exclude),
+        adapter=adapter,
+        run=lambda layer=layer, inputs=inputs: run_layer(layer, inputs),  # type: ignore[misc]
+        scale_dtype=config.scale_dtype,
+    )
+    layer_states: dict[str, ModuleState] = {}
+    for cal in steps:
+        _observe(cal, ctx, inputs)
+        results = cal.solve(ctx)
+        for name, ms in results.items():
+            layer_states.setdefault(name, ModuleState()).merge(ms)
+        state.update(prefix, results)
+    # The float tensors after every edit, before QuantLinear replaces the linears: what a resumed
+    # run loads before re-applying the same ModuleStates.
+    float_tensors = (
+        {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
+        if keep_float
+        else {}
+    )
+    if config.propagate == "float" and inputs:
+        outputs = run_layer(layer, inputs)
+        apply_module_states(layer, layer_states)
+    else:
+        apply_module_states(layer, layer_states)
+        outputs = run_layer(layer, inputs) if inputs else []
+    return layer_states, outputs, float_tensors
+
+
+def _prologue(model: nn.Module, adapter: ModelAdapter) -> list[nn.Module]:
+    """Modules the first layer's capture runs through: the embedding and any model-level rotary module."""
+    mods = [model.get_submodule(adapter.embed)]
+    base = adapter.layers.rpartition(".")[0]
+    rotary = getattr(model.get_submodule(base) if base else model, "rotary_emb", None)
+    if isinstance(rotary, nn.Module):
+        mods.append(rotary)
+    return mods
+
+
+@contextlib.contextmanager
+def _on_device(mods: Sequence[nn.Module], dev: torch.device, active: bool) -> Iterator[None]:
+    """Move mods to dev for the block and back to where they were afterwards (no-op unless active)."""
+    if not active:
+        yield
+        return
+    homes = [
+        next(itertools.chain(m.parameters(), m.buffers()), torch.empty(0)).device for m in mods
+    ]
+    for m in mods:
+        m.to(dev)
+    try:
+        yield
+    finally:
+        for m, h in zip(mods, homes, strict=True):
+            m.to(h)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _mb(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
 def _observe(cal: Calibrator, ctx: LayerContext, inputs: Sequence[LayerInput]) -> None:
+    from quantlab.attention import record_kv  # kept local: only _observe uses it
+
     names = cal.targets(ctx)
-    if not names or not inputs:
+    # Optional: calibrators with observe_attention(name, key, value) see each attention call's
+    # keys (after rope) and values.
+    attention = getattr(cal, "observe_attention", None)
+    if not inputs or (not names and attention is None):
         return
     handles = []
     for name in names:
@@ -162,7 +295,8 @@ def _observe(cal: Calibrator, ctx: LayerContext, inputs: Sequence[LayerInput]) -
 
         handles.append(ctx.module(name).register_forward_pre_hook(hook))
     try:
-        ctx.run()
+        with record_kv(ctx.layer, attention) if attention is not None else contextlib.nullcontext():
+            ctx.run()
     finally:
         for h in handles:
             h.remove()

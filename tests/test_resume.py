@@ -1,0 +1,158 @@
+"""Resume after SIGKILL (bit-identical checkpoint), per-layer profiles, layer offloading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantlab.adapters import adapter_for
+from quantlab.calibrator import build_calibrator
+from quantlab.data import DataSpec, load_windows
+from quantlab.models import load_model
+from quantlab.runner import KILL_AFTER_LAYER_ENV, LayerProfile, RunnerConfig, quantize_model
+
+# AWQ edits float weights (norms, v/o, up/down) and GPTQ updates them: a resumed run has to restore
+# both the edited float tensors and the codes to match a straight run bit for bit.
+RECIPE = """\
+name: resume-test
+model:
+  source: {model}
+calibration:
+  source: file
+  path: {emma}
+  num_samples: 3
+  seq_len: 48
+steps:
+  - calibrator: awq
+    args: {{format: int4_g32_asym, grid: 4}}
+  - calibrator: gptq
+    args: {{format: int4_g32_asym}}
+export:
+  output_dir: {out}
+  dtype: float32
+evaluation:
+  enabled: false
+"""
+
+
+def _run(recipe: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_LAYER_ENV}
+    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "quantlab.cli", "--quiet", "run", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name not in ("accuracy.json", "quantlab.log")
+    }
+
+
+def test_sigkill_then_restart_gives_a_bit_identical_checkpoint(
+    tmp_path: Path, tiny_model: Callable[[str], Path], emma: Path
+) -> None:
+    model = tiny_model("llama")
+    # Same recipe text (relative output folder) in two folders, so even quant_state.json's copy
+    # of the recipe must match byte for byte.
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "r.yaml").write_text(RECIPE.format(model=model, emma=emma, out="out"))
+    straight, resumed = tmp_path / "a" / "out", tmp_path / "b" / "out"
+
+    assert _run(tmp_path / "a" / "r.yaml").returncode == 0
+
+    killed = _run(tmp_path / "b" / "r.yaml", {KILL_AFTER_LAYER_ENV: "0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not resumed.exists()
+    progress = json.loads((tmp_path / "b" / ".out.resume" / "progress.json").read_text())
+    assert progress["done"] == 1
+    assert (tmp_path / "b" / ".out.resume" / "layer_0000" / "float.safetensors").is_file()
+
+    again = _run(tmp_path / "b" / "r.yaml")
+    assert again.returncode == 0, again.stderr
+    log = (resumed / "quantlab.log").read_text()
+    assert "resuming after layer 0 of 2" in log
+    prof = json.loads((resumed / "accuracy.json").read_text())["calibration_profile"]["layers"]
+    assert [p["resumed"] for p in prof] == [True, False]
+    assert not (tmp_path / "b" / ".out.resume").exists()
+    assert not list((tmp_path / "b").glob(".out.tmp-*"))  # the killed run's temp folder was removed
+
+    a, b = _files(straight), _files(resumed)
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if a[k] != b[k]]
+    assert not differ, differ
+
+
+def test_resume_folder_of_another_recipe_is_discarded(
+    tmp_path: Path, tiny_model: Callable[[str], Path], emma: Path
+) -> None:
+    model = tiny_model("llama")
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(model=model, emma=emma, out=out))
+    assert _run(recipe, {KILL_AFTER_LAYER_ENV: "0"}).returncode == -signal.SIGKILL
+    recipe.write_text(RECIPE.format(model=model, emma=emma, out=out).replace("grid: 4", "grid: 5"))
+    res = _run(recipe)
+    assert res.returncode == 0, res.stderr
+    log = (out / "quantlab.log").read_text()
+    assert "belongs to a different recipe" in log and "resuming" not in log
+
+
+def test_profile_has_one_entry_per_layer(tiny_model: Callable[[str], Path], emma: Path) -> None:
+    model, tok = load_model(str(tiny_model("qwen2")))
+    windows = load_windows(
+        DataSpec(source="file", path=str(emma), num_samples=2, seq_len=32, bos_id=0), tok
+    )
+    profile: list[LayerProfile] = []
+    quantize_model(
+        model,
+        adapter_for(model),
+        windows,
+        [build_calibrator("fp8", {})],
+        RunnerConfig(show_progress=False),
+        profile=profile,
+    )
+    assert [p.layer for p in profile] == [0, 1]
+    assert all(p.seconds > 0 and not p.resumed for p in profile)
+    if sys.platform == "linux":
+        assert all(p.peak_host_mb is not None and p.peak_host_mb > 50 for p in profile)
+    assert all(p.peak_device_mb is None for p in profile)  # CPU run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_keeps_only_one_layer_on_the_gpu(
+    tiny_model: Callable[[str], Path], emma: Path
+) -> None:
+    model, tok = load_model(str(tiny_model("llama")))
+    windows = load_windows(
+        DataSpec(source="file", path=str(emma), num_samples=2, seq_len=32, bos_id=0), tok
+    )
+    profile: list[LayerProfile] = []
+    cfg = RunnerConfig(show_progress=False, device="cuda", offload=True)
+    state = quantize_model(
+        model, adapter_for(model), windows, [build_calibrator("gptq", {})], cfg, profile=profile
+    )
+    assert len(state.modules) == 14
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    embed_bytes = model.model.embed_tokens.weight.numel() * 4
+    for p in profile:
+        assert p.peak_device_mb is not None
+        # one layer (plus its quantized copies and GPTQ's Hessians) and the cached activations,
+        # far below the whole model
+        assert p.peak_device_mb * 2**20 < embed_bytes + 8 * layer_bytes
