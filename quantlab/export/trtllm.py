@@ -40,7 +40,26 @@ _ALGOS: list[tuple[str, QuantFormat, QuantFormat | None]] = [
         QuantFormat("fp8_e4m3", "channel"),
         QuantFormat("fp8_e4m3", "token"),
     ),
+    # INT8 W8A8 (SmoothQuant). Per-channel weights + static activations use ModelOpt's flow, the
+    # other three granularities TensorRT-LLM's SmoothQuant plugin flow (docs/smoothquant.md).
+    ("W8A8_SQ_PER_CHANNEL", QuantFormat("int8", "channel"), QuantFormat("int8", "tensor")),
+    ("W8A8_SQ_PER_TENSOR_PLUGIN", QuantFormat("int8", "tensor"), QuantFormat("int8", "tensor")),
+    (
+        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+        QuantFormat("int8", "channel"),
+        QuantFormat("int8", "token"),
+    ),
+    (
+        "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
+        QuantFormat("int8", "tensor"),
+        QuantFormat("int8", "token"),
+    ),
 ]
+SQ_PLUGIN_ALGOS = (
+    "W8A8_SQ_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
+)
 
 
 def _plain(f: QuantFormat | None) -> QuantFormat | None:
@@ -61,7 +80,10 @@ def quant_algo_for(wf: QuantFormat | None, af: QuantFormat | None) -> str | None
         f"The TensorRT-LLM checkpoint has no quant_algo for {got}. Exportable combinations: int8 "
         "per-channel sym weight-only (W8A16), int4 per-channel sym (W4A16), int4 group sym (W4A16_AWQ), "
         "int4 group asym (W4A16_GPTQ), fp8 per-tensor weights + static per-tensor fp8 activations (FP8), "
-        "fp8 per-channel weights + dynamic per-token fp8 activations (FP8_PER_CHANNEL_PER_TOKEN)."
+        "fp8 per-channel weights + dynamic per-token fp8 activations (FP8_PER_CHANNEL_PER_TOKEN), "
+        "int8 per-channel or per-tensor weights + static per-tensor or dynamic per-token int8 "
+        "activations (W8A8_SQ_PER_CHANNEL, W8A8_SQ_PER_TENSOR_PLUGIN, "
+        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN, W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN)."
     )
 
 
@@ -229,6 +251,19 @@ def linear_parts(
     elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
         parts["weight"] = (q, 0, 1)
         parts["per_channel_scale"] = (s.float(), 0, None)
+    elif algo == "W8A8_SQ_PER_CHANNEL":
+        # ModelOpt flow: the smoothing is folded into the norms / producers, so the pre-quant
+        # scale (which multiplies the activation at run time) is ones.
+        parts["weight"] = (q, 0, 1)
+        parts["weights_scaling_factor"] = (s.float().reshape(-1), 0, None)
+        parts["activation_scaling_factor"] = (
+            ms.tensors["input_scale"].float().reshape(1),
+            None,
+            None,
+        )
+        parts["prequant_scaling_factor"] = (torch.ones(w.shape[1], dtype=dtype), None, 0)
+    elif algo in SQ_PLUGIN_ALGOS:
+        parts.update(sq_plugin_parts(q, s, ms, algo))
     else:  # pragma: no cover - quant_algo_for guards this
         raise AssertionError(algo)
     return parts
@@ -259,6 +294,90 @@ def fuse_fp8_qkv(parts: list[dict[str, Part]]) -> list[dict[str, Part]]:
     return out
 
 
+# ---- INT8 SmoothQuant (W8A8_SQ_*): tensor layout of TensorRT-LLM's two flows -------------------
+# Checked against TensorRT-LLM's sources (docs/smoothquant.md): the plugin flow's GEMM multiplies
+# the int32 accumulator by act_scale (or the per-token scale) times per_channel_scale, so storing
+# the activation and weight dequantization scales there computes x_q s_x * w_q s_w as simulated.
+
+
+def sq_plugin_parts(
+    q: torch.Tensor, s: torch.Tensor, ms: ModuleState, algo: str
+) -> dict[str, Part]:
+    """Plugin-flow tensors of one linear: int8 `weight` [N, K], `per_channel_scale` [1, N] or [1, 1]
+    (weight dequantization scale), `act_scale` [1, 1] (activation dequantization scale, static only).
+    """
+    parts: dict[str, Part] = {"weight": (q, 0, 1)}
+    if "PER_CHANNEL" in algo:
+        parts["per_channel_scale"] = (s.float().reshape(1, -1), 1, None)
+    else:
+        parts["per_channel_scale"] = (s.float().reshape(1, 1), None, None)
+    if "PER_TOKEN" not in algo:
+        parts["act_scale"] = (ms.tensors["input_scale"].float().reshape(1, 1), None, None)
+    return parts
+
+
+def fuse_sq_qkv(parts: list[dict[str, Part]]) -> list[dict[str, Part]]:
+    """q|k|v as one GEMM: per-tensor weight scales become per-column [1, N_i] (TensorRT-LLM always
+    runs the fused qkv with per-channel scaling) and the three read one activation scale.
+    """
+    out = []
+    for key in ("act_scale", "activation_scaling_factor"):
+        if key in parts[0]:
+            vals = torch.stack([p[key][0] for p in parts])
+            if not bool((vals == vals[0]).all()):
+                raise InputError(
+                    f"q/k/v have different static activation scales ({vals.flatten().tolist()}); "
+                    "they read one activation, which the fused qkv GEMM quantizes once."
+                )
+    for p in parts:
+        s = p["per_channel_scale"][0] if "per_channel_scale" in p else None
+        if s is not None and s.numel() == 1:
+            n = p["weight"][0].shape[0]
+            p = {**p, "per_channel_scale": (s.reshape(1, 1).expand(1, n).contiguous(), 1, None)}
+        out.append(p)
+    return out
+
+
+def sq_plugin_layer_extras(
+    layer: nn.Module,
+    prefix: str,
+    state: QuantState,
+    adapter: ModelAdapter,
+    algo: str,
+    tp: int,
+) -> dict[str, torch.Tensor]:
+    """Per-layer tensors of the plugin flow, quantize side (q = x * scale): the norms' `scale_to_int`
+    (1/s_x of q|k|v's and gate|up's input; 1.0 with per-token activations), attention's and mlp's
+    `quantization_scaling_factor` (1/s_x of dense's and proj's input; static only), and a `smoother`
+    [1, K / tp] of ones on dense and proj (the smoothing is folded into v_proj and up_proj).
+    """
+    names = adapter.trtllm_layer_names
+    static = "PER_TOKEN" not in algo
+    out: dict[str, torch.Tensor] = {}
+
+    def inv_input_scale(linears: tuple[str, ...]) -> torch.Tensor | None:
+        scales = [
+            ms.tensors["input_scale"].float().reshape(1)
+            for n in linears
+            if (ms := state.modules.get(f"{prefix}.{n}")) is not None
+            and "input_scale" in ms.tensors
+        ]
+        return 1.0 / torch.stack(scales).amax(dim=0) if scales else None
+
+    for norm, members in adapter.smoothing_groups:
+        inv = inv_input_scale(members) if static else torch.ones(1)
+        if inv is not None:
+            out[f"{names[norm]}.scale_to_int"] = inv
+    for n in adapter.row_parallel:
+        block = names[n].rpartition(".")[0]  # attention.dense -> attention, mlp.proj -> mlp
+        inv = inv_input_scale((n,)) if static else None
+        if inv is not None:
+            out[f"{block}.quantization_scaling_factor"] = inv
+        k = param(layer.get_submodule(n), "weight").shape[1]
+        out[f"{names[n]}.smoother"] = torch.ones(1, k // tp)
+    return out
+
+
 def layer_tensors(
     layer: nn.Module,
     prefix: str,
@@ -281,6 +400,8 @@ def layer_tensors(
     qkv = [parts_of(n) for n in adapter.fused_groups[0]]
     if algo == "FP8":
         qkv = fuse_fp8_qkv(qkv)
+    if algo is not None and algo.startswith("W8A8_SQ"):
+        qkv = fuse_sq_qkv(qkv)
     for key, (t0, col, _row) in qkv[0].items():
         if col is None:
             out[f"{names[QKV]}.{key}"] = t0
@@ -294,6 +415,8 @@ def layer_tensors(
         row = n in adapter.row_parallel
         for key, (t, col, rowax) in parts_of(n).items():
             out[f"{names[n]}.{key}"] = _shard(t, rowax if row else col, tp_rank, tp)
+    if algo in SQ_PLUGIN_ALGOS:
+        out.update(sq_plugin_layer_extras(layer, prefix, state, adapter, algo, tp))
     return out
 
 
