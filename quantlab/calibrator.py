@@ -64,6 +64,13 @@ class Calibrator(Protocol):
 
     A calibrator that edits float weights in solve (scale folding, GPTQ updates) says so in its
     docstring and sets `edits_weights = True`.
+
+    Optional: `observe_attention(self, name: str, key: Tensor, value: Tensor) -> None`. When a
+    calibrator defines it, the Runner also routes each calibration run of the layer through
+    quantlab.attention.record_kv and calls it once per attention call and window: name is the
+    attention module (layer-relative, e.g. "self_attn"), key [B, H_kv, L, D] is after the rotary
+    embedding and value [B, H_kv, L, D], both before GQA's repeat and any KV quantization. Such a
+    calibrator may return an empty targets().
     """
 
     name: ClassVar[str]

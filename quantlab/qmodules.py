@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantlab.attention import KV_FORMAT_KEY, KV_SCALE_KEY, KVCacheSpec, set_kv_quant
 from quantlab.formats import QuantFormat
 from quantlab.primitives import dequantize, fake_quant, fake_quant_static
 from quantlab.state import ModuleState, QuantState
@@ -60,9 +61,13 @@ class QuantLinear(nn.Module):
 
 
 def apply_module_states(root: nn.Module, states: dict[str, ModuleState]) -> int:
-    """Replace each nn.Linear named in states (names relative to root) by a QuantLinear; returns the count."""
+    """Replace each nn.Linear named in states (names relative to root) by a QuantLinear and set the
+    KV-cache spec of each attention module with one; returns the count of modules changed."""
     n = 0
     for name, ms in states.items():
+        if KV_FORMAT_KEY in ms.meta:
+            set_kv_quant(root.get_submodule(name), kv_spec_of(ms))
+            n += 1
         if ms.weight_format is None and ms.input_format is None:
             continue
         mod = root.get_submodule(name)
@@ -75,6 +80,11 @@ def apply_module_states(root: nn.Module, states: dict[str, ModuleState]) -> int:
         setattr(parent, child, QuantLinear(mod, ms))
         n += 1
     return n
+
+
+def kv_spec_of(ms: ModuleState) -> KVCacheSpec:
+    """The KVCacheSpec a KV-cache ModuleState (meta kv_format, tensor kv_cache_scaling_factor) describes."""
+    return KVCacheSpec(ms.meta[KV_FORMAT_KEY], ms.tensors[KV_SCALE_KEY].float().reshape(1))
 
 
 def _as_linear(q: QuantLinear) -> nn.Linear:

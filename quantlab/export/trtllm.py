@@ -18,6 +18,7 @@ from torch import nn
 
 import quantlab
 from quantlab.adapters import ModelAdapter
+from quantlab.attention import KV_FORMAT_KEY, KV_SCALE_KEY
 from quantlab.calibrator import param
 from quantlab.errors import InputError
 from quantlab.formats import FP8_E4M3_MAX, QuantFormat
@@ -378,6 +379,39 @@ def sq_plugin_layer_extras(
     return out
 
 
+# KV-cache format (KVCacheCalibrator's meta kv_format) -> kv_cache_quant_algo.
+KV_ALGOS = {"int8": "INT8", "fp8": "FP8"}
+
+
+def _attention(adapter: ModelAdapter) -> str:
+    """Layer-relative name of the attention module (the parent of the K projection)."""
+    return adapter.k_proj.rpartition(".")[0]
+
+
+def kv_cache_quant_algo(state: QuantState, adapter: ModelAdapter, n_layers: int) -> str | None:
+    """INT8 / FP8 when the state holds a KV-cache scale for every layer, None when it holds none.
+
+    TensorRT-LLM applies one kv_cache_quant_algo to all layers: a scale missing on some layers, or
+    formats that differ between layers, cannot be exported.
+    """
+    attn = _attention(adapter)
+    fmts = []
+    for i in range(n_layers):
+        ms = state.modules.get(f"{adapter.layers}.{i}.{attn}")
+        fmts.append(ms.meta.get(KV_FORMAT_KEY) if ms is not None else None)
+    found = sorted({f for f in fmts if f is not None})
+    if not found:
+        return None
+    missing = [i for i, f in enumerate(fmts) if f is None]
+    if len(found) > 1 or missing:
+        raise InputError(
+            f"The TensorRT-LLM checkpoint quantizes the KV cache of every layer in one format, but "
+            f"this state has KV formats {found} and no KV scale for layers {missing[:8]}. Run the "
+            "kv_cache step once, over all layers (no runner.exclude of attention)."
+        )
+    return KV_ALGOS[found[0]]
+
+
 def layer_tensors(
     layer: nn.Module,
     prefix: str,
@@ -417,6 +451,12 @@ def layer_tensors(
             out[f"{names[n]}.{key}"] = _shard(t, rowax if row else col, tp_rank, tp)
     if algo in SQ_PLUGIN_ALGOS:
         out.update(sq_plugin_layer_extras(layer, prefix, state, adapter, algo, tp))
+    kv = state.modules.get(f"{prefix}.{_attention(adapter)}")
+    if kv is not None and KV_SCALE_KEY in kv.tensors:
+        # attention.kv_cache_scaling_factor [1] fp32, for K and V alike; every tp rank holds the
+        # same value (heads are split across ranks, the scale is not).
+        attn_name = names[QKV].rpartition(".")[0]
+        out[f"{attn_name}.{KV_SCALE_KEY}"] = kv.tensors[KV_SCALE_KEY].float().reshape(1)
     return out
 
 
@@ -494,7 +534,10 @@ def write_trtllm_checkpoint(
     wfmts = {ms.weight_format for ms in state.modules.values() if ms.weight_format is not None}
     wf = next(iter(wfmts)) if wfmts else None
     group = wf.group_size if wf is not None else None
-    conf = trtllm_config(plan, adapter, cfg, exclude, group, bool(wf and not wf.symmetric))
+    kv_algo = kv_cache_quant_algo(state, adapter, n_layers)
+    conf = trtllm_config(
+        plan, adapter, cfg, exclude, group, bool(wf and not wf.symmetric), kv_algo=kv_algo
+    )
     (out_dir / "config.json").write_text(json.dumps(conf, indent=2))
     files = []
     embed = param(model.get_submodule(adapter.embed), "weight").to(dtype)

@@ -1,0 +1,114 @@
+"""KV cache INT8 / FP8: one per-tensor scale per attention layer from the keys and values it caches.
+
+Keys are observed after the rotary embedding (what a runtime writes into its cache), values as
+projected. Conventions (docs/kvcache.md cites the sources):
+  INT8 (TensorRT-LLM)  kv_cache_scaling_factor = max(k_amax, v_amax) / 127
+  FP8  (ModelOpt)      k_scale = k_amax / 448 and v_scale = v_amax / 448, each clamped to >= 1.0,
+                       kv_cache_scaling_factor = max(k_scale, v_scale)
+Edits no weights and sets no weight or input format.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from quantlab.attention import KV_FORMAT_KEY, KV_SCALE_KEY
+from quantlab.calibrator import CalibratorArgs, LayerContext
+from quantlab.errors import QuantlabError
+from quantlab.formats import FP8_E4M3_MAX, QuantFormat
+from quantlab.primitives import check_finite
+from quantlab.state import ModuleState
+
+INT8_MAX = 127.0
+
+
+class KVCacheArgs(CalibratorArgs):
+    """format: how K and V are stored; clamp_fp8_scale: ModelOpt's FP8 floor of 1.0 on each scale."""
+
+    format: Literal["int8", "fp8"] = "int8"
+    # ModelOpt clamps FP8 KV scales to >= 1.0 ("we recommend default kv cache scaling factor to be
+    # 1"); E4M3's relative precision is the same over its normal range, so the floor only costs
+    # resolution below 2^-6 * scale. false keeps amax / 448 (ModelOpt's clamp_fp8_scales=False).
+    clamp_fp8_scale: bool = True
+
+
+def int8_kv_scale(k_amax: torch.Tensor, v_amax: torch.Tensor) -> torch.Tensor:
+    """TensorRT-LLM INT8 KV-cache scale [1]: max(k_amax, v_amax) / 127 (1.0 when both are 0)."""
+    a = torch.maximum(k_amax.float(), v_amax.float()).reshape(1)
+    return torch.where(a > 0, a / INT8_MAX, torch.ones_like(a))
+
+
+def fp8_kv_scale(k_amax: torch.Tensor, v_amax: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """ModelOpt FP8 KV-cache scale [1]: max of amax / 448 over K and V, each floored at 1.0 when clamp."""
+    k, v = k_amax.float().reshape(1) / FP8_E4M3_MAX, v_amax.float().reshape(1) / FP8_E4M3_MAX
+    if clamp:
+        one = torch.ones_like(k)
+        k, v = torch.maximum(k, one), torch.maximum(v, one)
+    s = torch.maximum(k, v)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+class KVCacheCalibrator:
+    """Per-layer KV-cache scale from max |K| (after rope) and max |V| over the calibration windows."""
+
+    name: ClassVar[str] = "kv_cache"
+    Args: ClassVar[type[CalibratorArgs]] = KVCacheArgs
+    edits_weights: ClassVar[bool] = False
+
+    def __init__(self, args: KVCacheArgs) -> None:
+        self.args = args
+        self.needs_data = True
+        # One scalar per window and attention module: bounded memory.
+        self._k: dict[str, list[torch.Tensor]] = {}
+        self._v: dict[str, list[torch.Tensor]] = {}
+
+    def planned_formats(self) -> tuple[QuantFormat | None, QuantFormat | None]:
+        """No weight or input format: the KV cache is exported separately (kv_cache_quant_algo)."""
+        return None, None
+
+    def targets(self, ctx: LayerContext) -> list[str]:
+        """No linear inputs: keys and values come through observe_attention."""
+        return []
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        """Unused (targets is empty)."""
+
+    def observe_attention(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Record max |key| and max |value| of one window (key [B, H_kv, L, D] after rope)."""
+        check_finite(key, f"keys of {name}")
+        check_finite(value, f"values of {name}")
+        self._k.setdefault(name, []).append(key.detach().abs().amax().float().cpu())
+        self._v.setdefault(name, []).append(value.detach().abs().amax().float().cpu())
+
+    def solve(self, ctx: LayerContext) -> dict[str, ModuleState]:
+        """k_amax, v_amax and the exported kv_cache_scaling_factor for each attention module."""
+        if not self._k:
+            raise QuantlabError(
+                f"kv_cache: no attention call was observed in {ctx.prefix}; its attention does not "
+                "go through transformers' AttentionInterface, so its keys and values cannot be seen."
+            )
+        out: dict[str, ModuleState] = {}
+        for name in self._k:
+            k_amax = torch.stack(self._k[name]).amax().reshape(1)
+            v_amax = torch.stack(self._v[name]).amax().reshape(1)
+            if self.args.format == "int8":
+                scale = int8_kv_scale(k_amax, v_amax)
+                rule = "max(k_amax, v_amax) / 127"
+            else:
+                scale = fp8_kv_scale(k_amax, v_amax, self.args.clamp_fp8_scale)
+                floor = ", 1.0" if self.args.clamp_fp8_scale else ""
+                rule = f"max(k_amax / 448, v_amax / 448{floor})"
+            out[name] = ModuleState(
+                tensors={"k_amax": k_amax, "v_amax": v_amax, KV_SCALE_KEY: scale},
+                meta={
+                    KV_FORMAT_KEY: self.args.format,
+                    "k_point": "after_rope",
+                    "kv_scale_rule": rule,
+                    "kv_windows": len(self._k[name]),
+                },
+            )
+        self._k.clear()
+        self._v.clear()
+        return out
