@@ -102,7 +102,7 @@ def search_scale(
     of x / s @ Q(w * s)^T is compared with x @ w^T for s = s(a), a in {0, 1/grid, ..., 1 - 1/grid}.
     """
     w = w.float()
-    index = torch.arange(w.shape[1], device=w.device) if index is None else index
+    index = torch.arange(w.shape[1], device=w.device) if index is None else index.to(w.device)
     n = int(index.max()) + 1
     xs = channel_mean(x_mean.float(), index, n)
     if duo_scaling and fmt.group_size:
@@ -277,7 +277,9 @@ class AWQCalibrator:
             hd = getattr(ctx.module(producer.rpartition(".")[0]), "head_dim", None)
             if n_kv != n_in and not isinstance(hd, int):
                 raise InputError(f"AWQ: {producer}'s parent has no integer head_dim for GQA")
-            index = gqa_index(n_in, n_kv, hd if isinstance(hd, int) else n_in)
+            index = gqa_index(n_in, n_kv, hd if isinstance(hd, int) else n_in).to(
+                ctx.weight(consumer).device
+            )
             res = self._search(ctx, consumer, [consumer], index)
             fold_scale(ctx, producer, (), res.scale)
             fold_scale(ctx, None, (consumer,), res.scale[index])
