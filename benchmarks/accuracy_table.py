@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
 import tempfile
 from pathlib import Path
 
 import torch
 
-from quantlab.evaluate import ReferenceCache
+from quantlab.data import DataSpec, load_windows
+from quantlab.evaluate import AccuracyReport, ReferenceCache, compare_models
+from quantlab.models import load_model
 from quantlab.pipeline import run_recipe
 from quantlab.recipe import load_recipe
 
@@ -51,7 +55,54 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ),
     ("FP8 per-channel W + dynamic per-token A", "smollm2_fp8_channel_token.yaml", []),
     ("FP8 per-tensor, data-free calibration", "smollm2_fp8_datafree.yaml", []),
+    *[
+        (
+            f"W8A8 {how}, per-{w} W + {a_label} A",
+            recipe,
+            [f"steps.0.args.weights={w}", *sets],
+        )
+        for how, sets in (
+            ("plain (no smoothing)", ["steps.0.args.migrate=false"]),
+            ("SmoothQuant a=0.5", []),
+            ("SmoothQuant a=searched", ["steps.0.args.alpha=search"]),
+        )
+        for w in ("channel", "tensor")
+        for a_label, recipe in (
+            ("static per-tensor", "smollm2_int8_sq.yaml"),
+            ("dynamic per-token", "smollm2_int8_sq_token.yaml"),
+        )
+    ],
+    (
+        "W8A8 SmoothQuant a=0.5 then GPTQ, per-channel W + dynamic per-token A",
+        "smollm2_int8_sq_gptq_token.yaml",
+        [],
+    ),
 ]
+
+
+BF16_LABEL = "BF16 (model cast to bfloat16, no quantization)"
+
+
+def bf16_report(windows: int) -> AccuracyReport:
+    """The float32 model against itself cast to bfloat16, on the protocol's evaluation windows."""
+    ref, tok = load_model("embedded:smollm2", "float32")
+    bf16, _ = load_model("embedded:smollm2", "bfloat16")
+    data = Path(os.environ.get("QUANTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
+    spec = DataSpec(
+        source="file",
+        path=str(data / "austen" / "prideandprejudice.txt"),
+        num_samples=windows,
+        seq_len=512,
+        bos_id=0,
+    )
+    return compare_models(ref, bf16, load_windows(spec, tok), show_progress=False)
+
+
+def _peak(out_dir: Path) -> str:
+    """Peak host RSS of the calibration (MiB) from the run's accuracy.json."""
+    prof = json.loads((out_dir / "accuracy.json").read_text()).get("calibration_profile") or {}
+    peak = prof.get("peak_host_mb")
+    return "" if peak is None else f"{peak:.0f}"
 
 
 def main() -> None:
@@ -63,6 +114,13 @@ def main() -> None:
     args = ap.parse_args()
     cache = ReferenceCache()
     rows = []
+    if not args.only or args.only in BF16_LABEL:
+        a = bf16_report(args.windows)
+        rows.append(
+            f"| {BF16_LABEL} | (none) | {a.ppl_ref:.3f} | {a.ppl_quant:.3f} | {a.kl_mean:.5f} | "
+            f"{a.top1_agreement:.2%} | 0 | |"
+        )
+        print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, recipe_file, sets) in enumerate(VARIANTS):
             if args.only and args.only not in label:
@@ -78,7 +136,7 @@ def main() -> None:
             assert a is not None
             rows.append(
                 f"| {label} | {res.quant_algo} | {a.ppl_ref:.3f} | {a.ppl_quant:.3f} | {a.kl_mean:.5f} | "
-                f"{a.top1_agreement:.2%} | {res.calibration_seconds:.1f} |"
+                f"{a.top1_agreement:.2%} | {res.calibration_seconds:.1f} | {_peak(res.output_dir)} |"
             )
             print(rows[-1], flush=True)
     head = [
@@ -87,8 +145,8 @@ def main() -> None:
         f"Evaluation: {args.windows} windows x 512 tokens of prideandprejudice.txt "
         f"({args.windows * 511} predicted tokens), float32 reference.",
         "",
-        "| mode | quant_algo | ppl ref | ppl quant | KL (nats/token) | top-1 agreement | calibration s |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | quant_algo | ppl ref | ppl quant | KL (nats/token) | top-1 agreement | calibration s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     out = Path(args.out)
     if args.only and out.exists():  # a partial run appends to the existing table
