@@ -542,6 +542,8 @@ def write_trtllm_checkpoint(
     files = []
     embed = param(model.get_submodule(adapter.embed), "weight").to(dtype)
     head = param(model.get_submodule(adapter.lm_head), "weight").to(dtype)
+    if head.data_ptr() == embed.data_ptr():  # tied and already in the export dtype
+        head = head.clone()
     norm = param(model.get_submodule(adapter.final_norm), "weight").to(dtype)
     for pp_rank in range(pp):
         for tp_rank in range(tp):
