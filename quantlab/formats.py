@@ -95,6 +95,7 @@ def _presets() -> dict[str, QuantFormat]:
         p[f"int4_g{g}_sym"] = QuantFormat("int4", "group", g, True)
         p[f"int4_g{g}_asym"] = QuantFormat("int4", "group", g, False)
         p[f"int8_g{g}_sym"] = QuantFormat("int8", "group", g, True)
+        p[f"int8_g{g}_asym"] = QuantFormat("int8", "group", g, False)
     return p
 
 

@@ -25,6 +25,7 @@ STEPS: dict[str, list[dict[str, Any]]] = {
     "W4A16": [{"calibrator": "rtn", "args": {"format": "int4_channel"}}],
     "W4A16_AWQ": [{"calibrator": "rtn", "args": {"format": "int4_g32_sym"}}],
     "W4A16_GPTQ": [{"calibrator": "rtn", "args": {"format": "int4_g32_asym"}}],
+    "W8A16_GPTQ": [{"calibrator": "gptq", "args": {"format": "int8_g32_asym"}}],
     "FP8": [{"calibrator": "fp8", "args": {}}],
     "FP8_PER_CHANNEL_PER_TOKEN": [
         {"calibrator": "fp8", "args": {"weights": "channel", "activations": "dynamic_token"}}
@@ -99,6 +100,17 @@ def decode_linear(
             o["qweight"] = (unpack_int4_rows(w).to(torch.int16) + 8).to(torch.uint8)
             o["weight_scale"] = s.t().float()
             o["weight_zero"] = (8 - torch.round(z.t().float() / s.t().float())).to(torch.uint8)
+    elif algo == "W8A16_GPTQ":
+        for o, w, s, z in zip(
+            out,
+            parts(g["weight"], 0),
+            parts(g["weights_scaling_factor"], 1),
+            parts(g["zero"], 1),
+            strict=True,
+        ):
+            o["qweight"] = (w.to(torch.int16) + 128).to(torch.uint8)
+            o["weight_scale"] = s.t().float()
+            o["weight_zero"] = (128 - torch.round(z.t().float() / s.t().float())).to(torch.uint8)
     else:
         for o, w in zip(out, parts(g["weight"], 0), strict=True):
             o["qweight"] = w
@@ -155,9 +167,9 @@ def test_llama_every_algo_bit_exact_and_reloadable(
     assert cfg["quantization"]["exclude_modules"] == ["lm_head"]
     assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1}
     assert cfg["architecture"] == "LlamaForCausalLM" and cfg["num_key_value_heads"] == 2
-    if algo.startswith("W4A16_"):
+    if algo.startswith(("W4A16_", "W8A16_")):
         assert cfg["quantization"]["group_size"] == 32
-        assert cfg["quantization"]["has_zero_point"] == (algo == "W4A16_GPTQ")
+        assert cfg["quantization"]["has_zero_point"] == algo.endswith("_GPTQ")
     state = QuantState.load(out / "quantlab")
     assert len(state.modules) == 2 * 7
     check_bit_exact(out, state, algo, [128, 64, 64], 2)
@@ -207,7 +219,10 @@ def split_axis(key: str, algo: str) -> int | None:
         return 0
     if not key.startswith("transformer.layers.") or "layernorm" in key:
         return None
-    transposed = algo == "W4A16_GPTQ" and leaf in ("weights_scaling_factor", "zero")  # [K/G, N]
+    transposed = algo in ("W4A16_GPTQ", "W8A16_GPTQ") and leaf in (
+        "weights_scaling_factor",
+        "zero",
+    )  # [K/G, N]
     if ".attention.dense." in key or ".mlp.proj." in key:  # row parallel: split K
         return {
             "weight": 1,
@@ -254,7 +269,7 @@ def merged_ranks(out: Path) -> dict[str, torch.Tensor]:
     return merged
 
 
-@pytest.mark.parametrize("algo", ["W4A16_AWQ", "W4A16_GPTQ", "FP8", "W8A16"])
+@pytest.mark.parametrize("algo", ["W4A16_AWQ", "W4A16_GPTQ", "W8A16_GPTQ", "FP8", "W8A16"])
 def test_tp2_pp2_shards_reassemble_to_tp1(
     algo: str, tiny_model: Callable[[str], Path], tmp_path: Path, emma: Path, pride: Path
 ) -> None:

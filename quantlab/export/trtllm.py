@@ -73,6 +73,8 @@ def quant_algo_for(wf: QuantFormat | None, af: QuantFormat | None) -> str | None
         return None
     if wf is not None and wf.dtype == "int4" and wf.granularity == "group" and af is None:
         return "W4A16_AWQ" if wf.symmetric else "W4A16_GPTQ"
+    if wf is not None and wf.dtype == "int8" and wf.granularity == "group" and af is None:
+        return "W8A16_GPTQ"
     for algo, w, a in _ALGOS:
         if _plain(wf) == w and _plain(af) == a:
             return algo
@@ -80,7 +82,7 @@ def quant_algo_for(wf: QuantFormat | None, af: QuantFormat | None) -> str | None
     raise InputError(
         f"The TensorRT-LLM checkpoint has no quant_algo for {got}. Exportable combinations: int8 "
         "per-channel sym weight-only (W8A16), int4 per-channel sym (W4A16), int4 group sym (W4A16_AWQ), "
-        "int4 group asym (W4A16_GPTQ), fp8 per-tensor weights + static per-tensor fp8 activations (FP8), "
+        "int4 group asym (W4A16_GPTQ), int8 group sym or asym (W8A16_GPTQ), fp8 per-tensor weights + static per-tensor fp8 activations (FP8), "
         "fp8 per-channel weights + dynamic per-token fp8 activations (FP8_PER_CHANNEL_PER_TOKEN), "
         "int8 per-channel or per-tensor weights + static per-tensor or dynamic per-token int8 "
         "activations (W8A8_SQ_PER_CHANNEL, W8A8_SQ_PER_TENSOR_PLUGIN, "
@@ -241,6 +243,15 @@ def linear_parts(
         parts["weights_scaling_factor"] = (s.t().contiguous().to(dtype), 1, 0)
         # TensorRT-LLM adds a per-group float after scaling signed codes: w = (u - 8) * s + (8 - z) * s.
         parts["zero"] = (((8.0 - z.float()) * s.float()).t().contiguous().to(dtype), 1, 0)
+    elif algo == "W8A16_GPTQ":
+        # Signed int8 codes [N, K]; asymmetric codes are stored as u - 128 plus a per-group float
+        # zero (128 - z) * s, the int8 analogue of W4A16_GPTQ: w = (u - 128) * s + (128 - z) * s.
+        offset = 0 if fmt.symmetric else 128
+        parts["weight"] = ((q.to(torch.int16) - offset).to(torch.int8), 0, 1)
+        parts["weights_scaling_factor"] = (s.t().contiguous().to(dtype), 1, 0)
+        if z is not None:
+            zero = ((128.0 - z.float()) * s.float()).t().contiguous()
+            parts["zero"] = (zero.to(dtype), 1, 0)
     elif algo == "FP8":
         parts["weight"] = (q, 0, 1)
         parts["weights_scaling_factor"] = (s.float().reshape(1), None, None)
