@@ -224,7 +224,9 @@ def _calibrate_layer(
     layer_states: dict[str, ModuleState] = {}
     for cal in steps:
         _observe(cal, ctx, inputs)
-        results = cal.solve(ctx)
+        # Results are kept in host memory: on an accelerator the QuantState of a large model
+        # would otherwise grow by every layer's codes.
+        results = {n: ms.to("cpu") for n, ms in cal.solve(ctx).items()}
         for name, ms in results.items():
             layer_states.setdefault(name, ModuleState()).merge(ms)
         state.update(prefix, results)

@@ -32,6 +32,15 @@ class ModuleState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def to(self, device: torch.device | str) -> ModuleState:
+        """A copy whose tensors live on device (formats and meta shared)."""
+        return ModuleState(
+            self.weight_format,
+            self.input_format,
+            {k: v.to(device) for k, v in self.tensors.items()},
+            dict(self.meta),
+        )
+
     def merge(self, other: ModuleState) -> None:
         """Take other's formats (where set), tensors and meta; other wins per name.
 

@@ -135,24 +135,38 @@ def test_profile_has_one_entry_per_layer(tiny_model: Callable[[str], Path], emma
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_offload_keeps_only_one_layer_on_the_gpu(
-    tiny_model: Callable[[str], Path], emma: Path
-) -> None:
-    model, tok = load_model(str(tiny_model("llama")))
-    windows = load_windows(
-        DataSpec(source="file", path=str(emma), num_samples=2, seq_len=32, bos_id=0), tok
+def test_offload_keeps_only_one_layer_on_the_gpu() -> None:
+    # Self-contained (no tokenizer or data files) so it runs on a bare GPU machine.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    windows = [torch.randint(0, 1000, (64,)) for _ in range(4)]
     profile: list[LayerProfile] = []
-    cfg = RunnerConfig(show_progress=False, device="cuda", offload=True)
-    state = quantize_model(
-        model, adapter_for(model), windows, [build_calibrator("gptq", {})], cfg, profile=profile
-    )
-    assert len(state.modules) == 14
+    run = RunnerConfig(show_progress=False, device="cuda", offload=True)
+    # The class itself, not the registry: a bare GPU machine may not have quantlab pip-installed.
+    from quantlab.calibrators.gptq import GPTQArgs, GPTQCalibrator
+
+    gptq = GPTQCalibrator(GPTQArgs())
+    state = quantize_model(model, adapter_for(model), windows, [gptq], run, profile=profile)
+    assert len(state.modules) == 6 * 7
+    assert all(t.device.type == "cpu" for ms in state.modules.values() for t in ms.tensors.values())
     assert all(p.device.type == "cpu" for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     embed_bytes = model.model.embed_tokens.weight.numel() * 4
+    assert len(profile) == 6
     for p in profile:
         assert p.peak_device_mb is not None
-        # one layer (plus its quantized copies and GPTQ's Hessians) and the cached activations,
-        # far below the whole model
-        assert p.peak_device_mb * 2**20 < embed_bytes + 8 * layer_bytes
+        # one layer with its quantized copy and GPTQ's Hessians, the embedding and the cached
+        # activations: well below the whole model
+        assert p.peak_device_mb * 2**20 < embed_bytes + 4 * layer_bytes < model_bytes
