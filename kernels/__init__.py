@@ -12,8 +12,11 @@ from quantlab.kernels.ops import (
 )
 from quantlab.kernels.packing import (
     act_order_perm,
+    from_mma_layout,
+    is_mma_layout,
     pack_int4_asym,
     pack_int4_rows,
+    to_mma_layout,
     unpack_int4_asym,
     unpack_int4_rows,
     w4_from_codes,
@@ -23,11 +26,14 @@ from quantlab.kernels.packing import (
 __all__ = [
     "KernelArgumentError",
     "act_order_perm",
+    "from_mma_layout",
+    "is_mma_layout",
     "linear_fp8",
     "linear_w4a16",
     "linear_w8a16",
     "pack_int4_asym",
     "pack_int4_rows",
+    "to_mma_layout",
     "unpack_int4_asym",
     "unpack_int4_rows",
     "w4_from_codes",

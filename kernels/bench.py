@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from quantlab.kernels import cuda_gemv, packing, reference
+from quantlab.kernels import cuda_gemv, cuda_mma, packing, reference
 from quantlab.kernels.fp8 import fp8_scaled_mm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192), (8192, 28672)]
@@ -150,6 +150,8 @@ def check_all(
         wd4 = reference.dequant_w4(w4["qweight"], w4["scales"], None, 128, torch.float64)
         wd4a = reference.dequant_w4(w4a["qweight"], w4a["scales"], w4a["zeros"], 128, torch.float64)
         wd8 = reference.dequant_w8(w8["qweight"], w8["scales"], torch.float64)
+        w4n = packing.to_mma_layout(w4["qweight"])
+        w4an = packing.to_mma_layout(w4a["qweight"])
         for m in ms:
             xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             xh = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -174,8 +176,25 @@ def check_all(
                 )
                 y = fp8_scaled_mm(xb, f8["weight"], ws, None, None, gran)
                 record(f"fp8_{gran}_bf16", "scaled_mm", n, k, m, y, ref)
+            # native layout through its auto path (cuda_mma plans / dequantize + cuBLAS)
+            ref = xb.double() @ wd4.t()
+            y = cuda_mma.w4a16_native_auto(xb, w4n, w4["scales"], None, 128, None, fill=math.nan)
+            record("w4a16_g128_sym_bf16_native", "auto", n, k, m, y, ref)
             # every forced W4/W8 path where it applies, untuned (first config) to bound compiles
             os.environ["QUANTLAB_KERNELS_NO_TUNE"] = "1"
+            if m <= 64:
+                for name, w, qw, wd, x in (
+                    ("w4a16_g128_sym_bf16", w4, w4["qweight"], wd4, xb),
+                    ("w4a16_g128_asym_fp16", w4a, w4a["qweight"], wd4a, xh),
+                    ("w4a16_g128_sym_bf16_native", w4, w4n, wd4, xb),
+                    ("w4a16_g128_asym_fp16_native", w4a, w4an, wd4a, xh),
+                ):
+                    b = bias.to(x.dtype)
+                    ref = x.double() @ wd.t() + b.double()
+                    y = cuda_mma.w4a16_mma_gemm(
+                        x, qw, w["scales"], w["zeros"], 128, b, fill=math.nan
+                    )
+                    record(name, "cuda_mma", n, k, m, y, ref)
             if m <= cuda_gemv.MAX_M:
                 for name, w, wd, x in (
                     ("w4a16_g128_sym_bf16", w4, wd4, xb),
@@ -206,7 +225,7 @@ def check_all(
                 y = t8.w8a16_gemm(xb, w8["qweight"], w8["scales"], None, path, fill=math.nan)
                 record("w8a16_bf16", path, n, k, m, y, ref)
             os.environ.pop("QUANTLAB_KERNELS_NO_TUNE")
-        del w4, w4a, w8, f8, wd4, wd4a, wd8
+        del w4, w4a, w8, f8, wd4, wd4a, wd8, w4n, w4an
         torch.cuda.empty_cache()
         log(f"checked N={n} K={k}: {sum(bool(r['ok']) for r in recs)}/{len(recs)} ok so far")
     # group sizes 32/64 and fp16 on the smallest shape, every path
@@ -229,6 +248,15 @@ def check_all(
                             x, w["qweight"], w["scales"], w["zeros"], g, None, fill=math.nan
                         )
                         record(name, "cuda_gemv", n, k, m, y, ref)
+                    qn = packing.to_mma_layout(w["qweight"])
+                    y = cuda_mma.w4a16_native_auto(
+                        x, qn, w["scales"], w["zeros"], g, None, fill=math.nan
+                    )
+                    record(name + "_native", "auto", n, k, m, y, ref)
+                    y = cuda_mma.w4a16_mma_gemm(
+                        x, qn, w["scales"], w["zeros"], g, None, fill=math.nan
+                    )
+                    record(name + "_native", "cuda_mma", n, k, m, y, ref)
     return recs
 
 
@@ -257,6 +285,7 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
     # >= 8 copies, and enough that the int4 copies together are >= 3x L2 (bf16 ones are 4x more).
     cps = max(8, math.ceil(3 * l2 / (n * k // 2)))
     w4 = [make_w4(n, k, 128, False, torch.bfloat16, dev) for _ in range(cps)]
+    w4n = [packing.to_mma_layout(w["qweight"]) for w in w4]  # converted once, offline
     w8 = [make_w8(n, k, torch.bfloat16, dev) for _ in range(8)]
     f8 = [make_fp8(n, k, dev) for _ in range(8)]
     wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
@@ -272,6 +301,13 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
                 lambda i, x=x: t4.w4a16_gemm(x, w4[i]["qweight"], w4[i]["scales"], None, 128, None),
                 cps,
                 nbytes(w4[0]["qweight"], w4[0]["scales"]) + act_out,
+            ),
+            "w4a16_g128_native": (
+                lambda i, x=x: cuda_mma.w4a16_native_auto(
+                    x, w4n[i], w4[i]["scales"], None, 128, None
+                ),
+                cps,
+                nbytes(w4n[0], w4[0]["scales"]) + act_out,
             ),
             "w8a16": (
                 lambda i, x=x: t8.w8a16_gemm(x, w8[i]["qweight"], w8[i]["scales"], None),
@@ -347,6 +383,11 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
             None,
         )
         row["w4a16_g128"]["plan"] = str(t4.TUNER.cache.get(key4)) if key4 else "?"
+        keyn = (t4.m_bucket(m), n, k, 128, torch.bfloat16, torch.bfloat16, False, False, True)
+        keysn: list[Any] = list(cuda_mma.TUNER.cache)  # tuple keys (see cuda_mma._key)
+        keyn_hit = [kk for kk in keysn if kk[:9] == keyn and kk[9] == "autoTrue"]
+        if "w4a16_g128_native" in row and keyn_hit:
+            row["w4a16_g128_native"]["plan"] = str(cuda_mma.TUNER.cache[keyn_hit[0]])
         key8 = next(
             (
                 kk
@@ -442,11 +483,105 @@ def time_small_m(
     return rows
 
 
+def check_mma(log: Callable[[str], None]) -> list[dict]:
+    """fp64 check of every cuda_mma plan on odd shapes: both layouts (checkpoint for G 64/128),
+    G 32/64/128 x fp16/bf16 x sym/asym (asym with bias) x M in 1, 3, 8, 9, 16, 17, 32, 40, 64,
+    100, plus
+    the native dequantize kernel; NaN-poisoned outputs."""
+    recs: list[dict[str, Any]] = []
+    dev = "cuda"
+    for n, k in ((1216, 1152), (362, 2304)):
+        for g in (32, 64, 128):
+            for dt in (torch.float16, torch.bfloat16):
+                for asym in (False, True):
+                    w = make_w4(n, k, g, asym, dt, dev)
+                    wd = reference.dequant_w4(
+                        w["qweight"], w["scales"], w["zeros"], g, torch.float64
+                    )
+                    bias = torch.randn(n, device=dev, dtype=dt) if asym else None
+                    qn = packing.to_mma_layout(w["qweight"])
+                    name = f"g{g}_{'asym' if asym else 'sym'}_{str(dt)[6:]}"
+                    wq = cuda_mma.dequant_native(qn, w["scales"], w["zeros"], g, dt, math.nan)
+                    err = rel_err(wq, wd.to(dt).double())
+                    recs.append({"fmt": name, "plan": "dequant_native", "N": n, "K": k, "M": 0,
+                                 "rel_err": err, "ok": err < 1e-6})  # fmt: skip
+                    for m in (1, 3, 8, 9, 16, 17, 32, 40, 64, 100):
+                        x = torch.randn(m, k, device=dev, dtype=dt)
+                        ref = x.double() @ wd.t()
+                        if bias is not None:
+                            ref += bias.double()
+                        layouts = [("native", qn)]
+                        if g >= 64:
+                            layouts.append(("ckpt", w["qweight"]))
+                        for lname, qw in layouts:
+                            for p in cuda_mma.candidates(m):
+                                y = cuda_mma.run_plan(
+                                    p, x, qw, w["scales"], w["zeros"], g, bias, math.nan
+                                )
+                                err = rel_err(y, ref)
+                                recs.append({"fmt": name, "plan": f"{lname} {p}", "N": n,
+                                             "K": k, "M": m, "rel_err": err,
+                                             "ok": err < TOL})  # fmt: skip
+                    del w, wd, qn
+        bad = [r for r in recs if not r["ok"]]
+        for r in bad[:20]:
+            log(f"FAIL {r}")
+        log(f"cuda_mma check N={n} K={k}: {len(recs) - len(bad)}/{len(recs)} ok so far")
+    return recs
+
+
+def time_mma(
+    shapes: list[tuple[int, int]], ms: list[int], l2: int, log: Callable[[str], None]
+) -> list[dict]:
+    """Every cuda_mma plan (g128 sym bf16, both layouts) and the tuned cuda_gemv (M <= 8) vs
+    cuBLAS bf16, rotated weights, CUDA graphs."""
+    dev = "cuda"
+    rows = []
+    for n, k in shapes:
+        cps = max(8, math.ceil(3 * l2 / (n * k // 2)))
+        w4 = [make_w4(n, k, 128, False, torch.bfloat16, dev) for _ in range(cps)]
+        w4n = [packing.to_mma_layout(w["qweight"]) for w in w4]
+        wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        wbytes = nbytes(w4[0]["qweight"], w4[0]["scales"])
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            fb = lambda i, x=x, wb=wb: F.linear(x, wb[i])  # noqa: E731
+            base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
+            row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
+            for lname, qws in (("native", w4n), ("ckpt", [w["qweight"] for w in w4])):
+                for p in cuda_mma.candidates(m):
+                    fn = lambda i, x=x, p=p, qws=qws, w4=w4: cuda_mma.run_plan(  # noqa: E731
+                        p, x, qws[i], w4[i]["scales"], None, 128, None
+                    )
+                    row["plans"][f"{lname} {p}"] = time_rotating(fn, cps, quick_ms(fn)) * 1e3
+            if m <= cuda_gemv.MAX_M:
+                fg = lambda i, x=x, w4=w4: cuda_gemv.w4a16_cuda_gemm(  # noqa: E731
+                    x, w4[i]["qweight"], w4[i]["scales"], None, 128, None
+                )
+                row["cuda_gemv_us"] = time_rotating(fg, cps, quick_ms(fg)) * 1e3
+            for lname in ("native", "ckpt"):
+                mine = sorted((v, kk) for kk, v in row["plans"].items() if kk.startswith(lname))
+                row[f"best_{lname}"] = (mine[0][1], mine[0][0])
+            us = row["best_native"][1]
+            log(
+                f"{n}x{k} M={m}: cuBLAS {base:.1f} us | native {row['best_native'][0]} "
+                f"{us:.1f} us ({base / us:.2f}x, {wbytes / us / 1e3:.0f} GB/s) | ckpt "
+                f"{row['best_ckpt'][0]} {row['best_ckpt'][1]:.1f} us "
+                f"({base / row['best_ckpt'][1]:.2f}x) | cuda_gemv "
+                f"{row.get('cuda_gemv_us', float('nan')):.1f} us"
+            )
+            rows.append(row)
+        del w4, w4n, wb
+        torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     """Results table: per shape and M, microseconds and ratio vs cuBLAS bf16 for each method."""
     names = [
         "cublas_bf16",
         "w4a16_g128",
+        "w4a16_g128_native",
         "tinygemm_int4",
         "w8a16",
         "fp8_row_dyn",
@@ -456,19 +591,21 @@ def markdown(rows: list[dict]) -> str:
     head = (
         "| N x K | M | "
         + " | ".join(f"{n} us (x cuBLAS)" for n in names)
-        + " | W4 GB/s | W4 plan |"
+        + " | W4 GB/s | W4 plan | W4 native GB/s | W4 native plan |"
     )
-    lines = [head, "|" + "---|" * (len(names) + 4)]
+    lines = [head, "|" + "---|" * (len(names) + 6)]
     for r in rows:
         cells = []
         for nm in names:
             v = r.get(nm, {})
             cells.append(f"{v['us']:.1f} ({v.get('x_cublas', 1):.2f}x)" if "us" in v else "n/a")
         w4 = r.get("w4a16_g128", {})
+        w4n = r.get("w4a16_g128_native", {})
         lines.append(
             f"| {r['N']}x{r['K']} | {r['M']} | "
             + " | ".join(cells)
-            + f" | {w4.get('GBps', 0):.0f} | {w4.get('plan', '')} |"
+            + f" | {w4.get('GBps', 0):.0f} | {w4.get('plan', '')}"
+            + f" | {w4n.get('GBps', 0):.0f} | {w4n.get('plan', '')} |"
         )
     return "\n".join(lines)
 
@@ -480,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument(
+        "--mma",
+        action="store_true",
+        help="only the cuda_mma kernel: fp64 check of every plan, then every plan's timing",
+    )
     ap.add_argument(
         "--small-m",
         action="store_true",
@@ -517,6 +659,19 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps(meta))
     result: dict[str, Any] = {"meta": meta}
     t0 = time.time()
+    if args.mma:
+        lib = cuda_mma.build(verbose=True)
+        log(f"built {lib} in {time.time() - t0:.1f}s")
+        checks = check_mma(log)
+        bad = [c for c in checks if not c["ok"]]
+        worst = max(c["rel_err"] for c in checks if c["M"])
+        log(f"cuda_mma correctness: {len(checks) - len(bad)}/{len(checks)} ok, worst {worst:.3e}")
+        result["mma_checks"] = {"n": len(checks), "bad": bad, "worst": worst}
+        (out / "mma.json").write_text(json.dumps(result, indent=1, default=str))
+        result["mma"] = time_mma(shapes, ms, meta["l2_bytes"], log)  # type: ignore[arg-type]
+        (out / "mma.json").write_text(json.dumps(result, indent=1, default=str))
+        log(f"total {time.time() - t0:.0f}s")
+        return 0 if not bad else 1
     if args.small_m:
         lib = cuda_gemv.build(verbose=True)
         log(f"built {lib} in {time.time() - t0:.1f}s")

@@ -73,33 +73,45 @@ def _arch(device: torch.device) -> str:
     return f"{major}{minor}"
 
 
-def build(device: torch.device | None = None, verbose: bool = False) -> Path:
-    """Compile the kernel library for device's compute capability (cached); returns its path."""
+def build_library(
+    source: str, stem: str, device: torch.device | None = None, verbose: bool = False
+) -> Path:
+    """Compile source for device's compute capability into a cached shared library; its path.
+
+    The file name carries a hash of source + flags + arch, so an edited source rebuilds; a
+    library already in the cache (built here or carried in) is reused as is.
+    """
     dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
     nvcc = _nvcc()
     if nvcc is None:
-        raise RuntimeError("cuda_gemv: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+        raise RuntimeError(f"{stem}: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     arch = _arch(dev)
     flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"w4a16_small_m_{digest}_sm{arch}.so"
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{stem}_{digest}_sm{arch}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        cu = Path(tmp) / "w4a16_small_m.cu"
-        cu.write_text(SOURCE)
+        cu = Path(tmp) / f"{stem}.cu"
+        cu.write_text(source)
         so = Path(tmp) / out.name
-        cmd = [nvcc, *flags, "-o", str(so), str(cu)]
+        # --split-compile=0: ptxas/cicc use every core (the library holds dozens of kernels)
+        cmd = [nvcc, *flags, "--split-compile=0", "-o", str(so), str(cu)]
         if verbose:
             cmd.insert(1, "-Xptxas=-v")
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
-            raise RuntimeError(f"cuda_gemv: nvcc failed:\n{res.stderr[-4000:]}")
+            raise RuntimeError(f"{stem}: nvcc failed:\n{res.stderr[-4000:]}")
         if verbose:
             (out.parent / f"{out.stem}.ptxas.txt").write_text(res.stderr)
         os.replace(so, out)  # atomic: concurrent builders never load a half-written file
     return out
+
+
+def build(device: torch.device | None = None, verbose: bool = False) -> Path:
+    """Compile the small-M kernel library for device's compute capability (cached); its path."""
+    return build_library(SOURCE, "w4a16_small_m", device, verbose)
 
 
 def _load(device: torch.device) -> ctypes.CDLL:

@@ -12,6 +12,14 @@ backend:
                W4-only; W8A16 has the other four), tuned among that path's configs.
   "cuda_gemv"  force the CUDA C++ W4A16 kernel for M <= 8 (cuda_gemv.py; nvcc builds it on
                first use); "auto" also tries it there and keeps it where it times fastest.
+  "cuda_mma"   force the CUDA C++ tensor-core W4A16 kernel (cuda_mma.py; any M, either weight
+               layout); "auto" tries it for M <= 64 on the checkpoint layout, and on the
+               kernel-native layout (packing.to_mma_layout) it is auto's path together with
+               its dequantize + cuBLAS plan.
+W4 weights come in the checkpoint layout (int8 [N/2, K]) or the kernel-native layout (int32
+[ceil(N/16), K/64, 128], packing.to_mma_layout; N is scales.shape[0]). Paths that only read the
+checkpoint layout (reference, Triton, cuda_gemv) convert a native weight back on every call
+(packing.from_mma_layout: correct, but an extra pass over the weights).
   "scaled_mm"  force the FP8 cuBLASLt path.
 Forced Triton paths on CPU tensors run only under TRITON_INTERPRET=1 (that is how tests use them).
 """
@@ -19,9 +27,20 @@ Forced Triton paths on CPU tensors run only under TRITON_INTERPRET=1 (that is ho
 from __future__ import annotations
 
 import torch
+from quantlab.kernels import packing
 from quantlab.kernels.reference import ref_linear_fp8, ref_linear_w4a16, ref_linear_w8a16
 
-W4_BACKENDS = ("auto", "reference", "gemv", "halves", "splitk", "tiled", "dequant", "cuda_gemv")
+W4_BACKENDS = (
+    "auto",
+    "reference",
+    "gemv",
+    "halves",
+    "splitk",
+    "tiled",
+    "dequant",
+    "cuda_gemv",
+    "cuda_mma",
+)
 W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
 TRITON_GROUPS = (32, 64, 128)
@@ -66,22 +85,40 @@ def _linear_w4a16_op(
     backend: str,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if _use_reference(x, backend):
-        y = ref_linear_w4a16(x2, qweight, scales, zeros, group_size, bias)
-    elif backend == "cuda_gemv":
-        from quantlab.kernels.cuda_gemv import w4a16_cuda_gemm
+    n = packing.mma_layout_n(qweight, scales)
+    native = packing.is_mma_layout(qweight)
+    if backend == "cuda_mma":
+        from quantlab.kernels.cuda_mma import w4a16_mma_gemm
 
-        y = w4a16_cuda_gemm(x2, qweight, scales, zeros, group_size, bias)
+        y = w4a16_mma_gemm(x2, qweight, scales, zeros, group_size, bias)
+    elif native and backend == "auto" and x.is_cuda:
+        from quantlab.kernels.cuda_mma import available, w4a16_native_auto
+
+        if available(x.device):
+            y = w4a16_native_auto(x2, qweight, scales, zeros, group_size, bias)
+        else:  # no nvcc: the Triton plans on the weight converted back
+            from quantlab.kernels.triton_w4a16 import w4a16_gemm
+
+            qw = packing.from_mma_layout(qweight, n)
+            y = w4a16_gemm(x2, qw, scales, zeros, group_size, bias, backend)
     else:
-        from quantlab.kernels.triton_w4a16 import w4a16_gemm
+        qw = packing.w4_to_checkpoint(qweight, n)
+        if _use_reference(x, backend):
+            y = ref_linear_w4a16(x2, qw, scales, zeros, group_size, bias)
+        elif backend == "cuda_gemv":
+            from quantlab.kernels.cuda_gemv import w4a16_cuda_gemm
 
-        y = w4a16_gemm(x2, qweight, scales, zeros, group_size, bias, backend)
-    return y.reshape(*x.shape[:-1], qweight.shape[0] * 2)
+            y = w4a16_cuda_gemm(x2, qw, scales, zeros, group_size, bias)
+        else:
+            from quantlab.kernels.triton_w4a16 import w4a16_gemm
+
+            y = w4a16_gemm(x2, qw, scales, zeros, group_size, bias, backend)
+    return y.reshape(*x.shape[:-1], n)
 
 
 @_linear_w4a16_op.register_fake
 def _(x, qweight, scales, zeros, group_size, bias, backend):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0] * 2))
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
 def check_w4a16(
@@ -95,9 +132,21 @@ def check_w4a16(
     """Raise KernelArgumentError unless the W4A16 arguments fit (see reference.py for layouts)."""
     if backend not in W4_BACKENDS:
         raise KernelArgumentError(f"linear_w4a16: backend must be one of {W4_BACKENDS}")
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise KernelArgumentError("linear_w4a16: qweight must be int8 [N // 2, K] (pack_int4_rows)")
-    n, k = qweight.shape[0] * 2, qweight.shape[1]
+    native = packing.is_mma_layout(qweight)
+    if native:
+        n, k = scales.shape[0], qweight.shape[1] * packing.MMA_UNIT_K
+        if n % 2 or -(-n // packing.MMA_TILE_ROWS) != qweight.shape[0]:
+            raise KernelArgumentError(
+                f"linear_w4a16: native qweight {tuple(qweight.shape)} does not hold N={n} rows "
+                "(scales.shape[0])"
+            )
+    elif qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise KernelArgumentError(
+            "linear_w4a16: qweight must be int8 [N // 2, K] (pack_int4_rows) or the native "
+            "int32 [ceil(N/16), K/64, 128] (to_mma_layout)"
+        )
+    else:
+        n, k = qweight.shape[0] * 2, qweight.shape[1]
     _check_x(x, k, "linear_w4a16")
     if k % group_size or scales.shape != (n, k // group_size):
         raise KernelArgumentError(
@@ -109,8 +158,16 @@ def check_w4a16(
         from quantlab.kernels.cuda_gemv import unsupported_reason
 
         reason = unsupported_reason(x, qweight, scales, zeros, group_size, None, False)
+        if reason is None and native:
+            reason = "reads the checkpoint layout only"
         if reason is not None:
             raise KernelArgumentError(f"linear_w4a16: backend 'cuda_gemv' {reason}")
+    if backend == "cuda_mma":
+        from quantlab.kernels.cuda_mma import unsupported_reason as mma_reason
+
+        reason = mma_reason(x, qweight, scales, zeros, group_size, None, False)
+        if reason is not None:
+            raise KernelArgumentError(f"linear_w4a16: backend 'cuda_mma' {reason}")
     if backend not in ("auto", "reference") and group_size not in TRITON_GROUPS:
         raise KernelArgumentError(f"linear_w4a16: Triton paths support group sizes {TRITON_GROUPS}")
     if x.is_cuda and backend == "auto" and group_size not in TRITON_GROUPS:

@@ -108,3 +108,68 @@ def w4_from_codes(
 def w4_to_codes(qweight: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
     """Inverse of w4_from_codes for the codes: int8 [N, K] (symmetric) or uint8 [N, K] (asym)."""
     return unpack_int4_rows(qweight) if zeros is None else unpack_int4_asym(qweight)
+
+
+# ---- kernel-native "mma" layout (cuda_mma backend) -------------------------------------------
+# int32 [ceil(N/16), K/64, 128]: for each tile of 16 output rows (8 packed rows p = 8*tile + g)
+# and each 64-k unit, the 512 bytes one warp of the cuda_mma kernel reads, lane-major
+# (lane = 4*g + t, 16 bytes each). Lane (g, t) holds packed row p's bytes at unit offsets
+# 8t..8t+7 and 32+8t..32+8t+7 as four words (j = 0..3 <-> offsets 8t, 8t+4, 32+8t, 32+8t+4);
+# inside a word the 4 bytes k0 k1 k2 k3 are stored in the order k0 k2 k1 k3, which puts the
+# nibbles in mma fragment order (e k0, o k0, e k2, o k2, e k1, o k1, e k3, o k3). Nibble values are
+# the checkpoint's (two's complement q, or u - 8), so the conversion is a pure permutation of
+# bytes (plus zero padding of the last tile), lossless both ways.
+MMA_TILE_ROWS = 16
+MMA_UNIT_K = 64
+_BYTE_ORDER = (0, 2, 1, 3)
+
+
+def is_mma_layout(qweight: torch.Tensor) -> bool:
+    """True for the kernel-native layout (int32 [ceil(N/16), K/64, 128]), False for int8 [N/2, K]."""
+    return qweight.dtype == torch.int32 and qweight.dim() == 3 and qweight.shape[-1] == 128
+
+
+def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Checkpoint int8 [N/2, K] -> kernel-native int32 [ceil(N/16), K/64, 128] (K % 64 == 0)."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise TypeError(
+            f"to_mma_layout expects int8 [N/2, K], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    p, k = qweight.shape
+    if k % MMA_UNIT_K:
+        raise ValueError(f"to_mma_layout needs K % {MMA_UNIT_K} == 0, got K={k}")
+    tiles = -(-p // 8)
+    b = qweight.view(torch.uint8)
+    if tiles * 8 != p:
+        b = torch.cat([b, b.new_zeros(tiles * 8 - p, k)])
+    # [T, g, U, h, t, jj, i] with k_in_unit = 32h + 8t + 4jj + i
+    b = b.reshape(tiles, 8, k // 64, 2, 4, 2, 4)
+    b = b[..., list(_BYTE_ORDER)]
+    b = b.permute(0, 2, 1, 4, 3, 5, 6)  # [T, U, g, t, h, jj, i]
+    return b.contiguous().view(torch.int32).reshape(tiles, k // 64, 128)
+
+
+def from_mma_layout(w: torch.Tensor, n: int) -> torch.Tensor:
+    """Kernel-native int32 [ceil(N/16), K/64, 128] -> checkpoint int8 [N/2, K] for N output rows."""
+    if not is_mma_layout(w):
+        raise TypeError(
+            f"from_mma_layout expects int32 [T, K/64, 128], got {w.dtype} {tuple(w.shape)}"
+        )
+    tiles, units = w.shape[0], w.shape[1]
+    if n % 2 or -(-n // 16) != tiles:
+        raise ValueError(f"from_mma_layout: N={n} does not match {tiles} tiles of 16 rows")
+    b = w.contiguous().view(torch.uint8).reshape(tiles, units, 8, 4, 2, 2, 4)  # [T,U,g,t,h,jj,i]
+    b = b[..., list(_BYTE_ORDER)]  # the order is its own inverse
+    b = b.permute(0, 2, 1, 4, 3, 5, 6)  # [T, g, U, h, t, jj, i]
+    b = b.reshape(tiles * 8, units * 64)[: n // 2]
+    return b.contiguous().view(torch.int8)
+
+
+def mma_layout_n(qweight: torch.Tensor, scales: torch.Tensor) -> int:
+    """Output rows N of a W4 weight in either layout (the native one needs scales' row count)."""
+    return scales.shape[0] if is_mma_layout(qweight) else qweight.shape[0] * 2
+
+
+def w4_to_checkpoint(qweight: torch.Tensor, n: int) -> torch.Tensor:
+    """qweight in either layout -> checkpoint int8 [N/2, K] (identity for the checkpoint layout)."""
+    return from_mma_layout(qweight, n) if is_mma_layout(qweight) else qweight

@@ -18,6 +18,8 @@ Backends (plans, see _tune.Plan):
   dequant very large M: dequantize to a [N, K] workspace in x's dtype, then cuBLAS.
   cuda_gemv  M <= 8 on CUDA: the nvcc-built kernel of cuda_gemv.py; "auto" times its plans
           against the Triton ones under the same tuning key (w4a16_gemm).
+  cuda_mma   M <= 64 on CUDA (G = 64, 128, scales in x's dtype): the nvcc-built tensor-core
+          kernel of cuda_mma.py, tuned against the others the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from quantlab.kernels import cuda_gemv
+from quantlab.kernels import cuda_gemv, cuda_mma
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
 
 # Configs. Run 2 (H100, 28672x8192, M = 1): the best two-dot "halves" plan took 133 us, every
@@ -460,6 +462,8 @@ def run_plan(
     """Launch one plan: x [M, K] fp16/bf16 contiguous -> out [M, N] in x's dtype."""
     if p.backend == "cuda_gemv":
         return cuda_gemv.run_plan(p, x, qweight, scales, zeros, group_size, bias, fill)
+    if p.backend == "cuda_mma":
+        return cuda_mma.run_plan(p, x, qweight, scales, zeros, group_size, bias, fill)
     m, k = x.shape
     n = qweight.shape[0] * 2
     cfg = dict(p.cfg)
@@ -570,6 +574,15 @@ def w4a16_gemm(
     )
     if cuda_ok:
         cands = cuda_gemv.candidates(group_size) + cands
+    mma_ok = (
+        backend == "auto"
+        and x.is_cuda
+        and m_bucket(m) <= 64
+        and cuda_mma.unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None
+        and cuda_mma.available(x.device)
+    )
+    if mma_ok:
+        cands = cuda_mma.candidates(m) + cands
     key = (
         m_bucket(m),
         qweight.shape[0] * 2,
@@ -581,6 +594,7 @@ def w4a16_gemm(
         bias is not None,
         backend,
         cuda_ok,  # a cached CUDA plan is only reused where the CUDA kernel takes the arguments
+        mma_ok,
     )
     chosen = TUNER.pick(
         key, cands, lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias)

@@ -113,3 +113,81 @@ def test_cuda_graph_replay(cg) -> None:
     torch.cuda.synchronize()
     ref = reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)
     assert _rel(static_y, ref) < TOL
+
+
+# ---- cuda_mma (tensor-core kernel, both weight layouts) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cm():
+    from quantlab.kernels import cuda_mma
+
+    if not cuda_mma.available(torch.device("cuda")):
+        pytest.fail(f"cuda_mma did not build: {cuda_mma._build_error}")
+    return cuda_mma
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("asym", [False, True])
+def test_mma_every_plan_vs_fp64(cm, shape, g: int, dtype: torch.dtype, asym: bool) -> None:
+    """Every compiled plan on the native layout (and the checkpoint layout for G 64/128), M from
+    1 to 40 (grid over M), NaN-poisoned outputs; plus the native dequantize kernel."""
+    n, k = shape
+    qw, s, z = _w4(n, k, g, asym, dtype)
+    qn = packing.to_mma_layout(qw)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if asym else None
+    wd = reference.dequant_w4(qw, s, z, g, torch.float64)
+    wq = cm.dequant_native(qn, s, z, g, dtype, fill=math.nan)
+    assert torch.equal(wq, wd.to(dtype))
+    layouts = [qn, qw] if g >= 64 else [qn]
+    for m in (1, 3, 8, 16, 17, 33, 40, 64, 100):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.double() @ wd.t() + (bias.double() if bias is not None else 0)
+        for w in layouts:
+            for p in cm.candidates(m):
+                y = cm.run_plan(p, x, w, s, z, g, bias, fill=math.nan)
+                assert y.shape == (m, n) and y.dtype == dtype
+                err = _rel(y, ref)
+                assert err < TOL, f"{p} M={m} native={w.dtype == torch.int32}: {err:.3e}"
+
+
+@pytest.mark.parametrize("m", [1, 16, 40, 300])
+def test_mma_dispatch_native_auto_and_forced(cm, m: int) -> None:
+    """The native layout through linear_w4a16 (auto: cuda_mma plans or dequantize + cuBLAS;
+    forced cuda_mma) and the checkpoint layout with forced cuda_mma, [..., K] input."""
+    n, k, g = 1216, 1152, 128
+    qw, s, z = _w4(n, k, g, True, torch.bfloat16)
+    qn = packing.to_mma_layout(qw)
+    x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
+    ref = reference.ref_linear_w4a16(x[0], qw, s, z, g, None, torch.float64)
+    for w, backend in ((qn, "auto"), (qn, "cuda_mma"), (qw, "cuda_mma"), (qw, "auto")):
+        y = linear_w4a16(x, w, s, z, g, backend=backend)
+        assert y.shape == (1, m, n)
+        assert _rel(y[0], ref) < TOL
+    # fp32 scales: the kernel refuses them (forced), auto on the native layout dequantizes
+    with pytest.raises(KernelArgumentError, match="cuda_mma"):
+        linear_w4a16(x, qn, s.float(), z, g, backend="cuda_mma")
+    assert _rel(linear_w4a16(x, qn, s.float(), z, g)[0], ref) < TOL
+
+
+def test_mma_cuda_graph_and_compile(cm) -> None:
+    n, k, g = 1216, 1152, 64
+    qw, s, z = _w4(n, k, g, False, torch.float16)
+    qn = packing.to_mma_layout(qw)
+    static_x = torch.randn(5, k, device="cuda", dtype=torch.float16)
+    f = torch.compile(lambda t: linear_w4a16(t, qn, s, z, g), fullgraph=True)
+    f(static_x)  # build + tune + compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        static_y = f(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)
+    assert _rel(static_y, ref) < TOL

@@ -1,0 +1,626 @@
+"""CUDA C++ source of the W4A16 tensor-core kernel for M <= 32 rows per block ("cuda_mma").
+
+Built by kernels/cuda_mma.py with nvcc on first use (same cache and ctypes loading as cuda_gemv).
+Kept as a Python string so that it ships inside the package like any module.
+"""
+
+SOURCE = r"""
+// W4A16 GEMM for small and medium M with mma.m16n8k16 (weights = A, activations = B).
+//
+// Weight layouts (MODE):
+//   0  checkpoint layout int8 [N/2, K] (TensorRT-LLM: byte (p, k) = rows 2p (low), 2p+1 (high)).
+//      Lane (g = lane/4, t = lane%4) of a warp reads 16 contiguous bytes of packed row 8*tile+g per
+//      64-k "unit" (k = 16t .. 16t+15); one PRMT per 32-bit word puts the nibbles in mma order.
+//      Needs G % 64 == 0 (each mma spans the 64 k of one unit).
+//   1  kernel-native layout int32 [ceil(N/16), K/64, 128] (packing.to_mma_layout): per 16-row
+//      tile and 64-k unit, the 512 bytes a warp needs, lane-major, each lane's 16 bytes already in
+//      mma nibble order. mma j of a unit covers k in [0, 32) for j = 0, 1 and [32, 64) for
+//      j = 2, 3 (lane t: k = 32*(j/2) + 8t + 4*(j%2) + 0..3), so groups of 32 work too.
+//
+// Work split: a block owns WN*RT tiles of 16 output rows and MT*8 activation rows (grid.x walks
+// M, so the blocks of one tile group run together and share its weights in L2); each of its WN
+// warp columns owns RT tiles, and the KS warps of a column split K in chunks of one group (or one
+// unit for G = 32), chunk c to warp c % KS; partial sums are added through shared memory at the
+// end. Each warp streams its weight
+// bytes through a private ST-deep ring in shared memory with 16-byte cp.async (no block barrier in
+// the main loop: every lane reads back only the bytes it copied), so ST-1 units per tile are in
+// flight per warp without holding registers.
+//
+// Math: 32-bit word w holds 8 nibbles in the order (e k0, o k0, e k2, o k2, e k1, o k1, e k3,
+// o k3) (e/o = even/odd output row, k0..k3 = its 4 k). One LOP3 ((w & mask) ^ magic) turns a
+// nibble pair into fp16/bf16 (base + (n ^ 8)) (n ^ 8 maps the stored two's complement q, or
+// u - 8, to q + 8, or u); one packed subtract of (base + z) (z = 8 when symmetric) or, for the fp16
+// high nibbles, one HFMA2 by 1/16 gives the exact integer q or u - z. Products with x are exact,
+// sums fp32, and the group scale multiplies each chunk's fp32 sum.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+// (MT, RT, ST) tile shapes compiled in; the Python side offers exactly these to its tuner.
+#ifndef QL_MMA_TILES
+#define QL_MMA_TILES                                                                          \
+  QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 4, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(2, 1, 4)          \
+  QL_T(2, 2, 4) QL_T(2, 1, 8) QL_T(2, 2, 8) QL_T(4, 1, 4) QL_T(4, 1, 8) QL_T(8, 1, 4)          \
+  QL_T(8, 1, 8) QL_T(8, 2, 4)
+#endif
+
+namespace {
+
+__device__ __forceinline__ uint32_t and_xor(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;  // (a & b) ^ c in one LOP3 (the compiler otherwise emits two)
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+template <typename T>
+struct Mma;
+// cvt(w, a): the 8 nibbles of w (order e k0, o k0, e k2, o k2, e k1, o k1, e k3, o k3) as the A
+// fragment of rows e (a0: k0 k1, a2: k2 k3) and o (a1, a3), each value RAW = base + (n ^ 8) with
+// n ^ 8 = q + 8 (symmetric) or u (asymmetric); for fp16 the odd row holds base + 16 (n ^ 8).
+// The true weight integer is (RAW - CE) / FE with CE = base + z, so the kernel corrects each
+// group's fp32 sum d by d - CE * sum(x) and folds 1/FE into the scale (z = 8 when symmetric).
+template <>
+struct Mma<__half> {
+  static constexpr uint32_t kOnes = 0x3C003C00u;  // fp16 1.0 in both halves
+  static constexpr float kBase = 1024.f;           // fp16 1024: ulp 1
+  static constexpr float kOddMul = 16.f;           // odd row nibble sits at bits 4-7
+  __device__ static __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  __device__ static __forceinline__ float to_f(__half v) { return __half2float(v); }
+  __device__ static __forceinline__ uint32_t pack(float a, float b) {
+    __half2 r = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ void cvt(uint32_t w, uint32_t* a) {
+    const uint32_t w2 = w >> 8;
+    a[0] = and_xor(w, 0x000F000Fu, 0x64086408u);   // 1024 + (n ^ 8): e k0, e k1
+    a[1] = and_xor(w, 0x00F000F0u, 0x64806480u);   // 1024 + 16 (n ^ 8): o k0, o k1
+    a[2] = and_xor(w2, 0x000F000Fu, 0x64086408u);  // e k2, e k3
+    a[3] = and_xor(w2, 0x00F000F0u, 0x64806480u);  // o k2, o k3
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  static constexpr uint32_t kOnes = 0x3F803F80u;  // bf16 1.0 in both halves
+  static constexpr float kBase = 128.f;            // bf16 128: ulp 1 (7 mantissa bits)
+  static constexpr float kOddMul = 1.f;
+  __device__ static __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  __device__ static __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 r = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  // bf16 has 7 mantissa bits, so every nibble is shifted down to bits 0-3 (128 + n).
+  __device__ static __forceinline__ void cvt(uint32_t w, uint32_t* a) {
+    a[0] = and_xor(w, 0x000F000Fu, 0x43084308u);        // e k0, e k1
+    a[1] = and_xor(w >> 4, 0x000F000Fu, 0x43084308u);   // o k0, o k1
+    a[2] = and_xor(w >> 8, 0x000F000Fu, 0x43084308u);   // e k2, e k3
+    a[3] = and_xor(w >> 12, 0x000F000Fu, 0x43084308u);  // o k2, o k3
+  }
+};
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ float load_scale(const void* s, int sf32, size_t i) {
+  return sf32 ? __ldg(static_cast<const float*>(s) + i)
+              : Mma<T>::to_f(__ldg(static_cast<const T*>(s) + i));
+}
+
+// MODE: 0 checkpoint layout, 1 native layout. CU: 64-k units per group (1: G = 64, 2: G = 128),
+// or 0 for G = 32 (native only: one unit holds two groups).
+template <typename T, int MODE, int CU_, int MT, int RT, int ST>
+__global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
+    w4_mma_kernel(const T* __restrict__ x, const int8_t* __restrict__ qw,
+                  const void* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                  const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K, int G,
+                  int ss, int zs, int wn_) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  constexpr bool NAT = MODE != 0;
+  constexpr int NH = CU_ == 0 ? 2 : 1;        // groups per unit
+  constexpr int CU = CU_ == 0 ? 1 : CU_;      // units per chunk (a chunk = one group, or a unit)
+  constexpr int USTRIDE = NAT ? 512 : 64;     // bytes between a lane's consecutive units
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  // WN warps side by side on different tiles share each K chunk (so x rows are re-read from
+  // L1); KS = warps / WN of them split K.
+  const int WN = wn_;
+  const int KS = (blockDim.x >> 5) / WN;
+  const int wn = warp % WN;
+  const int wk = warp / WN;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int P = N >> 1;
+  const int ntiles = (P + 7) >> 3;
+  const int U = K >> 6;
+  const int nchunks = U / CU;
+  const int m0 = blockIdx.x * 8 * MT;  // blockIdx.x walks M: blocks sharing a tile run together
+  const int o0 = NAT ? 8 * t : 16 * t;       // x offsets (in elements) of the lane's two k runs
+  const int o1 = NAT ? 32 + 8 * t : 16 * t + 8;
+
+  // A warp's chunks: wk, wk + KS, ...; CU consecutive units each. The ring holds ST units:
+  // PD = ST / CU - 1 chunks are in flight while one is computed.
+  constexpr int PD = ST / CU - 1;
+  static_assert(PD >= 1 && ST % CU == 0, "ring must hold at least two chunks");
+  const int nmy = wk < nchunks ? (nchunks - 1 - wk) / KS + 1 : 0;
+  const size_t cstride = static_cast<size_t>(KS) * CU * USTRIDE;  // bytes between my chunks
+
+  const int8_t* lp[RT];   // weights of my first chunk, per tile
+  const uint8_t* sp[RT];  // scale of row 2p at my first group (row 2p+1: + sstep bytes)
+  const uint8_t* zp[RT];
+  constexpr int esz = sizeof(T);  // scales are in x's dtype
+  const size_t sstep = static_cast<size_t>(ss) * esz;
+  const bool has_zero = zeros != nullptr;
+  const int grp0 = CU_ == 0 ? 2 * wk : wk;
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    // Tiles/rows past the end re-read the last ones (never stored), so loads stay in bounds.
+    const int tile = min((static_cast<int>(blockIdx.y) * WN + wn) * RT + r, ntiles - 1);
+    const int p = min(tile * 8 + g, P - 1);
+    lp[r] = (NAT ? qw + (static_cast<size_t>(tile) * U * 32 + lane) * 16
+                 : qw + static_cast<size_t>(p) * K + 16 * t) +
+            static_cast<size_t>(wk) * CU * USTRIDE;
+    sp[r] = static_cast<const uint8_t*>(scales) + static_cast<size_t>(2 * p) * sstep +
+            static_cast<size_t>(grp0) * esz;
+    zp[r] = has_zero ? zeros + static_cast<size_t>(2 * p) * zs + grp0 : zeros;
+  }
+  const T* xp[MT];
+  bool xok[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int row = m0 + 8 * mt + g;
+    xok[mt] = row < M;
+    xp[mt] = x + static_cast<size_t>(xok[mt] ? row : 0) * K + wk * CU * 64;
+  }
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
+                        static_cast<uint32_t>(warp * ST * RT * 512 + lane * 16);
+
+  // Prologue: chunks 0 .. PD-1 into ring chunk-slots 0 .. PD-1 (one commit group per unit).
+#pragma unroll
+  for (int c = 0; c < PD; ++c)
+#pragma unroll
+    for (int cu = 0; cu < CU; ++cu) {
+      if (c < nmy) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+          cp_async16(ring + ((c * CU + cu) * RT + r) * 512, lp[r] + c * cstride + cu * USTRIDE);
+      }
+      cp_commit();
+    }
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[r][mt][q] = 0.f;
+
+  int cslot = 0, lslot = PD;  // chunk-slots (of CU units) being computed / loaded
+  const size_t sadv = static_cast<size_t>(CU_ == 0 ? 2 * KS : KS);  // groups between my chunks
+  if constexpr (MT >= 8) {
+    // Scaled mode (MT = 8): exact integers by one packed subtract of (base + z), times the group
+    // scale in x's dtype (the product rounds like Marlin's), accumulated straight into acc: no
+    // per-group sums, so 64 activation rows fit in registers.
+    for (int c = 0; c < nmy; ++c) {
+      uint32_t za[RT][NH], zb[RT][NH], s2e[RT][NH], s2o[RT][NH];
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < NH; ++h) {
+          const T* s0 = reinterpret_cast<const T*>(sp[r]) + h;
+          const float se = Mma<T>::to_f(__ldg(s0));
+          const float so = Mma<T>::to_f(__ldg(s0 + ss)) * (1.f / Mma<T>::kOddMul);
+          float ze = 8.f, zo = 8.f;
+          if (has_zero) {
+            ze = static_cast<float>(__ldg(zp[r] + h));
+            zo = static_cast<float>(__ldg(zp[r] + h + zs));
+          }
+          za[r][h] = Mma<T>::pack(Mma<T>::kBase + ze, Mma<T>::kBase + ze);
+          zb[r][h] = Mma<T>::pack(Mma<T>::kBase + Mma<T>::kOddMul * zo,
+                                  Mma<T>::kBase + Mma<T>::kOddMul * zo);
+          s2e[r][h] = Mma<T>::pack(se, se);
+          s2o[r][h] = Mma<T>::pack(so, so);
+        }
+      const bool more = c + PD < nmy;
+#pragma unroll
+      for (int cu = 0; cu < CU; ++cu) {
+        if (more) {
+#pragma unroll
+          for (int r = 0; r < RT; ++r)
+            cp_async16(ring + ((lslot * CU + cu) * RT + r) * 512,
+                       lp[r] + PD * cstride + cu * USTRIDE);
+        }
+        cp_commit();
+        cp_wait<PD * CU>();
+        const uint32_t slot = ring + static_cast<uint32_t>((cslot * CU + cu) * RT * 512);
+        uint32_t wj[RT][4];
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(wj[r][0]), "=r"(wj[r][1]), "=r"(wj[r][2]), "=r"(wj[r][3])
+                       : "r"(slot + r * 512));
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {  // k run hh of the unit: words 2hh, 2hh+1
+          uint32_t xv[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            uint4 q = make_uint4(0, 0, 0, 0);
+            if (xok[mt]) q = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + (hh ? o1 : o0)));
+            xv[mt][0] = q.x;
+            xv[mt][1] = q.y;
+            xv[mt][2] = q.z;
+            xv[mt][3] = q.w;
+          }
+#pragma unroll
+          for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const int j = 2 * hh + jj;
+              const int h = NH == 2 ? hh : 0;
+              const uint32_t w = NAT ? wj[r][j] : __byte_perm(wj[r][j], 0, 0x3120);
+              uint32_t a[4];
+              Mma<T>::cvt(w, a);
+              a[0] = Mma<T>::mul2(Mma<T>::sub2(a[0], za[r][h]), s2e[r][h]);
+              a[1] = Mma<T>::mul2(Mma<T>::sub2(a[1], zb[r][h]), s2o[r][h]);
+              a[2] = Mma<T>::mul2(Mma<T>::sub2(a[2], za[r][h]), s2e[r][h]);
+              a[3] = Mma<T>::mul2(Mma<T>::sub2(a[3], zb[r][h]), s2o[r][h]);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) Mma<T>::run(acc[r][mt], a, &xv[mt][2 * jj]);
+            }
+        }
+      }
+      cslot = cslot == PD ? 0 : cslot + 1;
+      lslot = lslot == PD ? 0 : lslot + 1;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        lp[r] += cstride;
+        sp[r] += sadv * esz;
+        zp[r] += sadv;
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xp[mt] += KS * CU * 64;
+    }
+  } else {
+  const uint32_t ones[4] = {Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes};
+  for (int c = 0; c < nmy; ++c) {
+    float d[RT][MT][NH][4];
+    float xs[MT][NH][4];  // sum of x over the group (mma with an all-ones A): columns 2t, 2t+1
+    float se[RT][NH], so[RT][NH], ce[RT][NH], co[RT][NH];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < NH; ++h) {
+        const T* s0 = reinterpret_cast<const T*>(sp[r]) + h;
+        se[r][h] = Mma<T>::to_f(__ldg(s0));
+        so[r][h] = Mma<T>::to_f(__ldg(s0 + ss)) * (1.f / Mma<T>::kOddMul);
+        float ze = 8.f, zo = 8.f;
+        if (has_zero) {
+          ze = static_cast<float>(__ldg(zp[r] + h));
+          zo = static_cast<float>(__ldg(zp[r] + h + zs));
+        }
+        ce[r][h] = Mma<T>::kBase + ze;
+        co[r][h] = Mma<T>::kBase + Mma<T>::kOddMul * zo;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) d[r][mt][h][q] = 0.f;
+      }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < NH; ++h)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xs[mt][h][q] = 0.f;
+    const bool more = c + PD < nmy;
+#pragma unroll
+    for (int cu = 0; cu < CU; ++cu) {
+      if (more) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+          cp_async16(ring + ((lslot * CU + cu) * RT + r) * 512,
+                     lp[r] + PD * cstride + cu * USTRIDE);
+      }
+      cp_commit();
+      cp_wait<PD * CU>();  // unit (c, cu) has landed
+      uint32_t xv[MT][8];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint4 q0 = make_uint4(0, 0, 0, 0), q1 = make_uint4(0, 0, 0, 0);
+        if (xok[mt]) {
+          q0 = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + o0));
+          q1 = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + o1));
+        }
+        xv[mt][0] = q0.x;
+        xv[mt][1] = q0.y;
+        xv[mt][2] = q0.z;
+        xv[mt][3] = q0.w;
+        xv[mt][4] = q1.x;
+        xv[mt][5] = q1.y;
+        xv[mt][6] = q1.z;
+        xv[mt][7] = q1.w;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) Mma<T>::run(xs[mt][NH == 2 ? (j >> 1) : 0], ones, &xv[mt][2 * j]);
+      }
+      const uint32_t slot = ring + static_cast<uint32_t>((cslot * CU + cu) * RT * 512);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        uint32_t wj[4];
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(wj[0]), "=r"(wj[1]), "=r"(wj[2]), "=r"(wj[3])
+                     : "r"(slot + r * 512));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t w = NAT ? wj[j] : __byte_perm(wj[j], 0, 0x3120);
+          const int h = NH == 2 ? (j >> 1) : 0;
+          uint32_t a[4];
+          Mma<T>::cvt(w, a);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[r][mt][h], a, &xv[mt][2 * j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < NH; ++h) {
+          acc[r][mt][0] += se[r][h] * fmaf(-ce[r][h], xs[mt][h][0], d[r][mt][h][0]);
+          acc[r][mt][1] += se[r][h] * fmaf(-ce[r][h], xs[mt][h][1], d[r][mt][h][1]);
+          acc[r][mt][2] += so[r][h] * fmaf(-co[r][h], xs[mt][h][2], d[r][mt][h][2]);
+          acc[r][mt][3] += so[r][h] * fmaf(-co[r][h], xs[mt][h][3], d[r][mt][h][3]);
+        }
+    cslot = cslot == PD ? 0 : cslot + 1;
+    lslot = lslot == PD ? 0 : lslot + 1;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      lp[r] += cstride;
+      sp[r] += sadv * esz;
+      zp[r] += sadv;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xp[mt] += KS * CU * 64;
+  }
+  }
+  cp_wait<0>();
+  __syncthreads();  // every warp is done with its ring: reuse the shared memory for the partials
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[(((warp * RT + r) * MT + mt) * 4 + q) * 32 + lane] = acc[r][mt][q];
+  __syncthreads();
+  // One thread per (tile, m-tile, column half, lane): sums the KS partials of rows 2p, 2p+1 for
+  // activation row m and stores them as one 4-byte pair.
+  for (int idx = threadIdx.x; idx < WN * RT * MT * 64; idx += blockDim.x) {
+    const int l = idx & 31, h = (idx >> 5) & 1, rm = idx >> 6;
+    const int mt = rm % MT, r = (rm / MT) % RT, n0 = rm / (MT * RT);
+    const int m = m0 + 8 * mt + 2 * (l & 3) + h;
+    const int p = ((static_cast<int>(blockIdx.y) * WN + n0) * RT + r) * 8 + (l >> 2);
+    if (m >= M || p >= P) continue;
+    float ev = 0.f, od = 0.f;
+    for (int w = 0; w < KS; ++w) {
+      const int base = (((w * WN + n0) * RT + r) * MT + mt) * 4;
+      ev += red[(base + h) * 32 + l];
+      od += red[(base + 2 + h) * 32 + l];
+    }
+    if (bias != nullptr) {
+      ev += Mma<T>::to_f(bias[2 * p]);
+      od += Mma<T>::to_f(bias[2 * p + 1]);
+    }
+    *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(m) * N + 2 * p) = Mma<T>::pack(ev, od);
+  }
+}
+
+// Native layout -> dense w [N, K] in T (for dequantize + cuBLAS at large M). One thread per
+// lane chunk (16 bytes = 32 weights of rows 2p, 2p+1); four 16-byte stores.
+template <typename T>
+__global__ void w4_native_dequant_kernel(const int8_t* __restrict__ qw,
+                                         const void* __restrict__ scales,
+                                         const uint8_t* __restrict__ zeros, T* __restrict__ w,
+                                         int N, int K, int G, int ss, int zs, int sf32) {
+  const int U = K >> 6;
+  const int P = N >> 1;
+  const size_t ntiles = (P + 7) >> 3;
+  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= ntiles * U * 32) return;
+  const int lane = static_cast<int>(idx & 31);
+  const size_t tu = idx >> 5;
+  const int u = static_cast<int>(tu % U);
+  const int tile = static_cast<int>(tu / U);
+  const int g = lane >> 2, t = lane & 3;
+  const int p = tile * 8 + g;
+  if (p >= P) return;
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(qw) + idx);
+  const uint32_t wj[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int k0 = 64 * u + 32 * h + 8 * t;
+    const int grp = k0 / G;
+    const size_t si = static_cast<size_t>(2 * p) * ss + grp;
+    const float se = load_scale<T>(scales, sf32, si), so = load_scale<T>(scales, sf32, si + ss);
+    int ze = 8, zo = 8;
+    if (zeros != nullptr) {
+      const size_t zi = static_cast<size_t>(2 * p) * zs + grp;
+      ze = zeros[zi];
+      zo = zeros[zi + zs];
+    }
+    uint32_t ev[4], ov[4];
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const uint32_t word = wj[2 * h + jj];
+      // nibble positions: e k0..k3 at 0, 4, 2, 6; o k0..k3 at 1, 5, 3, 7
+      const int pe[4] = {0, 4, 2, 6};
+      float fe[4], fo[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int ne = static_cast<int>(((word >> (4 * pe[q])) & 15u) ^ 8u);
+        const int no = static_cast<int>(((word >> (4 * pe[q] + 4)) & 15u) ^ 8u);
+        fe[q] = static_cast<float>(ne - ze) * se;
+        fo[q] = static_cast<float>(no - zo) * so;
+      }
+      ev[2 * jj] = Mma<T>::pack(fe[0], fe[1]);
+      ev[2 * jj + 1] = Mma<T>::pack(fe[2], fe[3]);
+      ov[2 * jj] = Mma<T>::pack(fo[0], fo[1]);
+      ov[2 * jj + 1] = Mma<T>::pack(fo[2], fo[3]);
+    }
+    *reinterpret_cast<uint4*>(w + static_cast<size_t>(2 * p) * K + k0) =
+        make_uint4(ev[0], ev[1], ev[2], ev[3]);
+    *reinterpret_cast<uint4*>(w + static_cast<size_t>(2 * p + 1) * K + k0) =
+        make_uint4(ov[0], ov[1], ov[2], ov[3]);
+  }
+}
+
+int g_max_smem = -1;
+
+template <typename T, int MODE, int CU, int MT, int RT, int ST>
+cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, const void* b,
+                   void* out, int M, int N, int K, int G, int ss, int zs, int wn, int ks,
+                   cudaStream_t st) {
+  auto kern = w4_mma_kernel<T, MODE, CU, MT, RT, ST>;
+  const int ring = ks * ST * RT * 512, red = ks * RT * MT * 512;
+  const int smem = ring > red ? ring : red;
+  static bool raised = false;  // one opt-in per instantiation, to the device's limit
+  if (smem > 48 * 1024 && !raised) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         g_max_smem);
+    if (e != cudaSuccess) return e;
+    raised = true;
+  }
+  if (smem > g_max_smem) return cudaErrorInvalidValue;
+  if (wn < 1 || ks % wn || (MT >= 8 && ks > 8)) return cudaErrorInvalidValue;  // launch bounds
+  const int groups = ((N / 2 + 7) / 8 + RT * wn - 1) / (RT * wn);
+  if (groups > 65535) return cudaErrorInvalidValue;
+  const dim3 grid((M + 8 * MT - 1) / (8 * MT), groups);
+  kern<<<grid, ks * 32, smem, st>>>(static_cast<const T*>(x), static_cast<const int8_t*>(qw), s,
+                                    static_cast<const uint8_t*>(z), static_cast<const T*>(b),
+                                    static_cast<T*>(out), M, N, K, G, ss, zs, wn);
+  return cudaGetLastError();
+}
+
+template <typename T, int MODE, int CU>
+cudaError_t pick_tile(int mt, int rt, int st_, const void* x, const void* qw, const void* s,
+                      const void* z, const void* b, void* out, int M, int N, int K, int G,
+                      int ss, int zs, int wn, int ks, cudaStream_t st) {
+#define QL_T(A, B, C)                                                                       \
+  if (mt == A && rt == B && st_ == C)                                                       \
+    return launch<T, MODE, CU, A, B, C>(x, qw, s, z, b, out, M, N, K, G, ss, zs, wn, ks, st);
+  QL_MMA_TILES
+#undef QL_T
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t pick_mode(int native, int mt, int rt, int st_, const void* x, const void* qw,
+                      const void* s, const void* z, const void* b, void* out, int M, int N, int K,
+                      int G, int ss, int zs, int wn, int ks, cudaStream_t st) {
+#define QL_ARGS mt, rt, st_, x, qw, s, z, b, out, M, N, K, G, ss, zs, wn, ks, st
+  if (!native && G == 64) return pick_tile<T, 0, 1>(QL_ARGS);
+  if (!native && G == 128) return pick_tile<T, 0, 2>(QL_ARGS);
+  if (native && G == 32) return pick_tile<T, 1, 0>(QL_ARGS);
+  if (native && G == 64) return pick_tile<T, 1, 1>(QL_ARGS);
+  if (native && G == 128) return pick_tile<T, 1, 2>(QL_ARGS);
+#undef QL_ARGS
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t set_device(int device) {
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess || cur != device) {
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) return e;
+  }
+  if (g_max_smem < 0) {
+    cudaError_t e =
+        cudaDeviceGetAttribute(&g_max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+// dtype: 0 = fp16, 1 = bf16 (x, bias, out, scales); wn: warps side by side on tiles (divides
+// ks, the block's warps);
+// native: qw is the kernel-native layout. Returns a cudaError_t (0 = launched); the caller checks
+// shapes and alignment.
+extern "C" int ql_w4_mma(int device, const void* x, const void* qw, const void* s, const void* z,
+                         const void* b, void* out, int M, int N, int K, int G, int ss, int zs,
+                         int dtype, int wn, int native, int mt, int rt, int st_, int ks,
+                         void* stream) {
+  cudaError_t e = set_device(device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (ks < 1 || ks > 16 || M < 1 || K % 64 || N % 2 || K % G)
+    return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == 0)
+    return static_cast<int>(pick_mode<__half>(native, mt, rt, st_, x, qw, s, z, b, out, M, N, K, G,
+                                              ss, zs, wn, ks, st));
+  return static_cast<int>(pick_mode<__nv_bfloat16>(native, mt, rt, st_, x, qw, s, z, b, out, M, N,
+                                                   K, G, ss, zs, wn, ks, st));
+}
+
+extern "C" int ql_w4_native_dequant(int device, const void* qw, const void* s, const void* z,
+                                    void* w, int N, int K, int G, int ss, int zs, int dtype,
+                                    int sf32, void* stream) {
+  cudaError_t e = set_device(device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (K % 64 || N % 2 || G % 32 || K % G) return static_cast<int>(cudaErrorInvalidValue);
+  const size_t threads = static_cast<size_t>((N / 2 + 7) / 8) * (K / 64) * 32;
+  const unsigned blocks = static_cast<unsigned>((threads + 255) / 256);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == 0)
+    w4_native_dequant_kernel<__half><<<blocks, 256, 0, st>>>(
+        static_cast<const int8_t*>(qw), s, static_cast<const uint8_t*>(z),
+        static_cast<__half*>(w), N, K, G, ss, zs, sf32);
+  else
+    w4_native_dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(
+        static_cast<const int8_t*>(qw), s, static_cast<const uint8_t*>(z),
+        static_cast<__nv_bfloat16*>(w), N, K, G, ss, zs, sf32);
+  return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" const char* ql_mma_error_string(int e) {
+  return cudaGetErrorString(static_cast<cudaError_t>(e));
+}
+"""

@@ -1,0 +1,328 @@
+"""W4A16 tensor-core GEMM in CUDA C++ for small and medium M ("cuda_mma"): build, plans, launch.
+
+The kernel (source in _cuda_w4mma_src.py) reads either the checkpoint layout (int8 [N/2, K],
+G = 64 or 128) or the kernel-native layout (packing.to_mma_layout, int32 [ceil(N/16), K/64, 128],
+G = 32, 64 or 128), streams each warp's weights through a shared-memory ring with cp.async,
+turns nibbles into fp16/bf16 with one LOP3 per pair (no subtract: each group's fp32 sum is
+corrected by (base + z) * sum(x), sum(x) from one extra mma with an all-ones A per k-step) and
+runs mma.m16n8k16 with the activations as the 8-column operand (MT such operands per block,
+grid.y walks M). Scales must be in x's dtype.
+
+The library is built by nvcc on first use like cuda_gemv's (same cache folder; importing this
+module compiles nothing) and launched through ctypes on torch's current stream.
+
+Plans: MT (8-row activation tiles per block: 1, 2, 4, 8), RT (16-row weight tiles per warp),
+ST (ring depth in 64-k units), KS (warps per block), WN (warp columns on different tiles; the
+KS / WN warps of a column split K).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+from quantlab.kernels import packing
+from quantlab.kernels._cuda_w4mma_src import SOURCE
+from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
+from quantlab.kernels.cuda_gemv import build_library
+
+STEM = "w4a16_mma"
+# (MT, RT, ST) compiled in (QL_MMA_TILES in the source) and the (KS, WN) launch values offered
+# for each (KS = warps per block, WN = warp columns side by side on tiles; KS / WN warps split K).
+TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
+    (1, 1, 4): ((4, 1), (8, 1), (16, 1), (8, 2)),
+    (1, 2, 4): ((4, 1), (8, 1), (16, 1)),
+    (1, 4, 4): ((4, 1), (8, 1)),
+    (1, 1, 8): ((4, 1), (8, 1), (16, 1), (8, 2)),
+    (1, 2, 8): ((4, 1), (8, 1), (8, 2)),
+    (2, 1, 4): ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (8, 4), (16, 4)),
+    (2, 2, 4): ((4, 1), (8, 1), (4, 2), (8, 2), (8, 4)),
+    (2, 1, 8): ((4, 1), (8, 1), (8, 2), (8, 4)),
+    (2, 2, 8): ((4, 1), (8, 2), (8, 4)),
+    (4, 1, 4): ((4, 1), (8, 1), (4, 2), (8, 2), (8, 4), (16, 8)),
+    (4, 1, 8): ((4, 1), (8, 2), (8, 4)),
+    # MT = 8 ("scaled" mode, <= 8 warps: up to 255 registers): exact integers times the scale in
+    # x's dtype, accumulated straight into fp32
+    (8, 1, 4): ((4, 1), (8, 2), (8, 4), (8, 8)),
+    (8, 1, 8): ((4, 1), (8, 4)),
+    (8, 2, 4): ((4, 1), (8, 4)),
+}
+NATIVE_GROUPS = (32, 64, 128)
+CHECKPOINT_GROUPS = (64, 128)
+
+TUNER = Tuner("w4a16_cuda_mma")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_build_error: str | None = None
+
+
+def build(device: torch.device | None = None, verbose: bool = False):
+    """Compile the library for device's compute capability (cached); returns its path."""
+    return build_library(SOURCE, STEM, device, verbose)
+
+
+def _load(device: torch.device) -> ctypes.CDLL:
+    global _lib, _build_error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _build_error is not None:
+            raise RuntimeError(_build_error)
+        try:
+            lib = ctypes.CDLL(str(build(device)))
+        except (RuntimeError, OSError) as err:
+            _build_error = str(err)
+            raise
+        lib.ql_w4_mma.restype = ctypes.c_int
+        # device, 6 pointers (x, qweight, scales, zeros, bias, out), 13 ints, stream
+        lib.ql_w4_mma.argtypes = [
+            ctypes.c_int,
+            *[ctypes.c_void_p] * 6,
+            *[ctypes.c_int] * 13,
+            ctypes.c_void_p,
+        ]
+        lib.ql_w4_native_dequant.restype = ctypes.c_int
+        # device, 4 pointers (qweight, scales, zeros, w), 7 ints, stream
+        lib.ql_w4_native_dequant.argtypes = [
+            ctypes.c_int,
+            *[ctypes.c_void_p] * 4,
+            *[ctypes.c_int] * 7,
+            ctypes.c_void_p,
+        ]
+        lib.ql_mma_error_string.restype = ctypes.c_char_p
+        lib.ql_mma_error_string.argtypes = [ctypes.c_int]
+        _lib = lib
+        return lib
+
+
+def available(device: torch.device) -> bool:
+    """True if the library is (or can now be) built and loaded; never builds under capture."""
+    if _lib is not None:
+        return True
+    if (
+        _build_error is not None
+        or os.environ.get("QUANTLAB_KERNELS_NO_CUDA") == "1"
+        or torch.cuda.is_current_stream_capturing()
+        or torch.cuda.get_device_capability(device) < (8, 0)  # bf16 mma and cp.async: sm_80
+    ):
+        return False
+    try:
+        _load(device)
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+def unsupported_reason(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    check_x_layout: bool = True,
+) -> str | None:
+    """Why the cuda_mma kernel cannot take these arguments (x [M, K] or [..., K]), else None.
+
+    Pure Python (no build). check_x_layout=False skips x's contiguity/alignment checks.
+    """
+    native = packing.is_mma_layout(qweight)
+    k = x.shape[-1]
+    if not x.is_cuda:
+        return "needs CUDA tensors"
+    groups = NATIVE_GROUPS if native else CHECKPOINT_GROUPS
+    if group_size not in groups:
+        return f"group size must be one of {groups} for this layout, got {group_size}"
+    if k % 64:
+        return f"K must be a multiple of 64, got {k}"
+    if scales.dtype != x.dtype:
+        return f"scales must be in x's dtype {x.dtype}, got {scales.dtype}"
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return "bias must be contiguous in x's dtype"
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        return "qweight must be contiguous and 16-byte aligned"
+    if scales.stride(-1) != 1 or (zeros is not None and zeros.stride(-1) != 1):
+        return "scales/zeros need unit stride along groups"
+    if check_x_layout and (x.data_ptr() % 16 or not x.is_contiguous()):
+        return "x must be contiguous and 16-byte aligned"
+    if k * 2 > 2**31 or qweight.numel() * qweight.element_size() >= 2**40:
+        return "shape too large"
+    return None
+
+
+def candidates(m: int) -> list[Plan]:
+    """Plans for M rows: the smallest MT whose 8*MT rows cover M (MT 4 and 8 past 32 rows; the
+    grid walks M in blocks of 8*MT rows)."""
+    b = m_bucket(m)
+    mts = (1,) if b <= 8 else (2,) if b <= 16 else (4,) if b <= 32 else (4, 8)
+    return [
+        plan("cuda_mma", MT=t[0], RT=t[1], ST=t[2], KS=ks, WN=wn)
+        for t, launches in TILES.items()
+        if t[0] in mts
+        for ks, wn in launches
+    ]
+
+
+def run_plan(
+    p: Plan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Launch one plan: x [M, K] fp16/bf16 -> out [M, N] in x's dtype (either weight layout).
+
+    scales [N, K/G] in x's dtype; zeros uint8 [N, K/G] or None; bias [N] in x's dtype or None.
+    fill poisons the output first (tests pass NaN).
+    """
+    m, k = x.shape
+    n = scales.shape[0]
+    lib = _load(x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if fill is not None:
+        out.fill_(fill)
+    cfg = dict(p.cfg)
+    err = lib.ql_w4_mma(
+        x.device.index if x.device.index is not None else torch.cuda.current_device(),
+        x.data_ptr(),
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        zeros.data_ptr() if zeros is not None else None,
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        group_size,
+        scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0,
+        0 if x.dtype == torch.float16 else 1,
+        cfg["WN"],
+        int(packing.is_mma_layout(qweight)),
+        cfg["MT"],
+        cfg["RT"],
+        cfg["ST"],
+        cfg["KS"],
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    if err:
+        raise RuntimeError(f"cuda_mma launch failed: {lib.ql_mma_error_string(err).decode()}")
+    return out
+
+
+def dequant_native(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Native layout -> dense w [N, K] in dtype (fp16/bf16); scales in dtype or fp32."""
+    n = scales.shape[0]
+    k = qweight.shape[1] * 64
+    lib = _load(qweight.device)
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    if fill is not None:
+        w.fill_(fill)
+    err = lib.ql_w4_native_dequant(
+        qweight.device.index if qweight.device.index is not None else torch.cuda.current_device(),
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        zeros.data_ptr() if zeros is not None else None,
+        w.data_ptr(),
+        n,
+        k,
+        group_size,
+        scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0,
+        0 if dtype == torch.float16 else 1,
+        int(scales.dtype == torch.float32),
+        torch.cuda.current_stream(qweight.device).cuda_stream,
+    )
+    if err:
+        raise RuntimeError(f"native dequant failed: {lib.ql_mma_error_string(err).decode()}")
+    return w
+
+
+def _key(x, qweight, scales, zeros, group_size, bias, what: str) -> tuple:
+    return (
+        m_bucket(x.shape[0]),
+        scales.shape[0],
+        x.shape[1],
+        group_size,
+        x.dtype,
+        scales.dtype,
+        zeros is not None,
+        bias is not None,
+        packing.is_mma_layout(qweight),
+        what,
+    )
+
+
+def w4a16_mma_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Forced backend "cuda_mma": x [M, K] -> [M, N], tuned among the kernel's plans."""
+    reason = unsupported_reason(x, qweight, scales, zeros, group_size, bias)
+    if reason is not None:
+        raise ValueError(f"cuda_mma: {reason}")
+    chosen = TUNER.pick(
+        _key(x, qweight, scales, zeros, group_size, bias, "forced"),
+        candidates(x.shape[0]),
+        lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias),
+    )
+    return run_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
+
+
+def run_native_plan(
+    p: Plan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """One plan of the native-layout auto path: a cuda_mma plan, or dequantize + cuBLAS."""
+    if p.backend == "cuda_dequant":
+        w = dequant_native(qweight, scales, zeros, group_size, x.dtype)
+        y = torch.nn.functional.linear(x, w, bias)
+        return y
+    return run_plan(p, x, qweight, scales, zeros, group_size, bias, fill)
+
+
+def w4a16_native_auto(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """backend "auto" on the native layout (CUDA): cuda_mma plans and dequantize + cuBLAS, tuned
+    per (M bucket, N, K, group, dtypes, zeros, bias). Arguments the kernel refuses (fp32 scales,
+    say) take dequantize + cuBLAS alone."""
+    cands: list[Plan] = [plan("cuda_dequant")]
+    ok = unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None
+    if ok and x.shape[0] <= 256:
+        cands = candidates(x.shape[0]) + cands
+    chosen = TUNER.pick(
+        _key(x, qweight, scales, zeros, group_size, bias, f"auto{ok}"),
+        cands,
+        lambda c: run_native_plan(c, x, qweight, scales, zeros, group_size, bias),
+    )
+    return run_native_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)

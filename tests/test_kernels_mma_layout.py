@@ -1,0 +1,184 @@
+"""CPU tests of the kernel-native W4 layout (packing.to_mma_layout) and of the cuda_mma kernel's
+math, emulated in torch from the same lane/word/nibble mapping the CUDA source uses.
+
+The emulation reads each lane's 32-bit words exactly as the kernel does (word j of lane (g, t)
+covers k = 32*(j//2) + 8t + 4*(j%2) + 0..3 of its 64-k unit; nibble pairs taken with the masks
+and shifts of Mma<T>::cvt, values RAW = base + (n ^ 8), fp16 odd rows at 16x), forms each group's
+sum d = RAW . x and sum(x), applies d - (base + z) * sum(x) and the scale (1/16 folded in for the
+fp16 odd rows), and must reproduce the fp64 reference: a wrong mask, shift, byte order or
+correction constant fails it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quantlab.kernels import KernelArgumentError, linear_w4a16, packing, reference
+
+
+def _w4(n: int, k: int, g: int, asym: bool, dtype: torch.dtype = torch.float16):
+    scale = (torch.rand(n, k // g) * 0.02 + 0.005).to(dtype)
+    if asym:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        zero = torch.randint(0, 16, (n, k // g), dtype=torch.uint8)
+        return packing.w4_from_codes(codes, scale, zero)
+    return packing.w4_from_codes(torch.randint(-8, 8, (n, k), dtype=torch.int8), scale)
+
+
+# (N, K): odd tile counts, a partial last tile (N = 362: 181 packed rows), the smallest shapes.
+SHAPES = [(362, 1152), (16, 64), (2, 128), (30, 192), (1216, 2304)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_is_lossless(shape) -> None:
+    n, k = shape
+    q = torch.randint(-128, 128, (n // 2, k), dtype=torch.int8)  # every byte value
+    w = packing.to_mma_layout(q)
+    assert w.dtype == torch.int32 and w.shape == (-(-n // 16), k // 64, 128)
+    assert packing.is_mma_layout(w) and not packing.is_mma_layout(q)
+    assert torch.equal(packing.from_mma_layout(w, n), q)
+    assert torch.equal(packing.w4_to_checkpoint(w, n), q)
+    assert packing.w4_to_checkpoint(q, n) is q
+
+
+def test_converter_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="K % 64"):
+        packing.to_mma_layout(torch.zeros(4, 96, dtype=torch.int8))
+    with pytest.raises(TypeError):
+        packing.to_mma_layout(torch.zeros(4, 64, dtype=torch.uint8))
+    w = packing.to_mma_layout(torch.zeros(9, 64, dtype=torch.int8))  # N = 18: 2 tiles
+    with pytest.raises(ValueError, match="tiles"):
+        packing.from_mma_layout(w, 40)
+
+
+def _lane_words(w: torch.Tensor) -> torch.Tensor:
+    """int64 [T, U, 32 lanes, 4 words] of the native layout (little-endian 32-bit words)."""
+    return w.reshape(w.shape[0], w.shape[1], 32, 4).to(torch.int64) & 0xFFFFFFFF
+
+
+def test_lane_words_hold_the_fragment_nibbles() -> None:
+    """Word j of lane (g, t) holds rows 2p, 2p+1 at k = 32(j//2) + 8t + 4(j%2) + i with the even
+    row's k0..k3 at nibbles 0, 4, 2, 6 and the odd row's at 1, 5, 3, 7 (what the kernel's masks
+    and shifts assume)."""
+    n, k = 48, 192
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    words = _lane_words(packing.to_mma_layout(packing.pack_int4_rows(codes)))
+    pos_e = (0, 4, 2, 6)
+    for tile in range(words.shape[0]):
+        for u in range(words.shape[1]):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                p = tile * 8 + g
+                for j in range(4):
+                    word = int(words[tile, u, lane, j])
+                    kb = 64 * u + 32 * (j // 2) + 8 * t + 4 * (j % 2)
+                    for i in range(4):
+                        ne = (word >> (4 * pos_e[i])) & 15
+                        no = (word >> (4 * pos_e[i] + 4)) & 15
+                        assert ne - 16 * (ne >= 8) == int(codes[2 * p, kb + i])
+                        assert no - 16 * (no >= 8) == int(codes[2 * p + 1, kb + i])
+
+
+def emulate_cuda_mma(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g: int,
+) -> torch.Tensor:
+    """The cuda_mma kernel's arithmetic on the native layout, in float64 (x [M, K] fp16/bf16)."""
+    n = scales.shape[0]
+    fp16 = x.dtype == torch.float16
+    base, odd_mul = (1024.0, 16.0) if fp16 else (128.0, 1.0)
+    words = _lane_words(w)  # [T, U, 32, 4]
+    tiles, units = words.shape[:2]
+    # RAW values per (tile, unit, lane, word j, fragment register a0..a3, half 0/1)
+    if fp16:
+        w2 = words >> 8
+        regs = [
+            words & 0x000F000F,  # a0: e k0 k1 at bits 0-3 / 16-19
+            (words & 0x00F000F0) >> 4,  # a1: o k0 k1 (kernel keeps them at bits 4-7: x16)
+            w2 & 0x000F000F,  # a2: e k2 k3
+            (w2 & 0x00F000F0) >> 4,  # a3: o k2 k3
+        ]
+    else:
+        regs = [(words >> s) & 0x000F000F for s in (0, 4, 8, 12)]
+    raw = []
+    for i, r in enumerate(regs):
+        mul = odd_mul if i % 2 else 1.0
+        lo = ((r & 0xF) ^ 8).double() * mul + base
+        hi = (((r >> 16) & 0xF) ^ 8).double() * mul + base
+        raw.append((lo, hi))
+    # dense RAW [N_pad, K]: a0 (e, k0 k1), a1 (o, k0 k1), a2 (e, k2 k3), a3 (o, k2 k3)
+    dense = torch.zeros(tiles * 16, units * 64, dtype=torch.float64)
+    for tile in range(tiles):
+        for u in range(units):
+            for lane in range(32):
+                gg, t = lane // 4, lane % 4
+                e, o = tile * 16 + 2 * gg, tile * 16 + 2 * gg + 1
+                for j in range(4):
+                    kb = 64 * u + 32 * (j // 2) + 8 * t + 4 * (j % 2)
+                    for reg, row, k0 in ((0, e, kb), (1, o, kb), (2, e, kb + 2), (3, o, kb + 2)):
+                        dense[row, k0] = raw[reg][0][tile, u, lane, j]
+                        dense[row, k0 + 1] = raw[reg][1][tile, u, lane, j]
+    dense = dense[:n]
+    xd = x.double()
+    kk = xd.shape[1]
+    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    z = zeros.double() if zeros is not None else torch.full((n, kk // g), 8.0, dtype=torch.float64)
+    is_odd = (torch.arange(n) % 2 == 1).double()
+    mul = 1.0 + (odd_mul - 1.0) * is_odd  # 16 for fp16 odd rows
+    for grp in range(kk // g):
+        sl = slice(grp * g, (grp + 1) * g)
+        d = xd[:, sl] @ dense[:, sl].t()  # [M, N]: the kernel's per-group mma sum
+        sx = xd[:, sl].sum(1, keepdim=True)  # the all-ones mma
+        corr = base + mul * z[:, grp]  # CE = base + z (even), base + 16 z (fp16 odd)
+        s = scales[:, grp].double() / mul
+        out += (d - sx * corr) * s
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("asym", [False, True])
+def test_kernel_math_emulation_matches_fp64(dtype: torch.dtype, g: int, asym: bool) -> None:
+    n, k = 34, 256  # 3 tiles, the last one partial
+    qw, s, z = _w4(n, k, g, asym, dtype)
+    x = torch.randn(3, k).to(dtype)
+    y = emulate_cuda_mma(x, packing.to_mma_layout(qw), s, z, g)
+    ref = reference.ref_linear_w4a16(x, qw, s, z, g, None, torch.float64)
+    assert float((y - ref).norm() / ref.norm()) < 1e-12
+
+
+def test_native_layout_through_dispatch_on_cpu() -> None:
+    """linear_w4a16 takes the native layout (N from scales) on every CPU path: same results as the
+    checkpoint layout, batch dims, bias, opcheck of the custom op, torch.compile."""
+    n, k, g = 362, 1152, 64
+    qw, s, z = _w4(n, k, g, True)
+    qn = packing.to_mma_layout(qw)
+    x = torch.randn(2, 3, k).half()
+    bias = torch.randn(n).half()
+    for backend in ("auto", "reference"):
+        y = linear_w4a16(x, qn, s, z, g, bias, backend=backend)
+        assert y.shape == (2, 3, n)
+        assert torch.equal(y, linear_w4a16(x, qw, s, z, g, bias, backend=backend))
+    from quantlab.kernels.ops import _linear_w4a16_op
+
+    torch.library.opcheck(_linear_w4a16_op, (x[0], qn, s, z, g, None, "reference"))
+    f = torch.compile(lambda t: linear_w4a16(t, qn, s, z, g), backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(x), linear_w4a16(x, qw, s, z, g))
+
+
+def test_native_layout_argument_errors() -> None:
+    n, k, g = 48, 128, 64
+    qw, s, _ = _w4(n, k, g, False)
+    qn = packing.to_mma_layout(qw)
+    x = torch.randn(1, k).half()
+    with pytest.raises(KernelArgumentError, match="does not hold"):
+        linear_w4a16(x, qn, torch.ones(80, 2).half(), None, g)
+    with pytest.raises(KernelArgumentError, match="cuda_gemv"):
+        linear_w4a16(x, qn, s, None, g, backend="cuda_gemv")
+    with pytest.raises(KernelArgumentError, match="cuda_mma"):
+        linear_w4a16(x, qn, s, None, g, backend="cuda_mma")  # CPU tensors
+    with pytest.raises(KernelArgumentError, match="K="):
+        linear_w4a16(torch.randn(1, 64).half(), qn, s, None, g)
