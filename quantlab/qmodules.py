@@ -25,10 +25,11 @@ class QuantLinear(nn.Module):
         dtype = linear.weight.dtype
         w = linear.weight.detach()
         if ms.weight_format is not None and "qweight" in ms.tensors:
+            zero = ms.tensors.get("weight_zero")
             w = dequantize(
                 ms.tensors["qweight"].to(w.device),
                 ms.tensors["weight_scale"].to(w.device),
-                ms.tensors.get("weight_zero", None),
+                None if zero is None else zero.to(w.device),
                 ms.weight_format,
                 dtype,
             )
