@@ -170,7 +170,7 @@ def test_offload_keeps_only_one_layer_on_the_gpu() -> None:
         assert p.peak_device_mb is not None
         # one layer with its quantized copy and GPTQ's Hessians, the embedding and the cached
         # activations: well below the whole model
-        bound = embed_bytes + 4 * layer_bytes
+        bound = embed_bytes + 5 * layer_bytes
         assert p.peak_device_mb * 2**20 < bound < model_bytes, (
             p,
             bound / 2**20,
