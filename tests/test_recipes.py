@@ -38,6 +38,16 @@ def test_recipes_folder_has_every_mode() -> None:
         "smollm2_int4_g64_sym",
         "smollm2_int4_g64_asym",
         "smollm2_fp8",
+        # every seed mode and combination the calibrators issue lists
+        "smollm2_int4_g64_awq_sym",
+        "smollm2_int4_g64_gptq_asym",
+        "smollm2_int4_g64_awq_gptq_sym",
+        "smollm2_int8_sq",
+        "smollm2_int8_sq_token",
+        "smollm2_fp8_fp8kv",
+        "smollm2_int4_g64_awq_int8kv",
+        "smollm2_int8_sq_int8kv",
+        "smollm2_int8_wo_int8kv",
     } <= names
 
 
