@@ -618,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument(
+        "--skip-timing",
+        action="store_true",
+        help="correctness only (the full run split in two commands: --skip-timing, --skip-check)",
+    )
+    ap.add_argument(
         "--mma",
         action="store_true",
         help="only the cuda_mma kernel: fp64 check of every plan, then every plan's timing",
@@ -694,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{time.time() - t0:.0f}s"
         )
         (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    if args.skip_timing:
+        log(f"total {time.time() - t0:.0f}s")
+        return 0 if not result.get("checks") or all(c["ok"] for c in result["checks"]) else 1
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, ms, meta["l2_bytes"], log)
