@@ -144,7 +144,7 @@ def test_offload_keeps_only_one_layer_on_the_gpu() -> None:
         vocab_size=8000,
         hidden_size=1024,
         intermediate_size=2816,
-        num_hidden_layers=6,
+        num_hidden_layers=24,
         num_attention_heads=8,
         num_key_value_heads=4,
     )
@@ -159,20 +159,16 @@ def test_offload_keeps_only_one_layer_on_the_gpu() -> None:
 
     gptq = GPTQCalibrator(GPTQArgs())
     state = quantize_model(model, adapter_for(model), windows, [gptq], run, profile=profile)
-    assert len(state.modules) == 6 * 7
+    assert len(state.modules) == 24 * 7
     assert all(t.device.type == "cpu" for ms in state.modules.values() for t in ms.tensors.values())
     assert all(p.device.type == "cpu" for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    embed_bytes = model.model.embed_tokens.weight.numel() * 4
-    assert len(profile) == 6
-    for p in profile:
-        assert p.peak_device_mb is not None
-        # one layer with its quantized copy and GPTQ's Hessians, the embedding and the cached
-        # activations: well below the whole model
-        bound = embed_bytes + 5 * layer_bytes
-        assert p.peak_device_mb * 2**20 < bound < model_bytes, (
-            p,
-            bound / 2**20,
-            model_bytes / 2**20,
-        )
+    assert len(profile) == 24
+    peaks = [p.peak_device_mb * 2**20 for p in profile if p.peak_device_mb is not None]
+    assert len(peaks) == 24
+    # One layer at a time: the peak does not grow with depth (no layer or result is left behind
+    # on the GPU) and stays well below the whole model. For a model this small the per-layer work
+    # space (Hessians, solver and cuBLAS buffers) is several layers' worth, hence 24 layers.
+    assert max(peaks) - min(peaks) < 0.5 * layer_bytes, [round(x / 2**20) for x in peaks]
+    assert max(peaks) < 0.5 * model_bytes, (max(peaks) / 2**20, model_bytes / 2**20)
