@@ -77,6 +77,32 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
         "smollm2_int8_sq_gptq_token.yaml",
         [],
     ),
+    # KV cache (docs/kvcache.md). Baselines without KV quantization: the rows above for FP8 and
+    # INT8 weight-only (kv_equalize leaves their weights' quantization unchanged), and the AWQ
+    # row below; compare ppl quant of a KV row with that of its baseline.
+    ("KV cache INT8 (V equalized), float weights", "smollm2_int8kv.yaml", []),
+    (
+        "KV cache INT8, one shared scale without V equalization, float weights",
+        "smollm2_int8kv.yaml",
+        ["steps=[{calibrator: kv_cache, args: {format: int8}}]"],
+    ),
+    ("KV cache FP8, float weights", "smollm2_fp8kv.yaml", []),
+    ("KV cache FP8 + FP8 per-tensor W + static per-tensor A", "smollm2_fp8_fp8kv.yaml", []),
+    (
+        "KV cache INT8 (V equalized) + INT8 weight-only per-channel (RTN)",
+        "smollm2_int8_wo_int8kv.yaml",
+        [],
+    ),
+    ("KV cache INT8 (V equalized) + INT4 g64 sym AWQ", "smollm2_int4_g64_awq_int8kv.yaml", []),
+    (
+        "KV cache off (baseline of the row above): V equalized + INT4 g64 sym AWQ",
+        "smollm2_int4_g64_awq_int8kv.yaml",
+        [
+            "steps=[{calibrator: kv_equalize, args: {}}, {calibrator: awq, args: {format: "
+            "int4_g64_sym, grid: 20, duo_scaling: false, clip_search: true, max_clip_shrink: 0.5, "
+            "max_tokens: 4096}}]"
+        ],
+    ),
 ]
 
 
