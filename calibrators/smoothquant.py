@@ -281,11 +281,11 @@ class SmoothQuantCalibrator:
                 meta["sq_err_vs_plain"] = r.err_best / max(r.err_plain, 1e-30)
             for m in members:
                 out[m].meta.update(meta)
-        if found:
+        if found:  # exponent (None: s = 1) and, when searched, output error / plain W8A8's
             log.info(
-                "layer %d smoothquant (exponent, output error / plain W8A8's): %s",
+                "layer %d smoothquant: %s",
                 ctx.index,
-                ", ".join(f"{m[0]} {r.alpha} {r.err_best / r.err_plain:.3f}" for m, r in found),
+                ", ".join(f"{m[0]} {out[m[0]].meta}" for m, _ in found),
             )
         self._amax.clear()
         self._sample.clear()
