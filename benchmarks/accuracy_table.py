@@ -73,9 +73,14 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
         )
     ],
     (
-        "W8A8 SmoothQuant a=0.5 then GPTQ, per-channel W + dynamic per-token A",
+        "W8A8 SmoothQuant a=searched then GPTQ, per-channel W + dynamic per-token A",
         "smollm2_int8_sq_gptq_token.yaml",
         [],
+    ),
+    (
+        "W8A8 SmoothQuant a=0.5 then GPTQ, per-channel W + dynamic per-token A",
+        "smollm2_int8_sq_gptq_token.yaml",
+        ["steps.0.args.alpha=0.5"],
     ),
     # KV cache (docs/kvcache.md). Baselines without KV quantization: the rows above for FP8 and
     # INT8 weight-only (kv_equalize leaves their weights' quantization unchanged), and the AWQ
