@@ -14,6 +14,7 @@ import torch
 from quantlab.calibrators.smoothquant import (
     SmoothQuantArgs,
     group_error,
+    int8_weights,
     migration_scale,
     search_alpha,
     smooth_scale,
@@ -31,7 +32,7 @@ from quantlab.export.reload import load_quantized
 from quantlab.formats import PRESETS
 from quantlab.models import load_model
 from quantlab.pipeline import run_recipe
-from quantlab.primitives import fake_quant_static, sqnr
+from quantlab.primitives import dequantize, fake_quant, fake_quant_static, sqnr
 from quantlab.recipe import Recipe
 from quantlab.state import QuantState
 
@@ -98,15 +99,11 @@ def test_smoothing_beats_plain_w8a8_with_outlier_channels(
     amax = windows.amax(dim=0)
     assert (amax / s).max() / (amax / s).median() < 0.25 * (amax.max() / amax.median())
     # group_error is the plain quantize-dequantize error of the folded problem, computed directly.
-    xq = fake_quant_static(x / s, static_input_scale(windows, s), af) if agran == "tensor" else None
-    if xq is not None:
-        from quantlab.calibrators.smoothquant import int8_weights
-
-        from quantlab.primitives import dequantize
-
-        ((q, sc),) = int8_weights([w * s], wf, False)
-        direct = sqnr(ref, xq @ dequantize(q, sc, None, wf).T)
-        assert direct == pytest.approx(smooth, abs=1e-3)
+    xs = x / s
+    xq = fake_quant_static(xs, static_input_scale(windows, s), af) if agran == "tensor" else None
+    xq = fake_quant(xs, af) if xq is None else xq
+    ((q, sc),) = int8_weights([w * s], wf, False)
+    assert sqnr(ref, xq @ dequantize(q, sc, None, wf).T) == pytest.approx(smooth, abs=1e-3)
 
 
 def test_alpha_search_returns_the_best_grid_point() -> None:
@@ -240,6 +237,42 @@ def test_fold_leaves_float_output_unchanged(family: str, alpha: float | str) -> 
         assert all(ms.input_format == PRESETS["int8_tensor"] for ms in st.values())
         if alpha == "search":
             assert all(ms.meta["sq_err_vs_plain"] <= 1.0 for ms in st.values())
+
+
+def input_amax(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """max |x| [1] of the input of module `name` over the rows of ids."""
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].detach().abs().amax())
+    )
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None])
+    hook.remove()
+    return torch.stack(seen).amax().reshape(1)
+
+
+def test_plain_and_no_pairs_leave_the_right_weights_alone() -> None:
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    for args, changed in (
+        ({"migrate": False}, set()),
+        ({"fold_pairs": False}, {"input_layernorm.weight", "self_attn.q_proj.weight"}),
+    ):
+        model = tiny_layer_model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        amax = input_amax(model, "model.layers.0.self_attn.o_proj", ids)
+        states = calibrate_layers(model, build_calibrator("smoothquant", args), ids)
+        after = model.state_dict()
+        diff = {
+            k.split(".", 3)[3]
+            for k in after
+            if k.startswith("model.layers.") and not torch.equal(after[k], before[k])
+        }
+        assert changed <= diff and not diff & {"self_attn.o_proj.weight", "mlp.down_proj.weight"}
+        if not changed:  # plain static W8A8: nothing folded, input scale = raw max / 127
+            assert not diff
+            got = states[0]["self_attn.o_proj"].tensors["input_scale"]
+            assert torch.allclose(got, amax / 127, rtol=1e-6)
 
 
 def decode(
