@@ -23,9 +23,8 @@ from quantlab.calibrators.smoothquant import (
 from safetensors.torch import load_file
 from torch import nn
 
-from quantlab.adapters import adapter_for
+from quantlab.adapters import ADAPTERS, adapter_for
 from quantlab.calibrator import LayerContext, build_calibrator
-from quantlab.cli import main
 from quantlab.data import DataSpec, load_windows
 from quantlab.evaluate import compare_models
 from quantlab.export.reload import load_quantized
@@ -33,7 +32,7 @@ from quantlab.formats import PRESETS
 from quantlab.models import load_model
 from quantlab.pipeline import run_recipe
 from quantlab.primitives import dequantize, fake_quant, fake_quant_static, sqnr
-from quantlab.recipe import Recipe
+from quantlab.recipe import Recipe, load_recipe
 from quantlab.state import QuantState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +42,9 @@ GRANULARITIES = [
     ("channel", "dynamic_token", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"),
     ("tensor", "dynamic_token", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN"),
 ]
-QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-TRT = {
-    "self_attn.o_proj": "attention.dense",
-    "mlp.gate_proj": "mlp.fc",
-    "mlp.up_proj": "mlp.gate",
-    "mlp.down_proj": "mlp.proj",
-}
+LLAMA = ADAPTERS["LlamaForCausalLM"]
+QKV = LLAMA.fused_groups[0]
+TRT = {n: LLAMA.trtllm_layer_names[n] for n in LLAMA.linears if n not in QKV}
 
 
 def outlier_problem(
@@ -153,27 +148,16 @@ def test_args() -> None:
     assert not cal.needs_data  # plain W8A8 per-token reads no calibration data
 
 
-def tiny_layer_model(family: str) -> nn.Module:
-    import transformers
-
-    cfg_cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}[family]
-    cfg = getattr(transformers, cfg_cls)(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        architectures=[f"{family.capitalize()}ForCausalLM"],
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+def outlier_model(model_dir: Path) -> nn.Module:
+    """The tiny fixture model (GQA: 4 heads, 2 KV heads) with 4 norm channels x20 per norm, as trained
+    LLMs have outlier channels, so the migration scales are far from 1."""
+    model, _ = load_model(str(model_dir))
     g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # outlier channels, as trained LLMs have, so the scales are far from 1
+    with torch.no_grad():
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[torch.randperm(128, generator=g)[:4]] *= 20.0
-    return model
+    return model.eval()
 
 
 def calibrate_layers(model: nn.Module, cal: Any, ids: torch.Tensor) -> list[dict[str, Any]]:
@@ -199,8 +183,10 @@ def calibrate_layers(model: nn.Module, cal: Any, ids: torch.Tensor) -> list[dict
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("alpha", [0.5, "search"])
-def test_fold_leaves_float_output_unchanged(family: str, alpha: float | str) -> None:
-    model = tiny_layer_model(family)
+def test_fold_leaves_float_output_unchanged(
+    family: str, alpha: float | str, tiny_model: Callable[[str], Path]
+) -> None:
+    model = outlier_model(tiny_model(family))
     ids = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     before_params = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -252,13 +238,15 @@ def input_amax(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack(seen).amax().reshape(1)
 
 
-def test_plain_and_no_pairs_leave_the_right_weights_alone() -> None:
+def test_plain_and_no_pairs_leave_the_right_weights_alone(
+    tiny_model: Callable[[str], Path],
+) -> None:
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     for args, changed in (
         ({"migrate": False}, set()),
         ({"fold_pairs": False}, {"input_layernorm.weight", "self_attn.q_proj.weight"}),
     ):
-        model = tiny_layer_model("llama")
+        model = outlier_model(tiny_model("llama"))
         before = {k: v.clone() for k, v in model.state_dict().items()}
         amax = input_amax(model, "model.layers.0.self_attn.o_proj", ids)
         states = calibrate_layers(model, build_calibrator("smoothquant", args), ids)
@@ -479,27 +467,25 @@ def test_smoothquant_then_gptq(
     check_checkpoint(out, state, algo)
 
 
-def run_cli(
-    recipe: str, out: Path, capsys: pytest.CaptureFixture[str], *sets: str
-) -> dict[str, Any]:
-    args = ["--quiet", "run", str(REPO / "recipes" / recipe), "--set", f"export.output_dir={out}"]
-    for s in ("evaluation.data.num_samples=4", *sets):
-        args += ["--set", s]
-    assert main(args) == 0
-    capsys.readouterr()
-    return json.loads((out / "accuracy.json").read_text())  # type: ignore[no-any-return]
+def run_smollm2(recipe: str, out: Path, *sets: str) -> tuple[dict[str, Any], QuantState]:
+    """A shipped recipe on 8 calibration / 4 evaluation windows: (accuracy.json, its QuantState)."""
+    base = [f"export.output_dir={out}", "calibration.num_samples=8"]
+    r, folder = load_recipe(
+        REPO / "recipes" / recipe, [*base, "evaluation.data.num_samples=4", *sets]
+    )
+    run_recipe(r, folder, show_progress=False)
+    return json.loads((out / "accuracy.json").read_text()), QuantState.load(out / "quantlab")
 
 
 @pytest.mark.slow
 def test_smollm2_smoothquant_beats_plain_w8a8(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], emma: Path, pride: Path, embedded_dir: Path
+    tmp_path: Path, emma: Path, pride: Path, embedded_dir: Path
 ) -> None:
-    cal = "calibration.num_samples=8"
     token = "smollm2_int8_sq_token.yaml"
-    plain = run_cli(token, tmp_path / "plain", capsys, cal, "steps.0.args.migrate=false")
-    sq = run_cli(token, tmp_path / "sq", capsys, cal)
-    static = run_cli(
-        "smollm2_int8_sq.yaml", tmp_path / "static", capsys, cal,
+    plain, _ = run_smollm2(token, tmp_path / "plain", "steps.0.args.migrate=false")
+    sq, state = run_smollm2(token, tmp_path / "sq")
+    static, _ = run_smollm2(
+        "smollm2_int8_sq.yaml", tmp_path / "static",
         "steps.0.args.alpha=search", "steps.0.args.grid=5", "steps.0.args.max_tokens=1024",
     )  # fmt: skip
     p, s, st = plain["accuracy"], sq["accuracy"], static["accuracy"]
@@ -514,4 +500,6 @@ def test_smollm2_smoothquant_beats_plain_w8a8(
     # (plain static W8A8 is ppl ~48 on the full protocol).
     assert static["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
     assert st["ppl_quant"] < 22.5 and st["kl_mean"] < 0.1 and st["top1_agreement"] > 0.85
-    assert (tmp_path / "sq" / "quantlab.log").read_text().count("smoothquant:") == 30
+    assert len(state.modules) == 210 and {ms.meta["sq_alpha"] for ms in state.modules.values()} == {
+        0.5
+    }
