@@ -101,20 +101,18 @@ class KVCacheArgs(CalibratorArgs):
     clamp_fp8_scale: bool = True
 
 
-class KVCacheCalibrator:
-    """Per-layer KV-cache scale from max |K| (after rope) and max |V| over the calibration windows."""
+class _KVObserver:
+    """Shared part of the KV steps: no formats, no linear targets, max |K| / max |V| per layer.
 
-    name: ClassVar[str] = "kv_cache"
-    Args: ClassVar[type[CalibratorArgs]] = KVCacheArgs
-    edits_weights: ClassVar[bool] = False
+    planned_formats returns (None, None): the KV cache is exported separately (kv_cache_quant_algo).
+    """
 
-    def __init__(self, args: KVCacheArgs) -> None:
-        self.args = args
+    def __init__(self) -> None:
         self.needs_data = True
         self._amax = _KVAmax()
 
     def planned_formats(self) -> tuple[QuantFormat | None, QuantFormat | None]:
-        """No weight or input format: the KV cache is exported separately (kv_cache_quant_algo)."""
+        """No weight or input format."""
         return None, None
 
     def targets(self, ctx: LayerContext) -> list[str]:
@@ -127,6 +125,18 @@ class KVCacheCalibrator:
     def observe_attention(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
         """Record max |key| and max |value| of one window (key [B, H_kv, L, D] after rope)."""
         self._amax.add(name, key, value)
+
+
+class KVCacheCalibrator(_KVObserver):
+    """Per-layer KV-cache scale from max |K| (after rope) and max |V| over the calibration windows."""
+
+    name: ClassVar[str] = "kv_cache"
+    Args: ClassVar[type[CalibratorArgs]] = KVCacheArgs
+    edits_weights: ClassVar[bool] = False
+
+    def __init__(self, args: KVCacheArgs) -> None:
+        super().__init__()
+        self.args = args
 
     def solve(self, ctx: LayerContext) -> dict[str, ModuleState]:
         """k_amax, v_amax and the exported kv_cache_scaling_factor for each attention module."""
@@ -155,7 +165,7 @@ class KVEqualizeArgs(CalibratorArgs):
     """No hyper-parameters: c = k_amax / v_amax per layer."""
 
 
-class KVEqualizeCalibrator:
+class KVEqualizeCalibrator(_KVObserver):
     """Scale V to K's range so one KV-cache scale fits both. Edits float weights (v_proj rows and
     bias times c, o_proj columns divided by c): place it before the weight steps."""
 
@@ -164,24 +174,8 @@ class KVEqualizeCalibrator:
     edits_weights: ClassVar[bool] = True
 
     def __init__(self, args: KVEqualizeArgs) -> None:
+        super().__init__()
         self.args = args
-        self.needs_data = True
-        self._amax = _KVAmax()
-
-    def planned_formats(self) -> tuple[QuantFormat | None, QuantFormat | None]:
-        """No weight or input format."""
-        return None, None
-
-    def targets(self, ctx: LayerContext) -> list[str]:
-        """No linear inputs: keys and values come through observe_attention."""
-        return []
-
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        """Unused (targets is empty)."""
-
-    def observe_attention(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Record max |key| and max |value| of one window (key [B, H_kv, L, D] after rope)."""
-        self._amax.add(name, key, value)
 
     def solve(self, ctx: LayerContext) -> dict[str, ModuleState]:
         """Fold c = k_amax / v_amax into v_proj and o_proj; records c as v_equalize_scale."""
