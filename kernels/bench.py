@@ -576,6 +576,88 @@ def time_mma(
     return rows
 
 
+def check_plans(backend: str, log: Callable[[str], None]) -> list[dict]:
+    """fp64 check of every plan of one Triton W4 backend on odd shapes: G 128 x fp16/bf16 x
+    sym/asym (asym with bias) for every plan, G 32/64 for the first and last plan; NaN-poisoned
+    outputs; M in 1, 16, 33, 100, 257."""
+    from quantlab.kernels import triton_w4a16 as t4
+
+    recs: list[dict[str, Any]] = []
+    for n, k in ((1216, 1152), (362, 2304)):
+        for g in (128, 64, 32):
+            for dt in (torch.float16, torch.bfloat16):
+                for asym in (False, True):
+                    w = make_w4(n, k, g, asym, dt, "cuda")
+                    wd = reference.dequant_w4(
+                        w["qweight"], w["scales"], w["zeros"], g, torch.float64
+                    )
+                    bias = torch.randn(n, device="cuda", dtype=dt) if asym else None
+                    name = f"g{g}_{'asym' if asym else 'sym'}_{str(dt)[6:]}"
+                    for m in (1, 16, 33, 100, 257):
+                        x = torch.randn(m, k, device="cuda", dtype=dt)
+                        ref = x.double() @ wd.t()
+                        if bias is not None:
+                            ref += bias.double()
+                        plans = t4.candidates(m, g, backend)
+                        if g != 128:
+                            plans = [plans[0], plans[-1]]
+                        for p in plans:
+                            y = t4.run_plan(p, x, w["qweight"], w["scales"], w["zeros"], g,
+                                            bias, math.nan)  # fmt: skip
+                            err = rel_err(y, ref)
+                            recs.append({"fmt": name, "plan": str(p), "N": n, "K": k, "M": m,
+                                         "rel_err": err, "ok": err < TOL})  # fmt: skip
+        bad = [r for r in recs if not r["ok"]]
+        for r in bad[:20]:
+            log(f"FAIL {r}")
+        log(f"{backend} check N={n} K={k}: {len(recs) - len(bad)}/{len(recs)} ok so far")
+    return recs
+
+
+def time_plans(
+    backend: str, shapes: list[tuple[int, int]], ms: list[int], l2: int, log: Callable[[str], None]
+) -> list[dict]:
+    """Every plan of one Triton W4 backend (g128 sym bf16, checkpoint layout) vs cuBLAS bf16 and
+    rotated weights, CUDA graphs."""
+    from quantlab.kernels import triton_w4a16 as t4
+
+    rows = []
+    for n, k in shapes:
+        cps = max(8, math.ceil(3 * l2 / (n * k // 2)))
+        w4 = [make_w4(n, k, 128, False, torch.bfloat16, "cuda") for _ in range(cps)]
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            fb = lambda i, x=x, wb=wb: F.linear(x, wb[i])  # noqa: E731
+            base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
+            row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
+            wd = reference.dequant_w4(w4[0]["qweight"], w4[0]["scales"], None, 128, torch.float64)
+            ref = x.double() @ wd.t()
+            del wd
+            for p in t4.candidates(m, 128, backend):
+                fn = lambda i, x=x, p=p, w4=w4: t4.run_plan(  # noqa: E731
+                    p, x, w4[i]["qweight"], w4[i]["scales"], None, 128, None
+                )
+                try:
+                    err = rel_err(fn(0), ref)
+                    if not err < TOL:
+                        log(f"  FAIL {p}: rel err {err:.2e}")
+                    row["plans"][str(p)] = time_rotating(fn, cps, quick_ms(fn)) * 1e3
+                except Exception as err:  # a plan that does not compile/fit is reported
+                    log(f"  {p}: {type(err).__name__}: {str(err)[:200]}")
+            best = min(row["plans"].items(), key=lambda kv: kv[1])
+            row["best"] = best
+            log(
+                f"{n}x{k} M={m}: cuBLAS {base:.1f} us | {backend} best {best[0]} {best[1]:.1f} us "
+                f"({base / best[1]:.2f}x) | all: "
+                + ", ".join(f"{v:.1f}" for v in row["plans"].values())
+            )
+            rows.append(row)
+        del w4, wb
+        torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     """Results table: per shape and M, microseconds and ratio vs cuBLAS bf16 for each method."""
     names = [
@@ -632,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the CUDA small-M kernel: fp64 check of every plan, then every plan's timing",
     )
+    ap.add_argument(
+        "--plans",
+        default="",
+        help="only one Triton W4 backend (e.g. swap): fp64 check of every plan, then every "
+        "plan's timing vs cuBLAS",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench needs a CUDA device; CPU correctness lives in tests/test_kernels_*.py")
@@ -675,6 +763,17 @@ def main(argv: list[str] | None = None) -> int:
         (out / "mma.json").write_text(json.dumps(result, indent=1, default=str))
         result["mma"] = time_mma(shapes, ms, meta["l2_bytes"], log)  # type: ignore[arg-type]
         (out / "mma.json").write_text(json.dumps(result, indent=1, default=str))
+        log(f"total {time.time() - t0:.0f}s")
+        return 0 if not bad else 1
+    if args.plans:
+        checks = check_plans(args.plans, log)
+        bad = [c for c in checks if not c["ok"]]
+        worst = max(c["rel_err"] for c in checks)
+        log(f"{args.plans} correctness: {len(checks) - len(bad)}/{len(checks)} ok, worst "
+            f"{worst:.3e}, {time.time() - t0:.0f}s")  # fmt: skip
+        result["plan_checks"] = {"n": len(checks), "bad": bad, "worst": worst}
+        result["plans"] = time_plans(args.plans, shapes, ms, meta["l2_bytes"], log)  # type: ignore[arg-type]
+        (out / f"plans_{args.plans}.json").write_text(json.dumps(result, indent=1, default=str))
         log(f"total {time.time() - t0:.0f}s")
         return 0 if not bad else 1
     if args.small_m:

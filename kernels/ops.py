@@ -10,6 +10,8 @@ backend:
   "reference"  dequantize-then-matmul in fp32 (kernels.reference), any device.
   "gemv" | "halves" | "splitk" | "tiled" | "dequant"  force one W4A16 path ("halves" is
                W4-only; W8A16 has the other four), tuned among that path's configs.
+  "swap"       force the W4A16 Triton kernel with the weights as the dot's left operand
+               (triton_w4a16_swap.py); "auto" tries it from M = 9 on.
   "cuda_gemv"  force the CUDA C++ W4A16 kernel for M <= 8 (cuda_gemv.py; nvcc builds it on
                first use); "auto" also tries it there and keeps it where it times fastest.
   "cuda_mma"   force the CUDA C++ tensor-core W4A16 kernel (cuda_mma.py; any M, either weight
@@ -38,6 +40,7 @@ W4_BACKENDS = (
     "splitk",
     "tiled",
     "dequant",
+    "swap",
     "cuda_gemv",
     "cuda_mma",
 )

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from quantlab.kernels import cuda_gemv, cuda_mma
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
+from quantlab.kernels.triton_w4a16_swap import w4a16_swap_kernel
 
 # Configs. Run 2 (H100, 28672x8192, M = 1): the best two-dot "halves" plan took 133 us, every
 # gemv plan >= 249 us, so gemv is a forced path only. W8's single-dot kernel streamed 2.7 TB/s
@@ -74,7 +75,30 @@ _DEQUANT = [
     plan("dequant", BP=128, BK=128, num_warps=8),
     plan("dequant", BP=64, BK=128, num_warps=4),
 ]
-BACKENDS = ("gemv", "halves", "splitk", "tiled", "dequant")
+# "swap" (triton_w4a16_swap.py): weights as the dot's A operand (registers -> wgmma on sm_90).
+# Small-M plans split K for parallelism; large-M plans are the 128-256 wide tiles of a GEMM.
+_SWAP_SMALL = [
+    plan("swap", BM=bm, BN=bn, BK=bk, SPLIT_K=sk, GROUP_M=8, num_warps=w, num_stages=st, XL=0)
+    for bm, bn, bk, sk, w, st in [
+        (16, 128, 128, 1, 4, 4),
+        (16, 128, 128, 2, 4, 4),
+        (16, 256, 128, 2, 8, 3),
+        (32, 128, 128, 1, 4, 4),
+        (32, 128, 128, 2, 4, 4),
+        (64, 128, 128, 1, 4, 4),
+        (64, 128, 128, 2, 4, 4),
+        (64, 256, 64, 1, 8, 4),
+        (16, 128, 128, 4, 4, 4),  # last: the CPU tests run the first and last forced plans
+    ]
+]
+# Run 13 (H100, 28672x8192 and 4096x4096, M 256-4096): BN = 256 tiles and BK = 128 were slower;
+# these four were the best plans at every large M (x on the left, XL = 1, within 5% of W on the
+# left, and faster at M = 256 on 28672x8192).
+_SWAP_LARGE = [
+    plan("swap", BM=bm, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st, XL=xl)
+    for bm, w, st, xl in [(128, 4, 4, 0), (256, 8, 3, 0), (128, 4, 4, 1), (256, 8, 3, 1)]
+]
+BACKENDS = ("gemv", "halves", "splitk", "tiled", "dequant", "swap")
 
 TUNER = Tuner("w4a16")
 
@@ -423,16 +447,21 @@ def candidates(m: int, group_size: int, backend: str) -> list[Plan]:
         "splitk": _SPLITK,
         "tiled": _TILED,
         "dequant": _DEQUANT,
+        "swap": (
+            (_SWAP_SMALL if m_bucket(m) <= 64 else _SWAP_LARGE)
+            if backend == "auto"
+            else _SWAP_LARGE + _SWAP_SMALL
+        ),
     }
     if backend == "auto":
         b = m_bucket(m)
         # Run 2 (H100): tiled plans lost to dequant + cuBLAS by 2.8-3.5x from M = 1024 on.
         names = (
-            ["splitk", "halves"] if b <= 16
-            else ["splitk"] if b <= 32
-            else ["splitk", "tiled"] if b <= 128
-            else ["tiled", "dequant"] if b <= 512
-            else ["dequant"]
+            ["splitk", "halves", "swap"] if b <= 16
+            else ["splitk", "swap"] if b <= 32
+            else ["splitk", "tiled", "swap"] if b <= 128
+            else ["tiled", "dequant", "swap"] if b <= 512
+            else ["dequant", "swap"]
         )  # fmt: skip
     else:
         names = [backend]
@@ -531,9 +560,17 @@ def run_plan(
         _w4a16_gemv_kernel[(triton.cdiv(n, cfg["BN"]), split)](*args, BM=bm, **common)
     else:
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
-        kern = _w4a16_dot_kernel if p.backend == "halves" else _w4a16_rows_kernel
+        kern = {"halves": _w4a16_dot_kernel, "swap": w4a16_swap_kernel}.get(
+            p.backend, _w4a16_rows_kernel
+        )
+        extra = {"USE_ASM": x.is_cuda, "XL": cfg["XL"]} if p.backend == "swap" else {}
         kern[grid](
-            *args, BM=cfg["BM"], GROUP_M=cfg["GROUP_M"], DOT_F32=interpreter_bf16(x), **common
+            *args,
+            BM=cfg["BM"],
+            GROUP_M=cfg["GROUP_M"],
+            DOT_F32=interpreter_bf16(x),
+            **extra,
+            **common,
         )
     if partial:
         block = 1024

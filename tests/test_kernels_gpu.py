@@ -27,7 +27,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
-@pytest.mark.parametrize("backend", ["auto", "gemv", "splitk", "tiled", "dequant"])
+@pytest.mark.parametrize("backend", ["auto", "gemv", "splitk", "tiled", "dequant", "swap"])
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 250])
 @pytest.mark.parametrize("asym", [False, True])
 def test_w4a16_paths(backend: str, m: int, asym: bool) -> None:

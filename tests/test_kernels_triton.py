@@ -108,6 +108,23 @@ def test_w8a16(path: str, m: int) -> None:
             _check(y, reference.ref_linear_w8a16(x, q, s, bias, torch.float64), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swap_every_large_plan_both_orientations(dtype: torch.dtype) -> None:
+    # Every large-M "swap" plan (weights on the left, XL = 0, and x on the left, XL = 1) against
+    # fp64, asymmetric with bias; M = 33 leaves a partial row tile, N = 160 a partial BN tile.
+    n, k, g = 160, 192, 64
+    qw, s, z = _w4(n, k, g, True, dtype)
+    x = torch.randn(33, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    ref = reference.ref_linear_w4a16(x, qw, s, z, g, bias, torch.float64)
+    plans = [
+        p for p in t4.candidates(33, g, "swap") if p.get("SPLIT_K") == 1 and p.get("BM") >= 128
+    ]
+    assert {p.get("XL") for p in plans} == {0, 1}
+    for plan in plans:
+        _check(t4.run_plan(plan, x, qw, s, z, g, bias, fill=math.nan), ref, dtype)
+
+
 def test_split_k_partials_sum_to_the_unsplit_result() -> None:
     n, k, g = 96, 384, 32
     qw, s, _ = _w4(n, k, g, False, torch.float16)
