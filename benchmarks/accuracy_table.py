@@ -114,11 +114,29 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("GPTQ INT4 g64 asym", "smollm2_int4_g64_gptq_asym.yaml", []),
     ("AWQ then GPTQ INT4 g64 sym", "smollm2_int4_g64_awq_gptq_sym.yaml", []),
     ("AWQ then GPTQ INT4 g64 asym", "smollm2_int4_g64_awq_gptq_asym.yaml", []),
-    (
-        "KV cache INT8 + W8A8 SmoothQuant a=0.5, per-channel W + static per-tensor A",
-        "smollm2_int8_sq_int8kv.yaml",
-        [],
-    ),
+    *[
+        row
+        for alpha in ("searched", "0.5")
+        for row in (
+            (
+                f"KV cache INT8 (V equalized) + W8A8 SmoothQuant a={alpha}, per-channel W + "
+                "static per-tensor A",
+                "smollm2_int8_sq_int8kv.yaml",
+                [] if alpha == "searched" else ["steps.1.args.alpha=0.5"],
+            ),
+            (
+                f"KV cache off (baseline of the row above): V equalized + W8A8 SmoothQuant "
+                f"a={alpha}, per-channel W + static per-tensor A",
+                "smollm2_int8_sq_int8kv.yaml",
+                [
+                    "steps=[{calibrator: kv_equalize, args: {}}, {calibrator: smoothquant, args: "
+                    f"{{alpha: {'search' if alpha == 'searched' else 0.5}, weights: channel, "
+                    "activations: static_tensor, fold_pairs: true, share_fused_scales: true, "
+                    "activation_amax: max}}]"
+                ],
+            ),
+        )
+    ],
 ]
 
 

@@ -206,10 +206,10 @@ def check_all(
                         x, w["qweight"], w["scales"], w["zeros"], 128, b, fill=math.nan
                     )
                     record(name, "cuda_gemv", n, k, m, y, ref)
-            for path in ("gemv", "halves", "splitk", "tiled", "dequant"):
+            for path in ("gemv", "halves", "splitk", "tiled", "dequant", "swap"):
                 if path == "gemv" and m > 4:
                     continue
-                if path == "halves":  # W4-only path
+                if path in ("halves", "swap"):  # W4-only paths
                     ref = xb.double() @ wd4.t()
                     y = t4.w4a16_gemm(
                         xb, w4["qweight"], w4["scales"], None, 128, None, path, fill=math.nan
