@@ -116,22 +116,29 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("AWQ then GPTQ INT4 g64 asym", "smollm2_int4_g64_awq_gptq_asym.yaml", []),
     *[
         row
-        for alpha in ("searched", "0.5")
+        for alpha, acts, a_label in (
+            ("searched", "static_tensor", "static per-tensor"),
+            ("0.5", "static_tensor", "static per-tensor"),
+            ("0.5", "dynamic_token", "dynamic per-token"),
+        )
         for row in (
             (
                 f"KV cache INT8 (V equalized) + W8A8 SmoothQuant a={alpha}, per-channel W + "
-                "static per-tensor A",
+                f"{a_label} A",
                 "smollm2_int8_sq_int8kv.yaml",
-                [] if alpha == "searched" else ["steps.1.args.alpha=0.5"],
+                [
+                    *([] if alpha == "searched" else ["steps.1.args.alpha=0.5"]),
+                    f"steps.1.args.activations={acts}",
+                ],
             ),
             (
                 f"KV cache off (baseline of the row above): V equalized + W8A8 SmoothQuant "
-                f"a={alpha}, per-channel W + static per-tensor A",
+                f"a={alpha}, per-channel W + {a_label} A",
                 "smollm2_int8_sq_int8kv.yaml",
                 [
                     "steps=[{calibrator: kv_equalize, args: {}}, {calibrator: smoothquant, args: "
                     f"{{alpha: {'search' if alpha == 'searched' else 0.5}, weights: channel, "
-                    "activations: static_tensor, fold_pairs: true, share_fused_scales: true, "
+                    f"activations: {acts}, fold_pairs: true, share_fused_scales: true, "
                     "activation_amax: max}}]"
                 ],
             ),
