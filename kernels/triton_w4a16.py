@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from quantlab.kernels import cuda_gemv, cuda_mma
+from quantlab.kernels._triton_tiles import grouped_tile
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
 from quantlab.kernels.triton_w4a16_swap import w4a16_swap_kernel
 
@@ -182,13 +183,7 @@ def _w4a16_rows_kernel(
     # the two-dot layout of _w4a16_dot_kernel streamed only ~0.9 TB/s at M = 1).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -263,13 +258,7 @@ def _w4a16_dot_kernel(
     HALF: tl.constexpr = BN // 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_p = pid_n * HALF + tl.arange(0, HALF)

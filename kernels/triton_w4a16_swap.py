@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from quantlab.kernels._triton_tiles import grouped_tile
 
 MAGIC = tl.constexpr(
     8388608.0
@@ -118,14 +119,7 @@ def w4a16_swap_kernel(
     HALF: tl.constexpr = BN // 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    # GROUP_M consecutive programs share one weight tile (DRAM once, then L2) and walk M.
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
 
     offs_p = pid_n * HALF + tl.arange(0, HALF)
     offs_m = pid_m * BM + tl.arange(0, BM)
