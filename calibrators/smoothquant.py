@@ -149,6 +149,19 @@ def smooth_scale(
     return migration_scale(act, wmax, alpha)
 
 
+def keep_range(window_amax: torch.Tensor, s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """s [S] times the scalar that keeps the largest smoothed input max equal to the unsmoothed one.
+
+    window_amax [W, K] holds the consumer's input channel maxima and index [K] maps them onto s. A
+    common scalar on s changes no INT8 code of a W8A8 linear (every weight and activation scale
+    follows it), but it fixes the producer's output range: v_proj's V is what an INT8 KV cache
+    stores under the one scale K and V share, and kv_equalize has already set V to K's range.
+    """
+    a = window_amax.float().amax(dim=0)
+    before, after = float(a.max()), float((a / s[index]).max())
+    return s if before <= 0 or after <= 0 else s * (after / before)
+
+
 def search_alpha(
     x: torch.Tensor,
     window_amax: torch.Tensor,
@@ -270,6 +283,7 @@ class SmoothQuantCalibrator:
                     continue
                 index = self._pair_index(ctx, producer, consumer)
                 res = self._scale(ctx, consumer, [consumer], index)
+                res.scale = keep_range(torch.stack(self._amax[consumer]), res.scale, index)
                 fold_scale(ctx, producer, (), res.scale)
                 fold_scale(ctx, None, (consumer,), res.scale[index])
                 div[consumer] = res.scale[index]

@@ -15,6 +15,7 @@ from quantlab.calibrators.smoothquant import (
     SmoothQuantArgs,
     group_error,
     int8_weights,
+    keep_range,
     migration_scale,
     search_alpha,
     smooth_scale,
@@ -134,6 +135,26 @@ def test_static_input_scale_bounds_the_smoothed_activation() -> None:
     mean = static_input_scale(windows, s, "mean")
     assert float(mean) < float(scale)
     assert static_input_scale(windows, torch.ones(256)) > 5 * scale  # smoothing shrank the range
+
+
+def test_keep_range_fixes_the_producer_range_and_no_int8_code() -> None:
+    x, w, windows = outlier_problem(4)
+    idx = torch.arange(256)
+    s = smooth_scale(windows, [w], 0.5, idx)
+    kept = keep_range(windows, s, idx)
+    a = windows.amax(dim=0)
+    # The producer's largest output (what an INT8 KV cache stores for V) keeps its unsmoothed max ...
+    assert float((a / kept).max()) == pytest.approx(float(a.max()), rel=1e-6)
+    assert float((a / s).max()) < 0.5 * float(a.max())  # without it smoothing shrinks V's range
+    # ... through one common factor, which leaves every W8A8 code of the consumer unchanged.
+    ratio = kept / s
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
+    wf, af = PRESETS["int8_channel"], PRESETS["int8_tensor"]
+    ref = x @ w.T
+    e1 = group_error(x, [w], s, wf, af, windows, ref)
+    e2 = group_error(x, [w], kept, wf, af, windows, ref)
+    assert e2 == pytest.approx(e1, rel=1e-3)
+    assert keep_range(torch.zeros(2, 256), s, idx) is s  # nothing observed: unchanged
 
 
 def test_args() -> None:
