@@ -64,9 +64,11 @@ class Tuner:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
+        if len(candidates) == 1:  # nothing to time; cached so callers can see the plan
+            self.cache[key] = candidates[0]
+            return candidates[0]
         if (
-            len(candidates) == 1
-            or not torch.cuda.is_available()
+            not torch.cuda.is_available()
             or torch.cuda.is_current_stream_capturing()
             or os.environ.get("QUANTLAB_KERNELS_NO_TUNE") == "1"
         ):

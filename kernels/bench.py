@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from quantlab.kernels import cuda_gemv, cuda_mma, packing, reference
+from quantlab.kernels import cuda_gemv, cuda_mma, cutlass_w4, packing, reference
 from quantlab.kernels.fp8 import fp8_scaled_mm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192), (8192, 28672)]
@@ -152,6 +152,9 @@ def check_all(
         wd8 = reference.dequant_w8(w8["qweight"], w8["scales"], torch.float64)
         w4n = packing.to_mma_layout(w4["qweight"])
         w4an = packing.to_mma_layout(w4a["qweight"])
+        hopper = cutlass_w4.available(torch.device(dev))
+        w4h = packing.to_wgmma_layout(w4["qweight"]) if hopper else None
+        w4ah = packing.to_wgmma_layout(w4a["qweight"]) if hopper else None
         for m in ms:
             xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             xh = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -180,6 +183,17 @@ def check_all(
             ref = xb.double() @ wd4.t()
             y = cuda_mma.w4a16_native_auto(xb, w4n, w4["scales"], None, 128, None, fill=math.nan)
             record("w4a16_g128_sym_bf16_native", "auto", n, k, m, y, ref)
+            if w4h is not None and w4ah is not None:  # Hopper layout: cutlass_w4, tuned
+                y = cutlass_w4.w4a16_cutlass_gemm(
+                    xb, w4h, w4["scales"], None, 128, None, fill=math.nan
+                )
+                record("w4a16_g128_sym_bf16_hopper", "cutlass", n, k, m, y, ref)
+                b = bias.to(torch.float16)
+                ref = xh.double() @ wd4a.t() + b.double()
+                y = cutlass_w4.w4a16_cutlass_gemm(
+                    xh, w4ah, w4a["scales"], w4a["zeros"], 128, b, fill=math.nan
+                )
+                record("w4a16_g128_asym_fp16_hopper", "cutlass", n, k, m, y, ref)
             # every forced W4/W8 path where it applies, untuned (first config) to bound compiles
             os.environ["QUANTLAB_KERNELS_NO_TUNE"] = "1"
             if m <= 64:
@@ -257,6 +271,12 @@ def check_all(
                         x, qn, w["scales"], w["zeros"], g, None, fill=math.nan
                     )
                     record(name + "_native", "cuda_mma", n, k, m, y, ref)
+                    if g == 64 and cutlass_w4.available(torch.device(dev)):
+                        qh = packing.to_wgmma_layout(w["qweight"])
+                        y = cutlass_w4.w4a16_cutlass_gemm(
+                            x, qh, w["scales"], w["zeros"], g, None, fill=math.nan
+                        )
+                        record(name + "_hopper", "cutlass", n, k, m, y, ref)
     return recs
 
 
@@ -286,6 +306,10 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
     cps = max(8, math.ceil(3 * l2 / (n * k // 2)))
     w4 = [make_w4(n, k, 128, False, torch.bfloat16, dev) for _ in range(cps)]
     w4n = [packing.to_mma_layout(w["qweight"]) for w in w4]  # converted once, offline
+    hopper = cutlass_w4.available(torch.device(dev))
+    # Hopper layout and N-major scales (the kernel's scale order), also converted offline
+    w4h = [packing.to_wgmma_layout(w["qweight"]) for w in w4] if hopper else []
+    s4h = [w["scales"].t().contiguous().t() for w in w4] if hopper else []
     w8 = [make_w8(n, k, torch.bfloat16, dev) for _ in range(8)]
     f8 = [make_fp8(n, k, dev) for _ in range(8)]
     wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
@@ -333,6 +357,12 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
                 nbytes(f8[0]["weight"], f8[0]["weight_scale"]) + act_out,
             ),
         }
+        if hopper:
+            methods["w4a16_g128_hopper"] = (
+                lambda i, x=x: cutlass_w4.w4a16_cutlass_gemm(x, w4h[i], s4h[i], None, 128, None),
+                cps,
+                nbytes(w4h[0], s4h[0]) + act_out,
+            )
         xt, st = reference.quantize_fp8_act(x, "tensor")
         one = torch.ones((), device=dev)
         methods["fp8_tensor_fast_gemm_only"] = (
@@ -388,6 +418,9 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
         keyn_hit = [kk for kk in keysn if kk[:9] == keyn and kk[9] == "autoTrue"]
         if "w4a16_g128_native" in row and keyn_hit:
             row["w4a16_g128_native"]["plan"] = str(cuda_mma.TUNER.cache[keyn_hit[0]])
+        keyh = (t4.m_bucket(m), n, k, 128, torch.bfloat16, False, False)
+        if "w4a16_g128_hopper" in row and keyh in cutlass_w4.TUNER.cache:
+            row["w4a16_g128_hopper"]["plan"] = str(cutlass_w4.TUNER.cache[keyh])
         key8 = next(
             (
                 kk
@@ -664,6 +697,7 @@ def markdown(rows: list[dict]) -> str:
         "cublas_bf16",
         "w4a16_g128",
         "w4a16_g128_native",
+        "w4a16_g128_hopper",
         "tinygemm_int4",
         "w8a16",
         "fp8_row_dyn",
@@ -673,9 +707,9 @@ def markdown(rows: list[dict]) -> str:
     head = (
         "| N x K | M | "
         + " | ".join(f"{n} us (x cuBLAS)" for n in names)
-        + " | W4 GB/s | W4 plan | W4 native GB/s | W4 native plan |"
+        + " | W4 GB/s | W4 plan | W4 native GB/s | W4 native plan | W4 Hopper GB/s | W4 Hopper plan |"
     )
-    lines = [head, "|" + "---|" * (len(names) + 6)]
+    lines = [head, "|" + "---|" * (len(names) + 8)]
     for r in rows:
         cells = []
         for nm in names:
@@ -683,11 +717,13 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{v['us']:.1f} ({v.get('x_cublas', 1):.2f}x)" if "us" in v else "n/a")
         w4 = r.get("w4a16_g128", {})
         w4n = r.get("w4a16_g128_native", {})
+        w4h = r.get("w4a16_g128_hopper", {})
         lines.append(
             f"| {r['N']}x{r['K']} | {r['M']} | "
             + " | ".join(cells)
             + f" | {w4.get('GBps', 0):.0f} | {w4.get('plan', '')}"
-            + f" | {w4n.get('GBps', 0):.0f} | {w4n.get('plan', '')} |"
+            + f" | {w4n.get('GBps', 0):.0f} | {w4n.get('plan', '')}"
+            + f" | {w4h.get('GBps', 0):.0f} | {w4h.get('plan', '')} |"
         )
     return "\n".join(lines)
 

@@ -73,24 +73,39 @@ def _arch(device: torch.device) -> str:
     return f"{major}{minor}"
 
 
-def build_library(
-    source: str, stem: str, device: torch.device | None = None, verbose: bool = False
-) -> Path:
-    """Compile source for device's compute capability into a cached shared library; its path.
+def library_path(source: str, stem: str, arch: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Cache path of the library built from source for arch: the name hashes source + flags."""
+    flags = (*NVCC_FLAGS, *extra_flags, f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    return cache_dir() / f"{stem}_{digest}_sm{arch}.so"
 
-    The file name carries a hash of source + flags + arch, so an edited source rebuilds; a
-    library already in the cache (built here or carried in) is reused as is.
+
+def build_library(
+    source: str,
+    stem: str,
+    device: torch.device | None = None,
+    verbose: bool = False,
+    arch: str | None = None,
+    extra_flags: tuple[str, ...] = (),
+    include_dirs: tuple[Path, ...] = (),
+) -> Path:
+    """Compile source for device's compute capability (or arch, e.g. "90a") into a cached shared
+    library; its path.
+
+    The file name carries a hash of source + flags + arch (not the include folders), so an edited
+    source rebuilds; a library already in the cache (built here or carried in) is reused as is.
     """
-    dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if arch is None:
+        dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        arch = _arch(dev)
+    out = library_path(source, stem, arch, extra_flags)
+    if out.is_file():
+        return out
+    flags = (*NVCC_FLAGS, *extra_flags, f"-gencode=arch=compute_{arch},code=sm_{arch}")
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError(f"{stem}: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    arch = _arch(dev)
-    flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"{stem}_{digest}_sm{arch}.so"
-    if out.is_file():
-        return out
+    flags = (*flags, *(f"-I{d}" for d in include_dirs))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         cu = Path(tmp) / f"{stem}.cu"

@@ -18,10 +18,13 @@ backend:
                layout); "auto" tries it for M <= 64 on the checkpoint layout, and on the
                kernel-native layout (packing.to_mma_layout) it is auto's path together with
                its dequantize + cuBLAS plan.
-W4 weights come in the checkpoint layout (int8 [N/2, K]) or the kernel-native layout (int32
-[ceil(N/16), K/64, 128], packing.to_mma_layout; N is scales.shape[0]). Paths that only read the
-checkpoint layout (reference, Triton, cuda_gemv) convert a native weight back on every call
-(packing.from_mma_layout: correct, but an extra pass over the weights).
+  "cutlass"    force the sm_90a GEMM on CUTLASS's mixed-input pipelines (cutlass_w4.py); it reads
+               the Hopper layout (packing.to_wgmma_layout) only, and is auto's path there.
+W4 weights come in the checkpoint layout (int8 [N/2, K]), the kernel-native layout (int32
+[ceil(N/16), K/64, 128], packing.to_mma_layout) or the Hopper layout (uint8 [N, K/2],
+packing.to_wgmma_layout); N is scales.shape[0] for the last two. Paths that only read the
+checkpoint layout (reference, Triton, cuda_gemv) convert another layout back on every call
+(correct, but an extra pass over the weights).
   "scaled_mm"  force the FP8 cuBLASLt path.
 Forced Triton paths on CPU tensors run only under TRITON_INTERPRET=1 (that is how tests use them).
 """
@@ -43,6 +46,7 @@ W4_BACKENDS = (
     "swap",
     "cuda_gemv",
     "cuda_mma",
+    "cutlass",
 )
 W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
@@ -90,7 +94,12 @@ def _linear_w4a16_op(
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     n = packing.mma_layout_n(qweight, scales)
     native = packing.is_mma_layout(qweight)
-    if backend == "cuda_mma":
+    hopper = packing.is_wgmma_layout(qweight)
+    if backend == "cutlass" or (hopper and backend == "auto" and x.is_cuda and _cutlass_ok(x)):
+        from quantlab.kernels.cutlass_w4 import w4a16_cutlass_gemm
+
+        y = w4a16_cutlass_gemm(x2, qweight, scales, zeros, group_size, bias)
+    elif backend == "cuda_mma":
         from quantlab.kernels.cuda_mma import w4a16_mma_gemm
 
         y = w4a16_mma_gemm(x2, qweight, scales, zeros, group_size, bias)
@@ -119,6 +128,12 @@ def _linear_w4a16_op(
     return y.reshape(*x.shape[:-1], n)
 
 
+def _cutlass_ok(x: torch.Tensor) -> bool:
+    from quantlab.kernels.cutlass_w4 import available
+
+    return available(x.device)
+
+
 @_linear_w4a16_op.register_fake
 def _(x, qweight, scales, zeros, group_size, bias, backend):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
@@ -136,6 +151,7 @@ def check_w4a16(
     if backend not in W4_BACKENDS:
         raise KernelArgumentError(f"linear_w4a16: backend must be one of {W4_BACKENDS}")
     native = packing.is_mma_layout(qweight)
+    hopper = packing.is_wgmma_layout(qweight)
     if native:
         n, k = scales.shape[0], qweight.shape[1] * packing.MMA_UNIT_K
         if n % 2 or -(-n // packing.MMA_TILE_ROWS) != qweight.shape[0]:
@@ -143,10 +159,18 @@ def check_w4a16(
                 f"linear_w4a16: native qweight {tuple(qweight.shape)} does not hold N={n} rows "
                 "(scales.shape[0])"
             )
+    elif hopper:
+        n, k = scales.shape[0], qweight.shape[1] * 2
+        if qweight.shape[0] != n or n % packing.WGMMA_ATOM or k % packing.WGMMA_ATOM:
+            raise KernelArgumentError(
+                f"linear_w4a16: Hopper-layout qweight {tuple(qweight.shape)} must be uint8 "
+                f"[N, K/2] with N = scales.shape[0] = {n} and N, K multiples of 16"
+            )
     elif qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise KernelArgumentError(
-            "linear_w4a16: qweight must be int8 [N // 2, K] (pack_int4_rows) or the native "
-            "int32 [ceil(N/16), K/64, 128] (to_mma_layout)"
+            "linear_w4a16: qweight must be int8 [N // 2, K] (pack_int4_rows), the native "
+            "int32 [ceil(N/16), K/64, 128] (to_mma_layout) or the Hopper uint8 [N, K/2] "
+            "(to_wgmma_layout)"
         )
     else:
         n, k = qweight.shape[0] * 2, qweight.shape[1]
@@ -165,13 +189,24 @@ def check_w4a16(
             reason = "reads the checkpoint layout only"
         if reason is not None:
             raise KernelArgumentError(f"linear_w4a16: backend 'cuda_gemv' {reason}")
+    if backend == "cuda_mma" and hopper:
+        raise KernelArgumentError(
+            "linear_w4a16: backend 'cuda_mma' reads the checkpoint or native layout, not the "
+            "Hopper layout (packing.from_wgmma_layout converts back)"
+        )
     if backend == "cuda_mma":
         from quantlab.kernels.cuda_mma import unsupported_reason as mma_reason
 
         reason = mma_reason(x, qweight, scales, zeros, group_size, None, False)
         if reason is not None:
             raise KernelArgumentError(f"linear_w4a16: backend 'cuda_mma' {reason}")
-    if backend not in ("auto", "reference") and group_size not in TRITON_GROUPS:
+    if backend == "cutlass":
+        from quantlab.kernels.cutlass_w4 import unsupported_reason as cutlass_reason
+
+        reason = cutlass_reason(x, qweight, scales, zeros, group_size, None, False)
+        if reason is not None:
+            raise KernelArgumentError(f"linear_w4a16: backend 'cutlass' {reason}")
+    if backend not in ("auto", "reference", "cutlass") and group_size not in TRITON_GROUPS:
         raise KernelArgumentError(f"linear_w4a16: Triton paths support group sizes {TRITON_GROUPS}")
     if x.is_cuda and backend == "auto" and group_size not in TRITON_GROUPS:
         raise KernelArgumentError(

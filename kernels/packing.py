@@ -165,11 +165,70 @@ def from_mma_layout(w: torch.Tensor, n: int) -> torch.Tensor:
     return b.contiguous().view(torch.int8)
 
 
+# ---- Hopper "wgmma" layout (cutlass_w4 backend) ------------------------------------------------
+# uint8 [N, K/2]: the nibbles of the int4 matrix [N, K] in the order the sm_90 mixed-input GEMM's
+# warps hold them as wgmma A fragments. Atoms of 16 rows x 16 k (256 nibbles, 128 bytes) are
+# stored with the row direction fastest (atom (i, j) at nibble 256 (i + j N/16)); inside an atom,
+# element (r, c) sits at 32 (r % 8) + 8 ((c % 8) // 2) + 4 (c % 2) + 2 (c // 8) + r // 8: lane
+# 4 (r % 8) + (c % 8) // 2 owns 8 consecutive nibbles (one 32-bit load), ordered 0,2,4,6,1,3,5,7
+# by fragment value. Even nibble offsets are low nibbles. Values are the checkpoint's (two's
+# complement q, or u - 8), so the conversion is a pure permutation, lossless both ways.
+WGMMA_ATOM = 16
+
+
+def is_wgmma_layout(qweight: torch.Tensor) -> bool:
+    """True for the Hopper layout (uint8 [N, K/2], to_wgmma_layout)."""
+    return qweight.dtype == torch.uint8 and qweight.dim() == 2
+
+
+def _wgmma_view(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    # [N, K] -> (i, r1, r0, j, c2, c1, c0) with r = 8 r1 + r0, c = 8 c2 + 2 c1 + c0
+    return t.reshape(n // 16, 2, 8, k // 16, 2, 4, 2)
+
+
+_WGMMA_ORDER = (3, 0, 2, 5, 6, 4, 1)  # storage order, slowest first: j, i, r0, c1, c0, c2, r1
+
+
+def to_wgmma_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Checkpoint int8 [N/2, K] -> Hopper layout uint8 [N, K/2] (N % 16 == 0, K % 16 == 0)."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise TypeError(
+            f"to_wgmma_layout expects int8 [N/2, K], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    n, k = qweight.shape[0] * 2, qweight.shape[1]
+    if n % WGMMA_ATOM or k % WGMMA_ATOM:
+        raise ValueError(f"to_wgmma_layout needs N and K multiples of 16, got N={n} K={k}")
+    q = unpack_int4_rows(qweight)
+    flat = _wgmma_view(q, n, k).permute(*_WGMMA_ORDER).reshape(-1, 2).to(torch.int16) & 0x0F
+    return (flat[:, 0] | (flat[:, 1] << 4)).to(torch.uint8).reshape(n, k // 2)
+
+
+def from_wgmma_layout(w: torch.Tensor) -> torch.Tensor:
+    """Hopper layout uint8 [N, K/2] -> checkpoint int8 [N/2, K]; inverse of to_wgmma_layout."""
+    if not is_wgmma_layout(w):
+        raise TypeError(f"from_wgmma_layout expects uint8 [N, K/2], got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape[0], w.shape[1] * 2
+    if n % WGMMA_ATOM or k % WGMMA_ATOM:
+        raise ValueError(f"from_wgmma_layout needs N and K multiples of 16, got N={n} K={k}")
+    b = w.contiguous().view(torch.int8).reshape(-1)
+    nib = torch.stack([(b << 4) >> 4, b >> 4], dim=1).reshape(-1)  # sign-extended, storage order
+    shape = [(n // 16, 2, 8, k // 16, 2, 4, 2)[d] for d in _WGMMA_ORDER]
+    inv = [_WGMMA_ORDER.index(d) for d in range(7)]
+    q = nib.reshape(shape).permute(*inv).reshape(n, k)
+    return pack_int4_rows(q.contiguous())
+
+
 def mma_layout_n(qweight: torch.Tensor, scales: torch.Tensor) -> int:
-    """Output rows N of a W4 weight in either layout (the native one needs scales' row count)."""
-    return scales.shape[0] if is_mma_layout(qweight) else qweight.shape[0] * 2
+    """Output rows N of a W4 weight in any layout (the native ones need scales' row count)."""
+    if is_mma_layout(qweight) or is_wgmma_layout(qweight):
+        return scales.shape[0]
+    return qweight.shape[0] * 2
 
 
 def w4_to_checkpoint(qweight: torch.Tensor, n: int) -> torch.Tensor:
-    """qweight in either layout -> checkpoint int8 [N/2, K] (identity for the checkpoint layout)."""
-    return from_mma_layout(qweight, n) if is_mma_layout(qweight) else qweight
+    """qweight in any layout -> checkpoint int8 [N/2, K] (identity for the checkpoint layout)."""
+    if is_mma_layout(qweight):
+        return from_mma_layout(qweight, n)
+    if is_wgmma_layout(qweight):
+        return from_wgmma_layout(qweight)
+    return qweight

@@ -191,3 +191,65 @@ def test_mma_cuda_graph_and_compile(cm) -> None:
     torch.cuda.synchronize()
     ref = reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)
     assert _rel(static_y, ref) < TOL
+
+
+@pytest.fixture(scope="module")
+def cw():
+    from quantlab.kernels import cutlass_w4
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("cutlass_w4 needs an sm_90 GPU")
+    if not cutlass_w4.available(torch.device("cuda")):
+        pytest.fail(f"cutlass_w4 did not build: {cutlass_w4._build_error}")
+    return cutlass_w4
+
+
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("asym", [False, True])
+def test_cutlass_every_config_vs_fp64(cw, g: int, dtype: torch.dtype, asym: bool) -> None:
+    """Every compiled configuration of this dtype/zero mode on the Hopper layout, M from 1 to 300
+    (partial tiles on both sides: N = 1216 is 9.5 tiles of 128), bias, NaN-poisoned outputs."""
+    n, k = 1216, 1152
+    qw, s, z = _w4(n, k, g, asym, dtype)
+    qh = packing.to_wgmma_layout(qw)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    wd = reference.dequant_w4(qw, s, z, g, torch.float64)
+    for m in (1, 7, 64, 100, 300):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.double() @ wd.t() + bias.double()
+        for p in cw.candidates(dtype, asym, 4096):
+            y = cw.run_plan(p, x, qh, s, z, g, bias, fill=math.nan)
+            assert y.shape == (m, n) and y.dtype == dtype
+            err = _rel(y, ref)
+            assert err < TOL, f"{p} M={m}: {err:.3e}"
+
+
+def test_cutlass_dispatch_graph_and_compile(cw) -> None:
+    """auto on the Hopper layout runs cutlass_w4 (also forced), [..., K] input, fp32 scales,
+    torch.compile + CUDA-graph replay."""
+    n, k, g = 1216, 1152, 128
+    qw, s, z = _w4(n, k, g, False, torch.bfloat16)
+    qh = packing.to_wgmma_layout(qw)
+    x = torch.randn(2, 40, k, device="cuda", dtype=torch.bfloat16)
+    ref = reference.ref_linear_w4a16(x.reshape(-1, k), qw, s, z, g, None, torch.float64)
+    for backend in ("auto", "cutlass"):
+        y = linear_w4a16(x, qh, s, z, g, backend=backend)
+        assert y.shape == (2, 40, n) and _rel(y.reshape(-1, n), ref) < TOL
+    assert _rel(linear_w4a16(x, qh, s.float(), z, g).reshape(-1, n), ref) < TOL
+    with pytest.raises(KernelArgumentError, match="'cutlass' reads the Hopper layout"):
+        linear_w4a16(x, qw, s, z, g, backend="cutlass")
+    static_x = torch.randn(5, k, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda t: linear_w4a16(t, qh, s, z, g), fullgraph=True)
+    f(static_x)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        static_y = f(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel(static_y, reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)) < TOL

@@ -182,3 +182,64 @@ def test_native_layout_argument_errors() -> None:
         linear_w4a16(x, qn, s, None, g, backend="cuda_mma")  # CPU tensors
     with pytest.raises(KernelArgumentError, match="K="):
         linear_w4a16(torch.randn(1, 64).half(), qn, s, None, g)
+
+
+# ---- Hopper layout (packing.to_wgmma_layout, read by the cutlass_w4 kernel) ----------------------
+
+
+def _wgmma_offset(r: int, c: int, n: int) -> int:
+    """Nibble offset of element (r, c) as docs/kernels.md and the CUDA ShuffleAtom state it."""
+    atom = 32 * (r % 8) + 8 * ((c % 8) // 2) + 4 * (c % 2) + 2 * ((c % 16) // 8) + (r % 16) // 8
+    return atom + 256 * (r // 16 + (n // 16) * (c // 16))
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (48, 96), (1216, 1152)])
+def test_wgmma_layout_round_trip_and_offsets(shape) -> None:
+    n, k = shape
+    q = torch.randint(-128, 128, (n // 2, k), dtype=torch.int8)  # every byte value
+    w = packing.to_wgmma_layout(q)
+    assert w.dtype == torch.uint8 and w.shape == (n, k // 2)
+    assert packing.is_wgmma_layout(w) and not packing.is_wgmma_layout(q)
+    assert not packing.is_mma_layout(w)
+    assert torch.equal(packing.from_wgmma_layout(w), q)
+    assert torch.equal(packing.w4_to_checkpoint(w, n), q)
+    codes = packing.unpack_int4_rows(q)
+    b = w.view(torch.int8).reshape(-1)
+    nib = torch.stack([(b << 4) >> 4, b >> 4], dim=1).reshape(-1)  # low nibble = even offset
+    g = torch.Generator().manual_seed(n)
+    rows, cols = (
+        torch.randint(0, n, (4000,), generator=g),
+        torch.randint(0, k, (4000,), generator=g),
+    )
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        assert int(nib[_wgmma_offset(r, c, n)]) == int(codes[r, c]), (r, c)
+
+
+def test_wgmma_layout_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="multiples of 16"):
+        packing.to_wgmma_layout(torch.zeros(9, 64, dtype=torch.int8))  # N = 18
+    with pytest.raises(ValueError, match="multiples of 16"):
+        packing.to_wgmma_layout(torch.zeros(8, 40, dtype=torch.int8))  # K = 40
+    with pytest.raises(TypeError):
+        packing.to_wgmma_layout(torch.zeros(8, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError):
+        packing.from_wgmma_layout(torch.zeros(8, 64, dtype=torch.int8))
+
+
+def test_wgmma_layout_through_dispatch_on_cpu() -> None:
+    """On CPU every path converts the Hopper layout back: same results as the checkpoint layout;
+    the forced CUDA kernels refuse it with a reason."""
+    n, k, g = 48, 256, 64
+    qw, s, z = _w4(n, k, g, True)
+    qh = packing.to_wgmma_layout(qw)
+    x = torch.randn(2, 3, k).half()
+    for backend in ("auto", "reference"):
+        y = linear_w4a16(x, qh, s, z, g, backend=backend)
+        assert y.shape == (2, 3, n)
+        assert torch.equal(y, linear_w4a16(x, qw, s, z, g, backend=backend))
+    with pytest.raises(KernelArgumentError, match="'cutlass' needs CUDA"):
+        linear_w4a16(x, qh, s, z, g, backend="cutlass")
+    with pytest.raises(KernelArgumentError, match="'cuda_mma' reads the checkpoint or native"):
+        linear_w4a16(x, qh, s, z, g, backend="cuda_mma")
+    with pytest.raises(KernelArgumentError, match="Hopper-layout qweight"):
+        linear_w4a16(x, qh, torch.ones(32, k // g).half(), None, g)

@@ -1,0 +1,278 @@
+"""W4A16 GEMM for Hopper (sm_90a) on CUTLASS's mixed-input collectives ("cutlass_w4").
+
+y [M, N] = x [M, K] @ W^T runs as y^T = W x^T, so the int4 weights are the operand wgmma reads
+from registers: a TMA producer warp streams weight, scale and x tiles into shared memory, two
+consumer warpgroups turn nibbles into fp16/bf16 (times the group scale, plus the pre-scaled zero)
+and issue wgmma, and a TMA epilogue writes y. The weights must be in the Hopper layout
+(packing.to_wgmma_layout: a pure permutation of the checkpoint's nibbles so that one 32-bit load
+gives a lane its whole fragment); the scales are read N-major ([K/G, N] storage), the zero points
+as -(z - 8) * s in x's dtype. Both are derived per call unless scales already arrive N-major.
+
+The kernel source is ours (_cutlass_w4_src.py); CUTLASS (headers from the `nvidia-cutlass` wheel,
+or QUANTLAB_CUTLASS_DIR) supplies the pipelines. nvcc builds the library on first use into the
+same cache as the other CUDA kernels (cuda_gemv.build_library), named by a hash of source and
+flags, so a library built elsewhere for sm_90a can be carried in. Group sizes: multiples of 64
+(the K tile). Plans: the C++ table's configurations for x's dtype and the zero mode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import torch
+from quantlab.kernels import packing
+from quantlab.kernels._cutlass_w4_src import CONFIGS, SOURCE
+from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
+from quantlab.kernels.cuda_gemv import build_library, library_path
+
+STEM = "w4a16_cutlass"
+ARCH = "90a"  # wgmma and setmaxnreg: sm_90a only
+FLAGS = ("--expt-relaxed-constexpr", "-DNDEBUG", "-Xcudafe", "--diag_suppress=177")
+TILE_K = 64
+
+TUNER = Tuner("w4a16_cutlass")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_build_error: str | None = None
+_sms: dict[int, int] = {}
+
+
+def cutlass_include_dirs() -> tuple[Path, Path]:
+    """(include, tools/util/include) of CUTLASS: QUANTLAB_CUTLASS_DIR or the nvidia-cutlass wheel."""
+    root_env = os.environ.get("QUANTLAB_CUTLASS_DIR")
+    if root_env:
+        root = Path(root_env)
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or spec.origin is None:
+            raise RuntimeError(
+                "cutlass_w4: CUTLASS headers not found. Install them with "
+                "`pip install --no-deps nvidia-cutlass==4.2.0.0` or point QUANTLAB_CUTLASS_DIR at a "
+                "CUTLASS checkout (the folder holding include/ and tools/)."
+            )
+        root = Path(spec.origin).parent / "source"
+    inc, util = root / "include", root / "tools" / "util" / "include"
+    if not (inc / "cutlass" / "cutlass.h").is_file():
+        raise RuntimeError(f"cutlass_w4: {inc} holds no cutlass/cutlass.h")
+    return inc, util
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library for sm_90a (cached; needs nvcc and the CUTLASS headers); its path."""
+    cached = library_path(SOURCE, STEM, ARCH, FLAGS)
+    if cached.is_file():  # built earlier, here or elsewhere: no headers needed
+        return cached
+    return build_library(
+        SOURCE,
+        STEM,
+        arch=ARCH,
+        verbose=verbose,
+        extra_flags=FLAGS,
+        include_dirs=cutlass_include_dirs(),
+    )
+
+
+def _load() -> ctypes.CDLL:
+    global _lib, _build_error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _build_error is not None:
+            raise RuntimeError(_build_error)
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (RuntimeError, OSError) as err:
+            _build_error = str(err)
+            raise
+        lib.ql_cutlass_w4.restype = ctypes.c_int
+        # config, 5 pointers (x, qweight, scales, zeros, y), m n k g sms, workspace + bytes,
+        # stream, size_t* (non-null: only report the workspace bytes)
+        lib.ql_cutlass_w4.argtypes = [
+            ctypes.c_int,
+            *[ctypes.c_void_p] * 5,
+            *[ctypes.c_int] * 5,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        _lib = lib
+        return lib
+
+
+def available(device: torch.device) -> bool:
+    """True on sm_90 if the library is (or can now be) built and loaded; never builds under capture."""
+    if _lib is not None:
+        return torch.cuda.get_device_capability(device) == (9, 0)
+    if (
+        _build_error is not None
+        or os.environ.get("QUANTLAB_KERNELS_NO_CUDA") == "1"
+        or torch.cuda.is_current_stream_capturing()
+        or torch.cuda.get_device_capability(device) != (9, 0)
+    ):
+        return False
+    try:
+        _load()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+def unsupported_reason(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    check_x_layout: bool = True,
+) -> str | None:
+    """Why the cutlass_w4 kernel cannot take these arguments (x [M, K] or [..., K]), else None.
+
+    Pure Python (no build); check_x_layout=False skips x's contiguity/alignment checks.
+    """
+    if not x.is_cuda:
+        return "needs CUDA tensors"
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return "needs an sm_90 (Hopper) GPU"
+    if not packing.is_wgmma_layout(qweight):
+        return "reads the Hopper layout only (packing.to_wgmma_layout)"
+    n, k = scales.shape[0], x.shape[-1]
+    if n % 16 or k % TILE_K:
+        return f"needs N % 16 == 0 and K % {TILE_K} == 0, got N={n} K={k}"
+    if group_size % TILE_K:
+        return f"group size must be a multiple of {TILE_K}, got {group_size}"
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        return "qweight must be contiguous and 16-byte aligned"
+    if bias is not None and bias.shape != (n,):
+        return f"bias must be [{n}]"
+    if check_x_layout and (x.data_ptr() % 16 or not x.is_contiguous()):
+        return "x must be contiguous and 16-byte aligned"
+    if max(n, k) >= 2**31 or x.numel() >= 2**31:
+        return "shape too large"
+    return None
+
+
+def candidates(x_dtype: torch.dtype, asym: bool, m: int) -> list[Plan]:
+    """The compiled configurations for this dtype and zero mode whose activation tile fits M."""
+    dt = "f16" if x_dtype == torch.float16 else "bf16"
+    rows = [c for c in CONFIGS if c["dtype"] == dt and c["zero"] == asym]
+    fit = [c for c in rows if c["tile_m"] <= max(64, m_bucket(m))] or rows
+    return [plan("cutlass_w4", ID=c["id"], TN=c["tile_n"], TM=c["tile_m"]) for c in fit]
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sms:
+        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sms[idx]
+
+
+def kernel_scales(
+    scales: torch.Tensor, zeros: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scales [N, K/G] and zeros uint8 [N, K/G] -> the kernel's ([K/G, N], -(z - 8) * s [K/G, N])
+    in dtype, N contiguous. No copy when scales already are N-major in dtype (scales.t() contiguous).
+    """
+    st = scales.t()
+    if st.dtype != dtype or not st.is_contiguous():
+        st = st.to(dtype).contiguous()
+    if zeros is None:
+        return st, None
+    zt = (-(zeros.t().float() - packing.ASYM_OFFSET) * st.float()).to(dtype).contiguous()
+    return st, zt
+
+
+def run_plan(
+    p: Plan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Launch one plan: x [M, K] fp16/bf16 -> out [M, N] in x's dtype.
+
+    qweight uint8 [N, K/2] (Hopper layout); scales [N, K/G] (any float dtype, N-major storage
+    avoids a copy); zeros uint8 [N, K/G] or None; bias [N] or None. fill poisons the output.
+    """
+    m, k = x.shape
+    n = scales.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if fill is not None:
+        out.fill_(fill)
+    if m == 0:
+        return out
+    lib = _load()
+    st, zt = kernel_scales(scales, zeros, x.dtype)
+    cfg = p.get("ID")
+    sms = _sm_count(x.device)
+    need = ctypes.c_size_t(0)
+    args = (x.data_ptr(), qweight.data_ptr(), st.data_ptr(), 0 if zt is None else zt.data_ptr())
+    lib.ql_cutlass_w4(cfg, *args, out.data_ptr(), m, n, k, group_size, sms, None, 0, None,
+                      ctypes.byref(need))  # fmt: skip
+    ws = torch.empty(max(int(need.value), 1), dtype=torch.uint8, device=x.device)
+    err = lib.ql_cutlass_w4(
+        cfg,
+        *args,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        group_size,
+        sms,
+        ws.data_ptr(),
+        ws.numel(),
+        torch.cuda.current_stream(x.device).cuda_stream,
+        None,
+    )
+    if err:
+        what = {1: "workspace too small", 2: "problem not supported", 3: "initialize failed",
+                4: "launch failed", 5: "CUDA error", 6: "unknown configuration"}  # fmt: skip
+        raise RuntimeError(f"cutlass_w4 plan {p}: {what.get(err, err)}")
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    return out
+
+
+def w4a16_cutlass_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Backend "cutlass_w4" (forced, or auto on the Hopper layout): x [M, K] -> [M, N], tuned
+    per (M bucket, N, K, group, dtype, zeros, bias) among the compiled configurations."""
+    reason = unsupported_reason(x, qweight, scales, zeros, group_size, bias)
+    if reason is not None:
+        raise ValueError(f"cutlass_w4: {reason}")
+    key = (
+        m_bucket(x.shape[0]),
+        scales.shape[0],
+        x.shape[1],
+        group_size,
+        x.dtype,
+        zeros is not None,
+        bias is not None,
+    )
+    chosen = TUNER.pick(
+        key,
+        candidates(x.dtype, zeros is not None, x.shape[0]),
+        lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias),
+    )
+    return run_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
+
+
+if (
+    __name__ == "__main__"
+):  # prebuild the library (no GPU needed): python -m quantlab.kernels.cutlass_w4
+    print(build(verbose=False))
