@@ -149,16 +149,16 @@ def smooth_scale(
     return migration_scale(act, wmax, alpha)
 
 
-def keep_range(window_amax: torch.Tensor, s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """s [S] times the scalar that keeps the largest smoothed input max equal to the unsmoothed one.
+def keep_range(amax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """s [S] times the scalar that keeps max_j amax_j / s_j equal to max_j amax_j (amax [S]).
 
-    window_amax [W, K] holds the consumer's input channel maxima and index [K] maps them onto s. A
-    common scalar on s changes no INT8 code of a W8A8 linear (every weight and activation scale
-    follows it), but it fixes the producer's output range: v_proj's V is what an INT8 KV cache
-    stores under the one scale K and V share, and kv_equalize has already set V to K's range.
+    amax holds the producer's output channel maxima (v_proj's V). A common scalar on s changes no
+    INT8 code of a W8A8 linear (every weight and activation scale follows it), but it fixes the
+    producer's output range: V is what an INT8 KV cache stores under the one scale K and V share,
+    and kv_equalize has already set V to K's range.
     """
-    a = window_amax.float().amax(dim=0)
-    before, after = float(a.max()), float((a / s[index]).max())
+    a = amax.float()
+    before, after = float(a.max()), float((a / s).max())
     return s if before <= 0 or after <= 0 else s * (after / before)
 
 
@@ -214,6 +214,7 @@ class SmoothQuantCalibrator:
         self.needs_data = args.migrate or self.afmt.granularity == "tensor"
         self._amax: dict[str, list[torch.Tensor]] = {}  # module -> per-window channel maxima [K]
         self._sample: dict[str, TokenSample] = {}
+        self._v_amax: torch.Tensor | None = None  # V's channel maxima over this layer's windows
 
     def planned_formats(self) -> tuple[QuantFormat | None, QuantFormat | None]:
         """(int8 weight format, int8 input format)."""
@@ -251,6 +252,23 @@ class SmoothQuantCalibrator:
             x, windows, ws, self.wfmt, self.afmt, a.grid, index, a.activation_amax, shared
         )
 
+    def observe_attention(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Channel maxima of V (value [B, H_kv, L, D]) per window, as v_proj's [H_kv * D] outputs."""
+        del name, key
+        v = value.detach().abs().amax(dim=(0, 2)).reshape(-1).float()
+        self._v_amax = v if self._v_amax is None else torch.maximum(self._v_amax, v)
+
+    def _producer_amax(
+        self, ctx: LayerContext, producer: str, consumer: str, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Output channel maxima [S] of producer: V as attention saw it for v_proj, else the
+        consumer's input maxima mapped through index (attention averages V; the MLP does not)."""
+        v = self._v_amax
+        if producer.endswith("v_proj") and v is not None and v.numel() == int(index.max()) + 1:
+            return v.to(index.device)
+        a = torch.stack(self._amax[consumer]).float().amax(dim=0)
+        return channel_amax(a, index, int(index.max()) + 1)
+
     def _pair_index(self, ctx: LayerContext, producer: str, consumer: str) -> torch.Tensor:
         n_out, n_in = ctx.weight(producer).shape[0], ctx.weight(consumer).shape[1]
         if n_out == n_in:
@@ -283,7 +301,9 @@ class SmoothQuantCalibrator:
                     continue
                 index = self._pair_index(ctx, producer, consumer)
                 res = self._scale(ctx, consumer, [consumer], index)
-                res.scale = keep_range(torch.stack(self._amax[consumer]), res.scale, index)
+                res.scale = keep_range(
+                    self._producer_amax(ctx, producer, consumer, index), res.scale
+                )
                 fold_scale(ctx, producer, (), res.scale)
                 fold_scale(ctx, None, (consumer,), res.scale[index])
                 div[consumer] = res.scale[index]
@@ -303,6 +323,7 @@ class SmoothQuantCalibrator:
             )
         self._amax.clear()
         self._sample.clear()
+        self._v_amax = None
         return out
 
     def _quantize(self, ctx: LayerContext, div: dict[str, torch.Tensor]) -> dict[str, ModuleState]:

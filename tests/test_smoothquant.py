@@ -141,8 +141,8 @@ def test_keep_range_fixes_the_producer_range_and_no_int8_code() -> None:
     x, w, windows = outlier_problem(4)
     idx = torch.arange(256)
     s = smooth_scale(windows, [w], 0.5, idx)
-    kept = keep_range(windows, s, idx)
     a = windows.amax(dim=0)
+    kept = keep_range(a, s)
     # The producer's largest output (what an INT8 KV cache stores for V) keeps its unsmoothed max ...
     assert float((a / kept).max()) == pytest.approx(float(a.max()), rel=1e-6)
     assert float((a / s).max()) < 0.5 * float(a.max())  # without it smoothing shrinks V's range
@@ -154,7 +154,7 @@ def test_keep_range_fixes_the_producer_range_and_no_int8_code() -> None:
     e1 = group_error(x, [w], s, wf, af, windows, ref)
     e2 = group_error(x, [w], kept, wf, af, windows, ref)
     assert e2 == pytest.approx(e1, rel=1e-3)
-    assert keep_range(torch.zeros(2, 256), s, idx) is s  # nothing observed: unchanged
+    assert keep_range(torch.zeros(256), s) is s  # nothing observed: unchanged
 
 
 def test_args() -> None:
