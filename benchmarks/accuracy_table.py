@@ -173,8 +173,12 @@ def _peak(out_dir: Path) -> str:
 
 
 def _selected(label: str, only: str) -> bool:
-    """True when no filter is given or one of the '|'-separated substrings occurs in label."""
-    return not only or any(part in label for part in only.split("|"))
+    """True when no filter is given or one of the '|'-separated substrings occurs in label
+    (a part starting with '^' must start the label)."""
+    return not only or any(
+        label.startswith(part[1:]) if part.startswith("^") else part in label
+        for part in only.split("|")
+    )
 
 
 def main() -> None:
@@ -183,7 +187,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "accuracy_results.md"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument(
-        "--only", default="", help="substring filter on variant labels; '|' separates alternatives"
+        "--only",
+        default="",
+        help="substring filter on variant labels; '|' separates alternatives, '^' anchors one",
     )
     args = ap.parse_args()
     cache = ReferenceCache()
