@@ -150,16 +150,19 @@ def smooth_scale(
 
 
 def keep_range(amax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """s [S] times the scalar that keeps max_j amax_j / s_j equal to max_j amax_j (amax [S]).
+    """s [S] times the power of two that brings max_j amax_j / s_j closest to max_j amax_j.
 
-    amax holds the producer's output channel maxima (v_proj's V). A common scalar on s changes no
-    INT8 code of a W8A8 linear (every weight and activation scale follows it), but it fixes the
-    producer's output range: V is what an INT8 KV cache stores under the one scale K and V share,
-    and kv_equalize has already set V to K's range.
+    amax [S] holds the producer's output channel maxima (v_proj's V). A common factor on s changes
+    no INT8 code of a W8A8 linear (every weight and activation scale follows it), and a power of
+    two does not even change a float rounding (scales stored in fp16 keep their mantissas), but it
+    restores the producer's output range to within a factor sqrt(2): V is what an INT8 KV cache
+    stores under the one scale K and V share, and kv_equalize has already set V to K's range.
     """
     a = amax.float()
     before, after = float(a.max()), float((a / s).max())
-    return s if before <= 0 or after <= 0 else s * (after / before)
+    if before <= 0 or after <= 0:
+        return s
+    return s * 2.0 ** round(math.log2(after / before))
 
 
 def search_alpha(
