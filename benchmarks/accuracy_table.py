@@ -138,7 +138,7 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
                 [
                     "steps=[{calibrator: kv_equalize, args: {}}, {calibrator: smoothquant, args: "
                     f"{{alpha: {'search' if alpha == 'searched' else 0.5}, weights: channel, "
-                    f"activations: {acts}, fold_pairs: true, share_fused_scales: true, "
+                    f"activations: {acts}, fold_pairs: true, keep_v_range: true, share_fused_scales: true, "
                     "activation_amax: max}}]"
                 ],
             ),

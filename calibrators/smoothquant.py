@@ -48,6 +48,10 @@ class SmoothQuantArgs(CalibratorArgs):
     weights: Literal["tensor", "channel"] = "channel"
     activations: Literal["static_tensor", "dynamic_token"] = "static_tensor"
     fold_pairs: bool = True  # also v_proj -> o_proj and up_proj -> down_proj
+    # With an INT8 KV cache after kv_equalize: scale the v -> o factors so that V keeps its range
+    # (keep_range). Off by default: the common factor is exact only in exact arithmetic; the fp16
+    # weight scales then round differently (measured: 24.946 -> 25.031 on the per-token a = 0.5 row).
+    keep_v_range: bool = False
     migrate: bool = True  # false: plain W8A8, no smoothing (the baseline)
     # A fused runtime computes q|k|v (and gate|up) in one GEMM with one per-tensor weight scale.
     share_fused_scales: bool = True
@@ -150,19 +154,16 @@ def smooth_scale(
 
 
 def keep_range(amax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """s [S] times the power of two that brings max_j amax_j / s_j closest to max_j amax_j.
+    """s [S] times the common factor that keeps max_j amax_j / s_j equal to max_j amax_j.
 
     amax [S] holds the producer's output channel maxima (v_proj's V). A common factor on s changes
-    no INT8 code of a W8A8 linear (every weight and activation scale follows it), and a power of
-    two does not even change a float rounding (scales stored in fp16 keep their mantissas), but it
-    restores the producer's output range to within a factor sqrt(2): V is what an INT8 KV cache
-    stores under the one scale K and V share, and kv_equalize has already set V to K's range.
+    no INT8 code of a W8A8 linear in exact arithmetic (every weight and activation scale follows
+    it), but it restores the producer's output range: V is what an INT8 KV cache stores under the
+    one scale K and V share, and kv_equalize has already set V to K's range.
     """
     a = amax.float()
     before, after = float(a.max()), float((a / s).max())
-    if before <= 0 or after <= 0:
-        return s
-    return s * 2.0 ** round(math.log2(after / before))
+    return s if before <= 0 or after <= 0 else s * (after / before)
 
 
 def search_alpha(
@@ -304,9 +305,9 @@ class SmoothQuantCalibrator:
                     continue
                 index = self._pair_index(ctx, producer, consumer)
                 res = self._scale(ctx, consumer, [consumer], index)
-                res.scale = keep_range(
-                    self._producer_amax(ctx, producer, consumer, index), res.scale
-                )
+                if self.args.keep_v_range and producer.endswith("v_proj"):
+                    v = self._producer_amax(ctx, producer, consumer, index)
+                    res.scale = keep_range(v, res.scale)
                 fold_scale(ctx, producer, (), res.scale)
                 fold_scale(ctx, None, (consumer,), res.scale[index])
                 div[consumer] = res.scale[index]

@@ -5,7 +5,6 @@ every TensorRT-LLM granularity end to end (bit-exact checkpoint), composition wi
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,27 +143,23 @@ def test_keep_range_fixes_the_producer_range_and_no_int8_code() -> None:
     s = smooth_scale(windows, [w], 0.5, idx)
     a = windows.amax(dim=0)
     kept = keep_range(a, s)
-    # The producer's largest output (what an INT8 KV cache stores for V) keeps its unsmoothed max
-    # within a factor sqrt(2) ...
-    ratio_max = float((a / kept).max()) / float(a.max())
-    assert 2**-0.5 <= ratio_max <= 2**0.5
+    # The producer's largest output (what an INT8 KV cache stores for V) keeps its unsmoothed max ...
+    assert float((a / kept).max()) == pytest.approx(float(a.max()), rel=1e-6)
     assert float((a / s).max()) < 0.5 * float(a.max())  # without it smoothing shrinks V's range
-    # ... through one common power of two: exact in floating point, so every W8A8 code of the
-    # consumer is unchanged.
+    # ... through one common factor, which leaves the consumer's W8A8 error unchanged.
     ratio = kept / s
-    assert float(ratio[0]) == 2.0 ** round(math.log2(float(ratio[0])))
-    assert torch.equal(ratio, ratio[0].expand_as(ratio))
-    assert torch.equal(kept / ratio[0], s)
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
     wf, af = PRESETS["int8_channel"], PRESETS["int8_tensor"]
     ref = x @ w.T
     e1 = group_error(x, [w], s, wf, af, windows, ref)
     e2 = group_error(x, [w], kept, wf, af, windows, ref)
-    assert e2 == pytest.approx(e1, rel=1e-5)
+    assert e2 == pytest.approx(e1, rel=1e-3)
     assert keep_range(torch.zeros(256), s) is s  # nothing observed: unchanged
 
 
 def test_args() -> None:
     assert SmoothQuantArgs().alpha == 0.5 and SmoothQuantArgs(alpha="search").alpha == "search"
+    assert SmoothQuantArgs().keep_v_range is False  # on only where an INT8 KV step follows
     for bad in (1.5, -0.1, "best"):
         with pytest.raises(ValueError):
             SmoothQuantArgs(alpha=bad)
