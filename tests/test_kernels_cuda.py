@@ -38,6 +38,22 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
+def _capture_and_replay(f, static_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capture f(static_x) in a CUDA graph, refill static_x with fresh data, replay once;
+    returns (the graph's output, the fresh input)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        static_y = f(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_y, new_x
+
+
 @pytest.fixture(scope="module")
 def cg():
     from quantlab.kernels import cuda_gemv
@@ -101,16 +117,9 @@ def test_cuda_graph_replay(cg) -> None:
     qw, s, z = _w4(n, k, g, False, torch.float16)
     static_x = torch.randn(2, k, device="cuda", dtype=torch.float16)
     linear_w4a16(static_x, qw, s, z, g, backend="cuda_gemv")  # build + tune outside capture
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        static_y = linear_w4a16(static_x, qw, s, z, g, backend="cuda_gemv")
-    torch.cuda.current_stream().wait_stream(stream)
-    new_x = torch.randn_like(static_x)
-    static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_y, new_x = _capture_and_replay(
+        lambda t: linear_w4a16(t, qw, s, z, g, backend="cuda_gemv"), static_x
+    )
     ref = reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)
     assert _rel(static_y, ref) < TOL
 
@@ -179,16 +188,7 @@ def test_mma_cuda_graph_and_compile(cm) -> None:
     static_x = torch.randn(5, k, device="cuda", dtype=torch.float16)
     f = torch.compile(lambda t: linear_w4a16(t, qn, s, z, g), fullgraph=True)
     f(static_x)  # build + tune + compile outside capture
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        static_y = f(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    new_x = torch.randn_like(static_x)
-    static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_y, new_x = _capture_and_replay(f, static_x)
     ref = reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)
     assert _rel(static_y, ref) < TOL
 
@@ -242,14 +242,5 @@ def test_cutlass_dispatch_graph_and_compile(cw) -> None:
     static_x = torch.randn(5, k, device="cuda", dtype=torch.bfloat16)
     f = torch.compile(lambda t: linear_w4a16(t, qh, s, z, g), fullgraph=True)
     f(static_x)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        static_y = f(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    new_x = torch.randn_like(static_x)
-    static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_y, new_x = _capture_and_replay(f, static_x)
     assert _rel(static_y, reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)) < TOL
