@@ -16,6 +16,13 @@ SOURCE = r"""
 //      tile and 64-k unit, the 512 bytes a warp needs, lane-major, each lane's 16 bytes already in
 //      mma nibble order. mma j of a unit covers k in [0, 32) for j = 0, 1 and [32, 64) for
 //      j = 2, 3 (lane t: k = 32*(j/2) + 8t + 4*(j%2) + 0..3), so groups of 32 work too.
+//   2  Hopper layout uint8 [N, K/2] (packing.to_wgmma_layout, the layout cutlass_w4 reads): one
+//      16-row x 16-k atom (128 bytes) per warp and k16 step, lane 4*(r%8) + (c%8)/2 owning one
+//      32-bit word whose nibbles are already in mma order; atoms run along N first, so the 4 atoms
+//      of a 64-k unit are 8*N bytes apart and a lane copies 4 x 4 bytes per unit. Rows r and r + 8
+//      of the tile (not 2p, 2p + 1) share a word; lane t's k are the standard fragment's 2t, 2t+1,
+//      2t+8, 2t+9 of each atom, so x is read as 32-bit pairs. MT <= 4 only (M >= 64 goes to
+//      cutlass_w4 on this layout).
 //
 // Work split: a block owns WN*RT tiles of 16 output rows and MT*8 activation rows (grid.x walks
 // M, so the blocks of one tile group run together and share its weights in L2); each of its WN
@@ -132,6 +139,20 @@ struct Mma<__nv_bfloat16> {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
+// One 64-k unit of one 16-row tile into a lane's 16 ring bytes: one 16-byte copy, or (Hopper
+// layout) the lane's word of each of the unit's 4 atoms, jstride bytes apart.
+template <int MODE>
+__device__ __forceinline__ void copy_unit(uint32_t dst, const int8_t* src, size_t jstride) {
+  if constexpr (MODE == 2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) cp_async4(dst + 4 * j, src + j * jstride);
+  } else {
+    cp_async16(dst, src);
+  }
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
@@ -144,19 +165,25 @@ __device__ __forceinline__ float load_scale(const void* s, int sf32, size_t i) {
               : Mma<T>::to_f(__ldg(static_cast<const T*>(s) + i));
 }
 
-// MODE: 0 checkpoint layout, 1 native layout. CU: 64-k units per group (1: G = 64, 2: G = 128),
-// or 0 for G = 32 (native only: one unit holds two groups).
+// MODE: 0 checkpoint layout, 1 native layout, 2 Hopper layout. CU: 64-k units per group (1: G =
+// 64, 2: G = 128), or 0 for G = 32 (native and Hopper layouts: one unit holds two groups).
+// Scales: element (n, grp) at n * ss + grp * sg; zeros at n * zs + grp.
 template <typename T, int MODE, int CU_, int MT, int RT, int ST>
 __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     w4_mma_kernel(const T* __restrict__ x, const int8_t* __restrict__ qw,
                   const void* __restrict__ scales, const uint8_t* __restrict__ zeros,
                   const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K, int G,
-                  int ss, int zs, int wn_) {
+                  int ss, int sg, int zs, int wn_) {
   extern __shared__ __align__(16) uint8_t smem[];
-  constexpr bool NAT = MODE != 0;
+  static_assert(MODE != 2 || MT < 8, "the Hopper layout runs MT <= 4 tiles");
+  constexpr bool HOP = MODE == 2;
+  constexpr bool NAT = MODE != 0;  // nibbles already in mma order (native and Hopper layouts)
+  constexpr int OROW = HOP ? 8 : 1;  // row of a lane's second ("odd") value: 2p + 1, or r + 8
   constexpr int NH = CU_ == 0 ? 2 : 1;        // groups per unit
   constexpr int CU = CU_ == 0 ? 1 : CU_;      // units per chunk (a chunk = one group, or a unit)
-  constexpr int USTRIDE = NAT ? 512 : 64;     // bytes between a lane's consecutive units
+  // bytes between a lane's consecutive units, and (Hopper) between the 4 atoms of a unit
+  const size_t USTRIDE = HOP ? static_cast<size_t>(32) * N : (NAT ? 512 : 64);
+  const size_t jstride = static_cast<size_t>(8) * N;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   // WN warps side by side on different tiles share each K chunk (so x rows are re-read from
@@ -173,7 +200,7 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
   const int nchunks = U / CU;
   const int m0 = blockIdx.x * 8 * MT;  // blockIdx.x walks M: blocks sharing a tile run together
   const int o0 = NAT ? 8 * t : 16 * t;       // x offsets (in elements) of the lane's two k runs
-  const int o1 = NAT ? 32 + 8 * t : 16 * t + 8;
+  const int o1 = NAT ? 32 + 8 * t : 16 * t + 8;  // (Hopper: 32-bit pairs at 16j + 2t, + 8)
 
   // A warp's chunks: wk, wk + KS, ...; CU consecutive units each. The ring holds ST units:
   // PD = ST / CU - 1 chunks are in flight while one is computed.
@@ -186,7 +213,8 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
   const uint8_t* sp[RT];  // scale of row 2p at my first group (row 2p+1: + sstep bytes)
   const uint8_t* zp[RT];
   constexpr int esz = sizeof(T);  // scales are in x's dtype
-  const size_t sstep = static_cast<size_t>(ss) * esz;
+  const size_t sstep = static_cast<size_t>(ss) * esz * OROW;  // bytes from row e to row o
+  const size_t sgb = static_cast<size_t>(sg) * esz;           // bytes between groups
   const bool has_zero = zeros != nullptr;
   const int grp0 = CU_ == 0 ? 2 * wk : wk;
 #pragma unroll
@@ -194,12 +222,14 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     // Tiles/rows past the end re-read the last ones (never stored), so loads stay in bounds.
     const int tile = min((static_cast<int>(blockIdx.y) * WN + wn) * RT + r, ntiles - 1);
     const int p = min(tile * 8 + g, P - 1);
-    lp[r] = (NAT ? qw + (static_cast<size_t>(tile) * U * 32 + lane) * 16
-                 : qw + static_cast<size_t>(p) * K + 16 * t) +
+    const int rowe = HOP ? tile * 16 + g : 2 * p;  // output row of the lane's first value
+    lp[r] = (HOP   ? qw + static_cast<size_t>(tile) * 128 + lane * 4
+             : NAT ? qw + (static_cast<size_t>(tile) * U * 32 + lane) * 16
+                   : qw + static_cast<size_t>(p) * K + 16 * t) +
             static_cast<size_t>(wk) * CU * USTRIDE;
-    sp[r] = static_cast<const uint8_t*>(scales) + static_cast<size_t>(2 * p) * sstep +
-            static_cast<size_t>(grp0) * esz;
-    zp[r] = has_zero ? zeros + static_cast<size_t>(2 * p) * zs + grp0 : zeros;
+    sp[r] = static_cast<const uint8_t*>(scales) + static_cast<size_t>(rowe) * ss * esz +
+            static_cast<size_t>(grp0) * sgb;
+    zp[r] = has_zero ? zeros + static_cast<size_t>(rowe) * zs + grp0 : zeros;
   }
   const T* xp[MT];
   bool xok[MT];
@@ -220,7 +250,8 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
       if (c < nmy) {
 #pragma unroll
         for (int r = 0; r < RT; ++r)
-          cp_async16(ring + ((c * CU + cu) * RT + r) * 512, lp[r] + c * cstride + cu * USTRIDE);
+          copy_unit<MODE>(ring + ((c * CU + cu) * RT + r) * 512,
+                          lp[r] + c * cstride + cu * USTRIDE, jstride);
       }
       cp_commit();
     }
@@ -245,13 +276,14 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
       for (int r = 0; r < RT; ++r)
 #pragma unroll
         for (int h = 0; h < NH; ++h) {
-          const T* s0 = reinterpret_cast<const T*>(sp[r]) + h;
+          const T* s0 = reinterpret_cast<const T*>(sp[r] + h * sgb);
           const float se = Mma<T>::to_f(__ldg(s0));
-          const float so = Mma<T>::to_f(__ldg(s0 + ss)) * (1.f / Mma<T>::kOddMul);
+          const float so = Mma<T>::to_f(__ldg(reinterpret_cast<const T*>(sp[r] + h * sgb + sstep))) *
+                           (1.f / Mma<T>::kOddMul);
           float ze = 8.f, zo = 8.f;
           if (has_zero) {
             ze = static_cast<float>(__ldg(zp[r] + h));
-            zo = static_cast<float>(__ldg(zp[r] + h + zs));
+            zo = static_cast<float>(__ldg(zp[r] + h + OROW * zs));
           }
           za[r][h] = Mma<T>::pack(Mma<T>::kBase + ze, Mma<T>::kBase + ze);
           zb[r][h] = Mma<T>::pack(Mma<T>::kBase + Mma<T>::kOddMul * zo,
@@ -265,8 +297,8 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
         if (more) {
 #pragma unroll
           for (int r = 0; r < RT; ++r)
-            cp_async16(ring + ((lslot * CU + cu) * RT + r) * 512,
-                       lp[r] + PD * cstride + cu * USTRIDE);
+            copy_unit<MODE>(ring + ((lslot * CU + cu) * RT + r) * 512,
+                            lp[r] + PD * cstride + cu * USTRIDE, jstride);
         }
         cp_commit();
         cp_wait<PD * CU>();
@@ -312,7 +344,7 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         lp[r] += cstride;
-        sp[r] += sadv * esz;
+        sp[r] += sadv * sgb;
         zp[r] += sadv;
       }
 #pragma unroll
@@ -328,13 +360,14 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     for (int r = 0; r < RT; ++r)
 #pragma unroll
       for (int h = 0; h < NH; ++h) {
-        const T* s0 = reinterpret_cast<const T*>(sp[r]) + h;
+        const T* s0 = reinterpret_cast<const T*>(sp[r] + h * sgb);
         se[r][h] = Mma<T>::to_f(__ldg(s0));
-        so[r][h] = Mma<T>::to_f(__ldg(s0 + ss)) * (1.f / Mma<T>::kOddMul);
+        so[r][h] = Mma<T>::to_f(__ldg(reinterpret_cast<const T*>(sp[r] + h * sgb + sstep))) *
+                   (1.f / Mma<T>::kOddMul);
         float ze = 8.f, zo = 8.f;
         if (has_zero) {
           ze = static_cast<float>(__ldg(zp[r] + h));
-          zo = static_cast<float>(__ldg(zp[r] + h + zs));
+          zo = static_cast<float>(__ldg(zp[r] + h + OROW * zs));
         }
         ce[r][h] = Mma<T>::kBase + ze;
         co[r][h] = Mma<T>::kBase + Mma<T>::kOddMul * zo;
@@ -355,27 +388,33 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
       if (more) {
 #pragma unroll
         for (int r = 0; r < RT; ++r)
-          cp_async16(ring + ((lslot * CU + cu) * RT + r) * 512,
-                     lp[r] + PD * cstride + cu * USTRIDE);
+          copy_unit<MODE>(ring + ((lslot * CU + cu) * RT + r) * 512,
+                          lp[r] + PD * cstride + cu * USTRIDE, jstride);
       }
       cp_commit();
       cp_wait<PD * CU>();  // unit (c, cu) has landed
       uint32_t xv[MT][8];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        uint4 q0 = make_uint4(0, 0, 0, 0), q1 = make_uint4(0, 0, 0, 0);
-        if (xok[mt]) {
-          q0 = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + o0));
-          q1 = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + o1));
+        if constexpr (HOP) {  // b0, b1 of mma j: the pairs at k = 16j + 2t and 16j + 2t + 8
+          const uint32_t* x32 = reinterpret_cast<const uint32_t*>(xp[mt] + cu * 64) + t;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xv[mt][j] = xok[mt] ? __ldg(x32 + 4 * j) : 0u;
+        } else {
+          uint4 q0 = make_uint4(0, 0, 0, 0), q1 = make_uint4(0, 0, 0, 0);
+          if (xok[mt]) {
+            q0 = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + o0));
+            q1 = __ldg(reinterpret_cast<const uint4*>(xp[mt] + cu * 64 + o1));
+          }
+          xv[mt][0] = q0.x;
+          xv[mt][1] = q0.y;
+          xv[mt][2] = q0.z;
+          xv[mt][3] = q0.w;
+          xv[mt][4] = q1.x;
+          xv[mt][5] = q1.y;
+          xv[mt][6] = q1.z;
+          xv[mt][7] = q1.w;
         }
-        xv[mt][0] = q0.x;
-        xv[mt][1] = q0.y;
-        xv[mt][2] = q0.z;
-        xv[mt][3] = q0.w;
-        xv[mt][4] = q1.x;
-        xv[mt][5] = q1.y;
-        xv[mt][6] = q1.z;
-        xv[mt][7] = q1.w;
 #pragma unroll
         for (int j = 0; j < 4; ++j) Mma<T>::run(xs[mt][NH == 2 ? (j >> 1) : 0], ones, &xv[mt][2 * j]);
       }
@@ -413,7 +452,7 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       lp[r] += cstride;
-      sp[r] += sadv * esz;
+      sp[r] += sadv * sgb;
       zp[r] += sadv;
     }
 #pragma unroll
@@ -436,7 +475,8 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     const int l = idx & 31, h = (idx >> 5) & 1, rm = idx >> 6;
     const int mt = rm % MT, r = (rm / MT) % RT, n0 = rm / (MT * RT);
     const int m = m0 + 8 * mt + 2 * (l & 3) + h;
-    const int p = ((static_cast<int>(blockIdx.y) * WN + n0) * RT + r) * 8 + (l >> 2);
+    const int tl = (static_cast<int>(blockIdx.y) * WN + n0) * RT + r;
+    const int p = tl * 8 + (l >> 2);
     if (m >= M || p >= P) continue;
     float ev = 0.f, od = 0.f;
     for (int w = 0; w < KS; ++w) {
@@ -444,11 +484,20 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
       ev += red[(base + h) * 32 + l];
       od += red[(base + 2 + h) * 32 + l];
     }
+    // rows 2p, 2p + 1 (one 4-byte store), or (Hopper layout) 16 tl + l/4 and 8 rows below
+    const int ne = HOP ? tl * 16 + (l >> 2) : 2 * p;
     if (bias != nullptr) {
-      ev += Mma<T>::to_f(bias[2 * p]);
-      od += Mma<T>::to_f(bias[2 * p + 1]);
+      ev += Mma<T>::to_f(bias[ne]);
+      od += Mma<T>::to_f(bias[ne + OROW]);
     }
-    *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(m) * N + 2 * p) = Mma<T>::pack(ev, od);
+    T* o = out + static_cast<size_t>(m) * N + ne;
+    if constexpr (HOP) {
+      const uint32_t pr = Mma<T>::pack(ev, od);
+      o[0] = *reinterpret_cast<const T*>(&pr);
+      o[8] = *(reinterpret_cast<const T*>(&pr) + 1);
+    } else {
+      *reinterpret_cast<uint32_t*>(o) = Mma<T>::pack(ev, od);
+    }
   }
 }
 
@@ -515,7 +564,7 @@ int g_max_smem = -1;
 
 template <typename T, int MODE, int CU, int MT, int RT, int ST>
 cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, const void* b,
-                   void* out, int M, int N, int K, int G, int ss, int zs, int wn, int ks,
+                   void* out, int M, int N, int K, int G, int ss, int sg, int zs, int wn, int ks,
                    cudaStream_t st) {
   auto kern = w4_mma_kernel<T, MODE, CU, MT, RT, ST>;
   const int ring = ks * ST * RT * 512, red = ks * RT * MT * 512;
@@ -534,32 +583,40 @@ cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, 
   const dim3 grid((M + 8 * MT - 1) / (8 * MT), groups);
   kern<<<grid, ks * 32, smem, st>>>(static_cast<const T*>(x), static_cast<const int8_t*>(qw), s,
                                     static_cast<const uint8_t*>(z), static_cast<const T*>(b),
-                                    static_cast<T*>(out), M, N, K, G, ss, zs, wn);
+                                    static_cast<T*>(out), M, N, K, G, ss, sg, zs, wn);
   return cudaGetLastError();
 }
 
 template <typename T, int MODE, int CU>
 cudaError_t pick_tile(int mt, int rt, int st_, const void* x, const void* qw, const void* s,
                       const void* z, const void* b, void* out, int M, int N, int K, int G,
-                      int ss, int zs, int wn, int ks, cudaStream_t st) {
-#define QL_T(A, B, C)                                                                       \
-  if (mt == A && rt == B && st_ == C)                                                       \
-    return launch<T, MODE, CU, A, B, C>(x, qw, s, z, b, out, M, N, K, G, ss, zs, wn, ks, st);
+                      int ss, int sg, int zs, int wn, int ks, cudaStream_t st) {
+  // (the Hopper layout compiles the MT <= 4 tiles only)
+#define QL_T(A, B, C)                                                                        \
+  if constexpr (MODE != 2 || A < 8) {                                                        \
+    if (mt == A && rt == B && st_ == C)                                                      \
+      return launch<T, MODE, CU, A, B, C>(x, qw, s, z, b, out, M, N, K, G, ss, sg, zs, wn, ks, \
+                                          st);                                               \
+  }
   QL_MMA_TILES
 #undef QL_T
   return cudaErrorInvalidValue;
 }
 
 template <typename T>
-cudaError_t pick_mode(int native, int mt, int rt, int st_, const void* x, const void* qw,
+cudaError_t pick_mode(int layout, int mt, int rt, int st_, const void* x, const void* qw,
                       const void* s, const void* z, const void* b, void* out, int M, int N, int K,
-                      int G, int ss, int zs, int wn, int ks, cudaStream_t st) {
-#define QL_ARGS mt, rt, st_, x, qw, s, z, b, out, M, N, K, G, ss, zs, wn, ks, st
-  if (!native && G == 64) return pick_tile<T, 0, 1>(QL_ARGS);
-  if (!native && G == 128) return pick_tile<T, 0, 2>(QL_ARGS);
-  if (native && G == 32) return pick_tile<T, 1, 0>(QL_ARGS);
-  if (native && G == 64) return pick_tile<T, 1, 1>(QL_ARGS);
-  if (native && G == 128) return pick_tile<T, 1, 2>(QL_ARGS);
+                      int G, int ss, int sg, int zs, int wn, int ks, cudaStream_t st) {
+#define QL_ARGS mt, rt, st_, x, qw, s, z, b, out, M, N, K, G, ss, sg, zs, wn, ks, st
+  if (layout == 0 && G == 64) return pick_tile<T, 0, 1>(QL_ARGS);
+  if (layout == 0 && G == 128) return pick_tile<T, 0, 2>(QL_ARGS);
+  if (layout == 1 && G == 32) return pick_tile<T, 1, 0>(QL_ARGS);
+  if (layout == 1 && G == 64) return pick_tile<T, 1, 1>(QL_ARGS);
+  if (layout == 1 && G == 128) return pick_tile<T, 1, 2>(QL_ARGS);
+  if (layout == 2 && N % 16) return cudaErrorInvalidValue;
+  if (layout == 2 && G == 32) return pick_tile<T, 2, 0>(QL_ARGS);
+  if (layout == 2 && G == 64) return pick_tile<T, 2, 1>(QL_ARGS);
+  if (layout == 2 && G == 128) return pick_tile<T, 2, 2>(QL_ARGS);
 #undef QL_ARGS
   return cudaErrorInvalidValue;
 }
@@ -581,12 +638,12 @@ cudaError_t set_device(int device) {
 }  // namespace
 
 // dtype: 0 = fp16, 1 = bf16 (x, bias, out, scales); wn: warps side by side on tiles (divides
-// ks, the block's warps);
-// native: qw is the kernel-native layout. Returns a cudaError_t (0 = launched); the caller checks
+// ks, the block's warps); layout: 0 checkpoint, 1 kernel-native, 2 Hopper; scale (n, grp) at
+// n * ss + grp * sg, zero at n * zs + grp. Returns a cudaError_t (0 = launched); the caller checks
 // shapes and alignment.
 extern "C" int ql_w4_mma(int device, const void* x, const void* qw, const void* s, const void* z,
-                         const void* b, void* out, int M, int N, int K, int G, int ss, int zs,
-                         int dtype, int wn, int native, int mt, int rt, int st_, int ks,
+                         const void* b, void* out, int M, int N, int K, int G, int ss, int sg,
+                         int zs, int dtype, int wn, int layout, int mt, int rt, int st_, int ks,
                          void* stream) {
   cudaError_t e = set_device(device);
   if (e != cudaSuccess) return static_cast<int>(e);
@@ -594,10 +651,10 @@ extern "C" int ql_w4_mma(int device, const void* x, const void* qw, const void* 
     return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (dtype == 0)
-    return static_cast<int>(pick_mode<__half>(native, mt, rt, st_, x, qw, s, z, b, out, M, N, K, G,
-                                              ss, zs, wn, ks, st));
-  return static_cast<int>(pick_mode<__nv_bfloat16>(native, mt, rt, st_, x, qw, s, z, b, out, M, N,
-                                                   K, G, ss, zs, wn, ks, st));
+    return static_cast<int>(pick_mode<__half>(layout, mt, rt, st_, x, qw, s, z, b, out, M, N, K, G,
+                                              ss, sg, zs, wn, ks, st));
+  return static_cast<int>(pick_mode<__nv_bfloat16>(layout, mt, rt, st_, x, qw, s, z, b, out, M, N,
+                                                   K, G, ss, sg, zs, wn, ks, st));
 }
 
 extern "C" int ql_w4_native_dequant(int device, const void* qw, const void* s, const void* z,

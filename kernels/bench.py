@@ -179,17 +179,33 @@ def check_all(
                 )
                 y = fp8_scaled_mm(xb, f8["weight"], ws, None, None, gran)
                 record(f"fp8_{gran}_bf16", "scaled_mm", n, k, m, y, ref)
+                y = fp8_scaled_mm(xb, f8["weight"], ws, None, None, gran, fast_accum=True)
+                record(f"fp8_{gran}_bf16", "scaled_mm_fast", n, k, m, y, ref)
+            # static per-tensor activation scale (what an FP8 calibration exports), fast accum
+            xs = (xb.abs().amax().float() / reference.FP8_MAX).reshape(1)
+            ws = f8["weight_scale"][:1]
+            ref = reference.ref_linear_fp8(xb, f8["weight"], ws, None, xs, "tensor", torch.float64)
+            y = fp8_scaled_mm(xb, f8["weight"], ws, None, xs, "tensor", fast_accum=True)
+            record("fp8_tensor_static_bf16", "scaled_mm_fast", n, k, m, y, ref)
             # native layout through its auto path (cuda_mma plans / dequantize + cuBLAS)
             ref = xb.double() @ wd4.t()
             y = cuda_mma.w4a16_native_auto(xb, w4n, w4["scales"], None, 128, None, fill=math.nan)
             record("w4a16_g128_sym_bf16_native", "auto", n, k, m, y, ref)
-            if w4h is not None and w4ah is not None:  # Hopper layout: cutlass_w4, tuned
+            if w4h is not None and w4ah is not None:  # Hopper layout: its auto, and cutlass_w4
+                y = cutlass_w4.w4a16_hopper_auto(
+                    xb, w4h, w4["scales"], None, 128, None, fill=math.nan
+                )
+                record("w4a16_g128_sym_bf16_hopper", "auto", n, k, m, y, ref)
                 y = cutlass_w4.w4a16_cutlass_gemm(
                     xb, w4h, w4["scales"], None, 128, None, fill=math.nan
                 )
                 record("w4a16_g128_sym_bf16_hopper", "cutlass", n, k, m, y, ref)
                 b = bias.to(torch.float16)
                 ref = xh.double() @ wd4a.t() + b.double()
+                y = cutlass_w4.w4a16_hopper_auto(
+                    xh, w4ah, w4a["scales"], w4a["zeros"], 128, b, fill=math.nan
+                )
+                record("w4a16_g128_asym_fp16_hopper", "auto", n, k, m, y, ref)
                 y = cutlass_w4.w4a16_cutlass_gemm(
                     xh, w4ah, w4a["scales"], w4a["zeros"], 128, b, fill=math.nan
                 )
@@ -202,6 +218,14 @@ def check_all(
                     ("w4a16_g128_asym_fp16", w4a, w4a["qweight"], wd4a, xh),
                     ("w4a16_g128_sym_bf16_native", w4, w4n, wd4, xb),
                     ("w4a16_g128_asym_fp16_native", w4a, w4an, wd4a, xh),
+                    *(
+                        (
+                            ("w4a16_g128_sym_bf16_hopper", w4, w4h, wd4, xb),
+                            ("w4a16_g128_asym_fp16_hopper", w4a, w4ah, wd4a, xh),
+                        )
+                        if w4h is not None and w4ah is not None
+                        else ()
+                    ),
                 ):
                     b = bias.to(x.dtype)
                     ref = x.double() @ wd.t() + b.double()
@@ -271,8 +295,12 @@ def check_all(
                         x, qn, w["scales"], w["zeros"], g, None, fill=math.nan
                     )
                     record(name + "_native", "cuda_mma", n, k, m, y, ref)
+                    qh = packing.to_wgmma_layout(w["qweight"])
+                    y = cuda_mma.w4a16_mma_gemm(
+                        x, qh, w["scales"], w["zeros"], g, None, fill=math.nan
+                    )
+                    record(name + "_hopper", "cuda_mma", n, k, m, y, ref)
                     if g == 64 and cutlass_w4.available(torch.device(dev)):
-                        qh = packing.to_wgmma_layout(w["qweight"])
                         y = cutlass_w4.w4a16_cutlass_gemm(
                             x, qh, w["scales"], w["zeros"], g, None, fill=math.nan
                         )
@@ -318,6 +346,7 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
     for m in ms:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         xq, sx = reference.quantize_fp8_act(x, "row")
+        xs = (x.abs().amax().float() / reference.FP8_MAX).reshape(1)  # a calibrated static scale
         act_out = nbytes(x) + m * n * 2
         methods: dict[str, tuple[Callable[..., object], int, int]] = {
             "cublas_bf16": (lambda i, x=x: F.linear(x, wb[i]), 8, nbytes(wb[0]) + act_out),
@@ -345,6 +374,20 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
                 8,
                 nbytes(f8[0]["weight"], f8[0]["weight_scale"]) + act_out,
             ),
+            "fp8_row_fast_dyn": (
+                lambda i, x=x: fp8_scaled_mm(
+                    x, f8[i]["weight"], f8[i]["weight_scale"], None, None, "row", fast_accum=True
+                ),
+                8,
+                nbytes(f8[0]["weight"], f8[0]["weight_scale"]) + act_out,
+            ),
+            "fp8_tensor_static_fast": (
+                lambda i, x=x, xs=xs: fp8_scaled_mm(
+                    x, f8[i]["weight"], f8[i]["weight_scale"][:1], None, xs, "tensor", True
+                ),
+                8,
+                nbytes(f8[0]["weight"]) + act_out,
+            ),
             "fp8_row_gemm_only": (
                 lambda i, xq=xq, sx=sx: torch._scaled_mm(
                     xq,
@@ -359,7 +402,7 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
         }
         if hopper:
             methods["w4a16_g128_hopper"] = (
-                lambda i, x=x: cutlass_w4.w4a16_cutlass_gemm(x, w4h[i], s4h[i], None, 128, None),
+                lambda i, x=x: cutlass_w4.w4a16_hopper_auto(x, w4h[i], s4h[i], None, 128, None),
                 cps,
                 nbytes(w4h[0], s4h[0]) + act_out,
             )
@@ -413,14 +456,14 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
             None,
         )
         row["w4a16_g128"]["plan"] = str(t4.TUNER.cache.get(key4)) if key4 else "?"
-        keyn = (t4.m_bucket(m), n, k, 128, torch.bfloat16, torch.bfloat16, False, False, True)
+        keyn = (t4.m_bucket(m), n, k, 128, torch.bfloat16, torch.bfloat16, False, False, 1)
         keysn: list[Any] = list(cuda_mma.TUNER.cache)  # tuple keys (see cuda_mma._key)
         keyn_hit = [kk for kk in keysn if kk[:9] == keyn and kk[9] == "autoTrue"]
         if "w4a16_g128_native" in row and keyn_hit:
             row["w4a16_g128_native"]["plan"] = str(cuda_mma.TUNER.cache[keyn_hit[0]])
-        keyh = (t4.m_bucket(m), n, k, 128, torch.bfloat16, False, False)
-        if "w4a16_g128_hopper" in row and keyh in cutlass_w4.TUNER.cache:
-            row["w4a16_g128_hopper"]["plan"] = str(cutlass_w4.TUNER.cache[keyh])
+        keyh = (t4.m_bucket(m), n, k, 128, torch.bfloat16, torch.bfloat16, True, False, False)
+        if "w4a16_g128_hopper" in row and keyh in cutlass_w4.HOPPER_TUNER.cache:
+            row["w4a16_g128_hopper"]["plan"] = str(cutlass_w4.HOPPER_TUNER.cache[keyh])
         key8 = next(
             (
                 kk
@@ -701,6 +744,8 @@ def markdown(rows: list[dict]) -> str:
         "tinygemm_int4",
         "w8a16",
         "fp8_row_dyn",
+        "fp8_row_fast_dyn",
+        "fp8_tensor_static_fast",
         "fp8_row_gemm_only",
         "fp8_tensor_fast_gemm_only",
     ]

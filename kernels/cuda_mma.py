@@ -1,12 +1,14 @@
 """W4A16 tensor-core GEMM in CUDA C++ for small and medium M ("cuda_mma"): build, plans, launch.
 
-The kernel (source in _cuda_w4mma_src.py) reads either the checkpoint layout (int8 [N/2, K],
-G = 64 or 128) or the kernel-native layout (packing.to_mma_layout, int32 [ceil(N/16), K/64, 128],
-G = 32, 64 or 128), streams each warp's weights through a shared-memory ring with cp.async,
+The kernel (source in _cuda_w4mma_src.py) reads the checkpoint layout (int8 [N/2, K], G = 64
+or 128), the kernel-native layout (packing.to_mma_layout, int32 [ceil(N/16), K/64, 128], G = 32,
+64 or 128) or the Hopper layout (packing.to_wgmma_layout, uint8 [N, K/2], N % 16 == 0, G = 32,
+64 or 128; MT <= 4 plans: the layout that cutlass_w4 reads for larger M), streams each warp's weights through a shared-memory ring with cp.async,
 turns nibbles into fp16/bf16 with one LOP3 per pair (no subtract: each group's fp32 sum is
 corrected by (base + z) * sum(x), sum(x) from one extra mma with an all-ones A per k-step) and
 runs mma.m16n8k16 with the activations as the 8-column operand (MT such operands per block,
-grid.y walks M). Scales must be in x's dtype.
+grid.y walks M). Scales must be in x's dtype, in either storage order ([N, K/G] row-major or
+N-major).
 
 The library is built by nvcc on first use like cuda_gemv's (same cache folder; importing this
 module compiles nothing) and launched through ctypes on torch's current stream.
@@ -49,7 +51,7 @@ TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
     (8, 1, 8): ((4, 1), (8, 4)),
     (8, 2, 4): ((4, 1), (8, 4)),
 }
-NATIVE_GROUPS = (32, 64, 128)
+NATIVE_GROUPS = (32, 64, 128)  # kernel-native and Hopper layouts
 CHECKPOINT_GROUPS = (64, 128)
 
 TUNER = Tuner("w4a16_cuda_mma")
@@ -76,11 +78,11 @@ def _load(device: torch.device) -> ctypes.CDLL:
             _build_error = str(err)
             raise
         lib.ql_w4_mma.restype = ctypes.c_int
-        # device, 6 pointers (x, qweight, scales, zeros, bias, out), 13 ints, stream
+        # device, 6 pointers (x, qweight, scales, zeros, bias, out), 14 ints, stream
         lib.ql_w4_mma.argtypes = [
             ctypes.c_int,
             *[ctypes.c_void_p] * 6,
-            *[ctypes.c_int] * 13,
+            *[ctypes.c_int] * 14,
             ctypes.c_void_p,
         ]
         lib.ql_w4_native_dequant.restype = ctypes.c_int
@@ -128,23 +130,27 @@ def unsupported_reason(
 
     Pure Python (no build). check_x_layout=False skips x's contiguity/alignment checks.
     """
-    native = packing.is_mma_layout(qweight)
+    checkpoint = layout_id(qweight) == 0
     k = x.shape[-1]
     if not x.is_cuda:
         return "needs CUDA tensors"
-    groups = NATIVE_GROUPS if native else CHECKPOINT_GROUPS
+    groups = CHECKPOINT_GROUPS if checkpoint else NATIVE_GROUPS
     if group_size not in groups:
         return f"group size must be one of {groups} for this layout, got {group_size}"
     if k % 64:
         return f"K must be a multiple of 64, got {k}"
+    if packing.is_wgmma_layout(qweight) and scales.shape[0] % 16:
+        return f"the Hopper layout needs N % 16 == 0, got N={scales.shape[0]}"
     if scales.dtype != x.dtype:
         return f"scales must be in x's dtype {x.dtype}, got {scales.dtype}"
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return "bias must be contiguous in x's dtype"
     if not qweight.is_contiguous() or qweight.data_ptr() % 16:
         return "qweight must be contiguous and 16-byte aligned"
-    if scales.stride(-1) != 1 or (zeros is not None and zeros.stride(-1) != 1):
-        return "scales/zeros need unit stride along groups"
+    if 1 not in scales.stride():
+        return "scales need unit stride along N or along groups"
+    if zeros is not None and zeros.stride(-1) != 1:
+        return "zeros need unit stride along groups"
     if check_x_layout and (x.data_ptr() % 16 or not x.is_contiguous()):
         return "x must be contiguous and 16-byte aligned"
     if k * 2 > 2**31 or qweight.numel() * qweight.element_size() >= 2**40:
@@ -152,11 +158,18 @@ def unsupported_reason(
     return None
 
 
-def candidates(m: int) -> list[Plan]:
+def layout_id(qweight: torch.Tensor) -> int:
+    """The kernel's layout code: 0 checkpoint, 1 kernel-native, 2 Hopper."""
+    if packing.is_wgmma_layout(qweight):
+        return 2
+    return int(packing.is_mma_layout(qweight))
+
+
+def candidates(m: int, hopper: bool = False) -> list[Plan]:
     """Plans for M rows: the smallest MT whose 8*MT rows cover M (MT 4 and 8 past 32 rows; the
-    grid walks M in blocks of 8*MT rows)."""
+    grid walks M in blocks of 8*MT rows; the Hopper layout stops at MT 4)."""
     b = m_bucket(m)
-    mts = (1,) if b <= 8 else (2,) if b <= 16 else (4,) if b <= 32 else (4, 8)
+    mts = (1,) if b <= 8 else (2,) if b <= 16 else (4,) if b <= 32 or hopper else (4, 8)
     return [
         plan("cuda_mma", MT=t[0], RT=t[1], ST=t[2], KS=ks, WN=wn)
         for t, launches in TILES.items()
@@ -175,9 +188,9 @@ def run_plan(
     bias: torch.Tensor | None,
     fill: float | None = None,
 ) -> torch.Tensor:
-    """Launch one plan: x [M, K] fp16/bf16 -> out [M, N] in x's dtype (either weight layout).
+    """Launch one plan: x [M, K] fp16/bf16 -> out [M, N] in x's dtype (any of the three layouts).
 
-    scales [N, K/G] in x's dtype; zeros uint8 [N, K/G] or None; bias [N] in x's dtype or None.
+    scales [N, K/G] in x's dtype (row-major or N-major); zeros uint8 [N, K/G] or None; bias [N] in x's dtype or None.
     fill poisons the output first (tests pass NaN).
     """
     m, k = x.shape
@@ -200,10 +213,11 @@ def run_plan(
         k,
         group_size,
         scales.stride(0),
+        scales.stride(1),
         zeros.stride(0) if zeros is not None else 0,
         0 if x.dtype == torch.float16 else 1,
         cfg["WN"],
-        int(packing.is_mma_layout(qweight)),
+        layout_id(qweight),
         cfg["MT"],
         cfg["RT"],
         cfg["ST"],
@@ -226,6 +240,9 @@ def dequant_native(
     """Native layout -> dense w [N, K] in dtype (fp16/bf16); scales in dtype or fp32."""
     n = scales.shape[0]
     k = qweight.shape[1] * 64
+    scales = (
+        scales if scales.stride(-1) == 1 else scales.contiguous()
+    )  # the kernel: unit group stride
     lib = _load(qweight.device)
     w = torch.empty((n, k), dtype=dtype, device=qweight.device)
     if fill is not None:
@@ -260,7 +277,7 @@ def _key(x, qweight, scales, zeros, group_size, bias, what: str) -> tuple:
         scales.dtype,
         zeros is not None,
         bias is not None,
-        packing.is_mma_layout(qweight),
+        layout_id(qweight),
         what,
     )
 
@@ -280,7 +297,7 @@ def w4a16_mma_gemm(
         raise ValueError(f"cuda_mma: {reason}")
     chosen = TUNER.pick(
         _key(x, qweight, scales, zeros, group_size, bias, "forced"),
-        candidates(x.shape[0]),
+        candidates(x.shape[0], packing.is_wgmma_layout(qweight)),
         lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias),
     )
     return run_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)

@@ -272,6 +272,86 @@ def w4a16_cutlass_gemm(
     return run_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
 
 
+HOPPER_TUNER = Tuner("w4a16_hopper_auto")
+MMA_MAX_M = 64  # cuda_mma plans join auto's candidates on the Hopper layout up to this M bucket
+
+
+def hopper_plans(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> list[Plan]:
+    """auto's candidates on the Hopper layout: cuda_mma plans (M <= 64, sm_80+) and cutlass_w4
+    configurations (sm_90); empty when neither kernel takes the arguments here."""
+    from quantlab.kernels import cuda_mma
+
+    plans: list[Plan] = []
+    m = x.shape[0]
+    if (
+        m_bucket(m) <= MMA_MAX_M
+        and cuda_mma.unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None
+        and cuda_mma.available(x.device)
+    ):
+        plans += cuda_mma.candidates(m, hopper=True)
+    if unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None and available(
+        x.device
+    ):
+        plans += candidates(x.dtype, zeros is not None, m)
+    return plans
+
+
+def run_hopper_plan(
+    p: Plan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """One plan of hopper_plans: x [M, K] -> [M, N] in x's dtype."""
+    if p.backend == "cuda_mma":
+        from quantlab.kernels import cuda_mma
+
+        return cuda_mma.run_plan(p, x, qweight, scales, zeros, group_size, bias, fill)
+    return run_plan(p, x, qweight, scales, zeros, group_size, bias, fill)
+
+
+def w4a16_hopper_auto(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """backend "auto" on the Hopper layout: x [M, K] -> [M, N], the fastest of cuda_mma (small M)
+    and cutlass_w4, tuned per (M bucket, N, K, group, dtype, zeros, bias, scale order)."""
+    plans = hopper_plans(x, qweight, scales, zeros, group_size, bias)
+    if not plans:
+        raise ValueError("Hopper layout: neither cuda_mma nor cutlass_w4 takes these arguments")
+    key = (
+        m_bucket(x.shape[0]),
+        scales.shape[0],
+        x.shape[1],
+        group_size,
+        x.dtype,
+        scales.dtype,
+        scales.stride(0) == 1,
+        zeros is not None,
+        bias is not None,
+    )
+    chosen = HOPPER_TUNER.pick(
+        key, plans, lambda c: run_hopper_plan(c, x, qweight, scales, zeros, group_size, bias)
+    )
+    return run_hopper_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
+
+
 if (
     __name__ == "__main__"
 ):  # prebuild the library (no GPU needed): python -m quantlab.kernels.cutlass_w4

@@ -1,8 +1,10 @@
 """FP8 W8A8 GEMM through torch._scaled_mm (cuBLASLt), per-tensor or rowwise scales.
 
-Activations are quantized on the fly (dynamic amax) unless a static per-tensor x_scale is given.
-Rowwise: one scale per activation row [M, 1] and per weight row [1, N]; cuBLASLt's rowwise
-path only writes bf16, so fp16 callers get a cast.
+Activations are quantized on the fly (dynamic amax) unless a static per-tensor x_scale is given
+(one Triton pass on CUDA). Rowwise: one scale per activation row [M, 1] and per weight row
+[1, N]; cuBLASLt's rowwise path only writes bf16, so fp16 callers get a cast. fast_accum lets
+the FP8 tensor cores accumulate without promoting partial sums to full fp32 (faster, less exact:
+the benchmark's fp64 check measures how much).
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ def _quant_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, scale
 
 
+def _quant_static_triton(
+    x: torch.Tensor, x_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp16/bf16 (contiguous) / static scale -> (xq e4m3 [M, K], scale fp32 [1, 1])."""
+    from quantlab.kernels.triton_fp8_quant import quant_static_kernel
+
+    scale = x_scale.float().reshape(1, 1)
+    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    block = 4096
+    quant_static_kernel[(-(-x.numel() // block),)](x, xq, scale, x.numel(), BLOCK=block)
+    return xq, scale
+
+
 def fp8_scaled_mm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -31,12 +46,15 @@ def fp8_scaled_mm(
     bias: torch.Tensor | None,
     x_scale: torch.Tensor | None,
     granularity: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """x [M, K] fp16/bf16, weight e4m3 [N, K], weight_scale fp32 [1] or [N] -> [M, N] in x's dtype."""
     if granularity == "row" and x_scale is None and x.is_cuda:
         # torch ops need ~5 passes over x (abs, amax, div, clamp, cast); run 2 measured 1.45x
         # vs cuBLAS for the dynamic path against 1.88x for the GEMM alone (28672x8192, M=1024).
         xq, sx = _quant_rows_triton(x)
+    elif x_scale is not None and x.is_cuda and x.is_contiguous():
+        xq, sx = _quant_static_triton(x, x_scale)
     else:
         xq, sx = quantize_fp8_act(x, granularity, x_scale)
     wt = weight.t()  # [K, N] column-major view: the layout cuBLASLt wants for the second operand
@@ -50,9 +68,12 @@ def fp8_scaled_mm(
             scale_b=weight_scale.float().reshape(()),
             bias=bias,
             out_dtype=x.dtype,
+            use_fast_accum=fast_accum,
         )
     sw = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
-    y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+    y = torch._scaled_mm(
+        xq, wt, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast_accum
+    )
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype)

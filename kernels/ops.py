@@ -14,12 +14,13 @@ backend:
                (triton_w4a16_swap.py); "auto" tries it from M = 9 on.
   "cuda_gemv"  force the CUDA C++ W4A16 kernel for M <= 8 (cuda_gemv.py; nvcc builds it on
                first use); "auto" also tries it there and keeps it where it times fastest.
-  "cuda_mma"   force the CUDA C++ tensor-core W4A16 kernel (cuda_mma.py; any M, either weight
-               layout); "auto" tries it for M <= 64 on the checkpoint layout, and on the
-               kernel-native layout (packing.to_mma_layout) it is auto's path together with
-               its dequantize + cuBLAS plan.
+  "cuda_mma"   force the CUDA C++ tensor-core W4A16 kernel (cuda_mma.py; any M, any of the three
+               weight layouts); "auto" tries it for M <= 64 on the checkpoint and Hopper layouts,
+               and on the kernel-native layout (packing.to_mma_layout) it is auto's path
+               together with its dequantize + cuBLAS plan.
   "cutlass"    force the sm_90a GEMM on CUTLASS's mixed-input pipelines (cutlass_w4.py); it reads
-               the Hopper layout (packing.to_wgmma_layout) only, and is auto's path there.
+               the Hopper layout (packing.to_wgmma_layout) only. On that layout "auto" tunes it
+               together with cuda_mma's plans (M <= 64): one layout for decode and prefill.
 W4 weights come in the checkpoint layout (int8 [N/2, K]), the kernel-native layout (int32
 [ceil(N/16), K/64, 128], packing.to_mma_layout) or the Hopper layout (uint8 [N, K/2],
 packing.to_wgmma_layout); N is scales.shape[0] for the last two. Paths that only read the
@@ -95,10 +96,19 @@ def _linear_w4a16_op(
     n = packing.mma_layout_n(qweight, scales)
     native = packing.is_mma_layout(qweight)
     hopper = packing.is_wgmma_layout(qweight)
-    if backend == "cutlass" or (hopper and backend == "auto" and x.is_cuda and _cutlass_ok(x)):
+    if backend == "cutlass":
         from quantlab.kernels.cutlass_w4 import w4a16_cutlass_gemm
 
         y = w4a16_cutlass_gemm(x2, qweight, scales, zeros, group_size, bias)
+    elif (
+        hopper
+        and backend == "auto"
+        and x.is_cuda
+        and _hopper_plans(x2, qweight, scales, zeros, group_size, bias)
+    ):
+        from quantlab.kernels.cutlass_w4 import w4a16_hopper_auto
+
+        y = w4a16_hopper_auto(x2, qweight, scales, zeros, group_size, bias)
     elif backend == "cuda_mma":
         from quantlab.kernels.cuda_mma import w4a16_mma_gemm
 
@@ -128,10 +138,10 @@ def _linear_w4a16_op(
     return y.reshape(*x.shape[:-1], n)
 
 
-def _cutlass_ok(x: torch.Tensor) -> bool:
-    from quantlab.kernels.cutlass_w4 import available
+def _hopper_plans(x, qweight, scales, zeros, group_size, bias) -> bool:
+    from quantlab.kernels.cutlass_w4 import hopper_plans
 
-    return available(x.device)
+    return bool(hopper_plans(x, qweight, scales, zeros, group_size, bias))
 
 
 @_linear_w4a16_op.register_fake
@@ -189,11 +199,6 @@ def check_w4a16(
             reason = "reads the checkpoint layout only"
         if reason is not None:
             raise KernelArgumentError(f"linear_w4a16: backend 'cuda_gemv' {reason}")
-    if backend == "cuda_mma" and hopper:
-        raise KernelArgumentError(
-            "linear_w4a16: backend 'cuda_mma' reads the checkpoint or native layout, not the "
-            "Hopper layout (packing.from_wgmma_layout converts back)"
-        )
     if backend == "cuda_mma":
         from quantlab.kernels.cuda_mma import unsupported_reason as mma_reason
 
@@ -292,6 +297,7 @@ def _linear_fp8_op(
     x_scale: torch.Tensor | None,
     granularity: str,
     backend: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     # _scaled_mm needs sm_89+ (Ada/Hopper fp8 tensor cores); older GPUs use the reference.
@@ -301,12 +307,12 @@ def _linear_fp8_op(
     else:
         from quantlab.kernels.fp8 import fp8_scaled_mm
 
-        y = fp8_scaled_mm(x2, weight, weight_scale, bias, x_scale, granularity)
+        y = fp8_scaled_mm(x2, weight, weight_scale, bias, x_scale, granularity, fast_accum)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @_linear_fp8_op.register_fake
-def _(x, weight, weight_scale, bias, x_scale, granularity, backend):
+def _(x, weight, weight_scale, bias, x_scale, granularity, backend, fast_accum=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -318,10 +324,13 @@ def linear_fp8(
     x_scale: torch.Tensor | None = None,
     granularity: str = "tensor",
     backend: str = "auto",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """y [..., N] from x [..., K] (quantized to e4m3 per tensor or per row) and e4m3 weight [N, K].
 
-    weight_scale: fp32 [1] ('tensor') or [N] ('row'); x_scale: optional static fp32 [1] scale.
+    weight_scale: fp32 [1] ('tensor') or [N] ('row'); x_scale: optional static fp32 [1] scale;
+    fast_accum: FP8 tensor-core accumulation without fp32 promotion (cuBLASLt; the reference
+    ignores it).
     """
     if backend not in FP8_BACKENDS:
         raise KernelArgumentError(f"linear_fp8: backend must be one of {FP8_BACKENDS}")
@@ -332,4 +341,4 @@ def linear_fp8(
     _check_x(x, weight.shape[1], "linear_fp8")
     if weight.shape[0] % 16 or weight.shape[1] % 16:
         raise KernelArgumentError("linear_fp8: N and K must be multiples of 16 (cuBLASLt fp8)")
-    return _linear_fp8_op(x, weight, weight_scale, bias, x_scale, granularity, backend)
+    return _linear_fp8_op(x, weight, weight_scale, bias, x_scale, granularity, backend, fast_accum)

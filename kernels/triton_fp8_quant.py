@@ -1,4 +1,5 @@
-"""Triton per-row dynamic e4m3 quantization: two passes over each row (amax, then scale+cast)."""
+"""Triton e4m3 activation quantization: per-row dynamic (two passes over each row: amax, then
+scale + cast) and per-tensor static (one pass: divide by the calibrated scale, clamp, cast)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
         v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
         q = tl.clamp(v.to(tl.float32) / scale, -448.0, 448.0)
         tl.store(xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K)
+
+
+@triton.jit
+def quant_static_kernel(x_ptr, xq_ptr, scale_ptr, n_elem, BLOCK: tl.constexpr):
+    """x flat [n_elem] -> xq e4m3 = clamp(x / scale, +-448) with one fp32 scale (scale_ptr [1])."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    scale = tl.load(scale_ptr)
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = tl.clamp(v / scale, -448.0, 448.0)
+    tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)

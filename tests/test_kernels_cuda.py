@@ -141,8 +141,9 @@ def cm():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("asym", [False, True])
 def test_mma_every_plan_vs_fp64(cm, shape, g: int, dtype: torch.dtype, asym: bool) -> None:
-    """Every compiled plan on the native layout (and the checkpoint layout for G 64/128), M from
-    1 to 40 (grid over M), NaN-poisoned outputs; plus the native dequantize kernel."""
+    """Every compiled plan on the native layout, the checkpoint layout (G 64/128) and the Hopper
+    layout (N % 16 == 0; row-major and N-major scales), M from 1 to 100 (grid over M),
+    NaN-poisoned outputs; plus the native dequantize kernel."""
     n, k = shape
     qw, s, z = _w4(n, k, g, asym, dtype)
     qn = packing.to_mma_layout(qw)
@@ -150,16 +151,20 @@ def test_mma_every_plan_vs_fp64(cm, shape, g: int, dtype: torch.dtype, asym: boo
     wd = reference.dequant_w4(qw, s, z, g, torch.float64)
     wq = cm.dequant_native(qn, s, z, g, dtype, fill=math.nan)
     assert torch.equal(wq, wd.to(dtype))
-    layouts = [qn, qw] if g >= 64 else [qn]
+    layouts = [(qn, s), (qw, s)] if g >= 64 else [(qn, s)]
+    if n % 16 == 0:
+        qh = packing.to_wgmma_layout(qw)
+        layouts += [(qh, s), (qh, s.t().contiguous().t())]
     for m in (1, 3, 8, 16, 17, 33, 40, 64, 100):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = x.double() @ wd.t() + (bias.double() if bias is not None else 0)
-        for w in layouts:
-            for p in cm.candidates(m):
-                y = cm.run_plan(p, x, w, s, z, g, bias, fill=math.nan)
+        for w, sc in layouts:
+            for p in cm.candidates(m, packing.is_wgmma_layout(w)):
+                y = cm.run_plan(p, x, w, sc, z, g, bias, fill=math.nan)
                 assert y.shape == (m, n) and y.dtype == dtype
                 err = _rel(y, ref)
-                assert err < TOL, f"{p} M={m} native={w.dtype == torch.int32}: {err:.3e}"
+                what = f"layout {cm.layout_id(w)} scale strides {sc.stride()}"
+                assert err < TOL, f"{p} M={m} {what}: {err:.3e}"
 
 
 @pytest.mark.parametrize("m", [1, 16, 40, 300])
@@ -226,16 +231,19 @@ def test_cutlass_every_config_vs_fp64(cw, g: int, dtype: torch.dtype, asym: bool
 
 
 def test_cutlass_dispatch_graph_and_compile(cw) -> None:
-    """auto on the Hopper layout runs cutlass_w4 (also forced), [..., K] input, fp32 scales,
-    torch.compile + CUDA-graph replay."""
+    """auto on the Hopper layout (cuda_mma and cutlass_w4 plans), forced cutlass and cuda_mma,
+    [..., K] input at M = 1, 16 and 80, fp32 scales, torch.compile + CUDA-graph replay."""
     n, k, g = 1216, 1152, 128
     qw, s, z = _w4(n, k, g, False, torch.bfloat16)
     qh = packing.to_wgmma_layout(qw)
+    for m in (1, 16, 80):
+        x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
+        ref = reference.ref_linear_w4a16(x[0], qw, s, z, g, None, torch.float64)
+        for backend in ("auto", "cutlass", "cuda_mma"):
+            y = linear_w4a16(x, qh, s, z, g, backend=backend)
+            assert y.shape == (*x.shape[:-1], n) and _rel(y.reshape(-1, n), ref) < TOL, backend
     x = torch.randn(2, 40, k, device="cuda", dtype=torch.bfloat16)
     ref = reference.ref_linear_w4a16(x.reshape(-1, k), qw, s, z, g, None, torch.float64)
-    for backend in ("auto", "cutlass"):
-        y = linear_w4a16(x, qh, s, z, g, backend=backend)
-        assert y.shape == (2, 40, n) and _rel(y.reshape(-1, n), ref) < TOL
     assert _rel(linear_w4a16(x, qh, s.float(), z, g).reshape(-1, n), ref) < TOL
     with pytest.raises(KernelArgumentError, match="'cutlass' reads the Hopper layout"):
         linear_w4a16(x, qw, s, z, g, backend="cutlass")

@@ -75,3 +75,42 @@ def test_ops_compile_and_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_y, f(new_x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_activation_quantizers_match_the_reference(dtype: torch.dtype) -> None:
+    """The Triton e4m3 quantizers (dynamic per row; static per tensor) give the reference's codes
+    and scales bit for bit, on a K that is not a multiple of the block, with values that clamp.
+    (GPU only: the Triton 3.6 interpreter's fp32 -> e4m3 cast misrounds, e.g. 127.08 -> 64.)"""
+    from quantlab.kernels import fp8
+
+    x = (torch.randn(5, 5000, device="cuda") * 3).to(dtype)
+    x[2, 7] = 900.0  # one outlier row
+    xq, sx = fp8._quant_rows_triton(x)
+    rq, rs = reference.quantize_fp8_act(x, "row")
+    assert torch.equal(sx, rs)
+    assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8))
+    static = torch.tensor([0.01], device="cuda")  # values past 4.48 clamp to 448
+    xq, sx = fp8._quant_static_triton(x, static)
+    rq, rs = reference.quantize_fp8_act(x, "tensor", static)
+    assert torch.equal(sx, rs) and float(xq.float().abs().max()) == 448.0
+    assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_fast_accum_and_static_scale(granularity: str, static: bool) -> None:
+    """linear_fp8 with fast_accum (and a static activation scale) against the fp64 reference of
+    the same quantized operands; [..., K] input, bias."""
+    n, k = 1536, 4096
+    f8 = (torch.randn(n, k, device="cuda") * 50).to(torch.float8_e4m3fn)
+    fs = torch.rand(n if granularity == "row" else 1, device="cuda") * 1e-3 + 1e-4
+    x = torch.randn(3, 100, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xs = (x.abs().amax().float() / reference.FP8_MAX).reshape(1) if static else None
+    if static and granularity == "row":
+        pytest.skip("a static scale is per tensor")
+    y = linear_fp8(x, f8, fs, bias, xs, granularity, fast_accum=True)
+    x2 = x.reshape(-1, k)
+    ref = reference.ref_linear_fp8(x2, f8, fs, bias, xs, granularity, torch.float64)
+    assert y.shape == (3, 100, n) and _rel(y.reshape(-1, n), ref) < 1e-2

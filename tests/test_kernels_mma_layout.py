@@ -79,20 +79,10 @@ def test_lane_words_hold_the_fragment_nibbles() -> None:
                         assert no - 16 * (no >= 8) == int(codes[2 * p + 1, kb + i])
 
 
-def emulate_cuda_mma(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    g: int,
-) -> torch.Tensor:
-    """The cuda_mma kernel's arithmetic on the native layout, in float64 (x [M, K] fp16/bf16)."""
-    n = scales.shape[0]
-    fp16 = x.dtype == torch.float16
+def _fragment_raw(words: torch.Tensor, fp16: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """RAW = base + (n ^ 8) (fp16 odd row: base + 16 (n ^ 8)) of fragment registers a0..a3, (low,
+    high) half each, from 32-bit words (any shape) with Mma<T>::cvt's masks and shifts."""
     base, odd_mul = (1024.0, 16.0) if fp16 else (128.0, 1.0)
-    words = _lane_words(w)  # [T, U, 32, 4]
-    tiles, units = words.shape[:2]
-    # RAW values per (tile, unit, lane, word j, fragment register a0..a3, half 0/1)
     if fp16:
         w2 = words >> 8
         regs = [
@@ -109,6 +99,50 @@ def emulate_cuda_mma(
         lo = ((r & 0xF) ^ 8).double() * mul + base
         hi = (((r >> 16) & 0xF) ^ 8).double() * mul + base
         raw.append((lo, hi))
+    return raw
+
+
+def _group_math(
+    x: torch.Tensor,
+    dense: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g: int,
+    odd_rows: torch.Tensor,
+) -> torch.Tensor:
+    """Per group: d = RAW . x and sum(x) (the all-ones mma), (d - (base + z) sum(x)) * scale, with
+    the fp16 odd rows (bool [N]) at 16x and their scale divided by 16."""
+    fp16 = x.dtype == torch.float16
+    base, odd_mul = (1024.0, 16.0) if fp16 else (128.0, 1.0)
+    n = dense.shape[0]
+    xd = x.double()
+    kk = xd.shape[1]
+    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    z = zeros.double() if zeros is not None else torch.full((n, kk // g), 8.0, dtype=torch.float64)
+    mul = 1.0 + (odd_mul - 1.0) * odd_rows.double()  # 16 for fp16 odd rows
+    for grp in range(kk // g):
+        sl = slice(grp * g, (grp + 1) * g)
+        d = xd[:, sl] @ dense[:, sl].t()  # [M, N]: the kernel's per-group mma sum
+        sx = xd[:, sl].sum(1, keepdim=True)  # the all-ones mma
+        corr = base + mul * z[:, grp]  # CE = base + z (even), base + 16 z (fp16 odd)
+        s = scales[:, grp].double() / mul
+        out += (d - sx * corr) * s
+    return out
+
+
+def emulate_cuda_mma(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g: int,
+) -> torch.Tensor:
+    """The cuda_mma kernel's arithmetic on the native layout, in float64 (x [M, K] fp16/bf16)."""
+    n = scales.shape[0]
+    words = _lane_words(w)  # [T, U, 32, 4]
+    tiles, units = words.shape[:2]
+    # RAW values per (tile, unit, lane, word j, fragment register a0..a3, half 0/1)
+    raw = _fragment_raw(words, x.dtype == torch.float16)
     # dense RAW [N_pad, K]: a0 (e, k0 k1), a1 (o, k0 k1), a2 (e, k2 k3), a3 (o, k2 k3)
     dense = torch.zeros(tiles * 16, units * 64, dtype=torch.float64)
     for tile in range(tiles):
@@ -121,21 +155,32 @@ def emulate_cuda_mma(
                     for reg, row, k0 in ((0, e, kb), (1, o, kb), (2, e, kb + 2), (3, o, kb + 2)):
                         dense[row, k0] = raw[reg][0][tile, u, lane, j]
                         dense[row, k0 + 1] = raw[reg][1][tile, u, lane, j]
-    dense = dense[:n]
-    xd = x.double()
-    kk = xd.shape[1]
-    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
-    z = zeros.double() if zeros is not None else torch.full((n, kk // g), 8.0, dtype=torch.float64)
-    is_odd = (torch.arange(n) % 2 == 1).double()
-    mul = 1.0 + (odd_mul - 1.0) * is_odd  # 16 for fp16 odd rows
-    for grp in range(kk // g):
-        sl = slice(grp * g, (grp + 1) * g)
-        d = xd[:, sl] @ dense[:, sl].t()  # [M, N]: the kernel's per-group mma sum
-        sx = xd[:, sl].sum(1, keepdim=True)  # the all-ones mma
-        corr = base + mul * z[:, grp]  # CE = base + z (even), base + 16 z (fp16 odd)
-        s = scales[:, grp].double() / mul
-        out += (d - sx * corr) * s
-    return out
+    return _group_math(x, dense[:n], scales, zeros, g, torch.arange(n) % 2 == 1)
+
+
+def emulate_cuda_mma_hopper(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g: int,
+) -> torch.Tensor:
+    """The cuda_mma kernel's arithmetic on the Hopper layout (MODE 2), in float64: lane (gg, t)
+    of atom (tile i, k16 step j) reads the little-endian word at byte 128 (i + j N/16) + 4 lane;
+    its registers a0..a3 are rows 16i + gg (a0, a2) and 16i + gg + 8 (a1, a3) at k = 16j + 2t,
+    + 1 (a0, a1) and 16j + 2t + 8, + 9 (a2, a3): the standard m16n8k16 A fragment."""
+    n, k = w.shape[0], w.shape[1] * 2
+    words = w.contiguous().view(torch.int32).reshape(k // 16, n // 16, 8, 4)  # [j, i, gg, t]
+    raw = _fragment_raw(words.to(torch.int64) & 0xFFFFFFFF, x.dtype == torch.float16)
+    dense = torch.zeros(n // 16, 16, k // 16, 16, dtype=torch.float64)  # [i, row, j, col]
+    for gg in range(8):
+        for t in range(4):
+            for reg, row, col in ((0, gg, 2 * t), (1, gg + 8, 2 * t), (2, gg, 2 * t + 8),
+                                  (3, gg + 8, 2 * t + 8)):  # fmt: skip
+                dense[:, row, :, col] = raw[reg][0][:, :, gg, t].t()
+                dense[:, row, :, col + 1] = raw[reg][1][:, :, gg, t].t()
+    odd = torch.arange(n) % 16 >= 8  # the lane's second row: 8 rows down
+    return _group_math(x, dense.reshape(n, k), scales, zeros, g, odd)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -146,6 +191,20 @@ def test_kernel_math_emulation_matches_fp64(dtype: torch.dtype, g: int, asym: bo
     qw, s, z = _w4(n, k, g, asym, dtype)
     x = torch.randn(3, k).to(dtype)
     y = emulate_cuda_mma(x, packing.to_mma_layout(qw), s, z, g)
+    ref = reference.ref_linear_w4a16(x, qw, s, z, g, None, torch.float64)
+    assert float((y - ref).norm() / ref.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("asym", [False, True])
+def test_hopper_kernel_math_emulation_matches_fp64(dtype: torch.dtype, g: int, asym: bool) -> None:
+    """cuda_mma's MODE 2 reads the Hopper layout's lane words with the native layout's masks and
+    shifts: the emulation of that reading reproduces the fp64 reference."""
+    n, k = 48, 256  # 3 row tiles, 16 k16 steps
+    qw, s, z = _w4(n, k, g, asym, dtype)
+    x = torch.randn(3, k).to(dtype)
+    y = emulate_cuda_mma_hopper(x, packing.to_wgmma_layout(qw), s, z, g)
     ref = reference.ref_linear_w4a16(x, qw, s, z, g, None, torch.float64)
     assert float((y - ref).norm() / ref.norm()) < 1e-12
 
@@ -228,7 +287,7 @@ def test_wgmma_layout_rejects_bad_shapes() -> None:
 
 def test_wgmma_layout_through_dispatch_on_cpu() -> None:
     """On CPU every path converts the Hopper layout back: same results as the checkpoint layout;
-    the forced CUDA kernels refuse it with a reason."""
+    the forced CUDA kernels refuse CPU tensors with a reason."""
     n, k, g = 48, 256, 64
     qw, s, z = _w4(n, k, g, True)
     qh = packing.to_wgmma_layout(qw)
@@ -239,7 +298,7 @@ def test_wgmma_layout_through_dispatch_on_cpu() -> None:
         assert torch.equal(y, linear_w4a16(x, qw, s, z, g, backend=backend))
     with pytest.raises(KernelArgumentError, match="'cutlass' needs CUDA"):
         linear_w4a16(x, qh, s, z, g, backend="cutlass")
-    with pytest.raises(KernelArgumentError, match="'cuda_mma' reads the checkpoint or native"):
+    with pytest.raises(KernelArgumentError, match="'cuda_mma' needs CUDA"):
         linear_w4a16(x, qh, s, z, g, backend="cuda_mma")
     with pytest.raises(KernelArgumentError, match="Hopper-layout qweight"):
         linear_w4a16(x, qh, torch.ones(32, k // g).half(), None, g)
