@@ -19,10 +19,13 @@ SOURCE = r"""
 //   2  Hopper layout uint8 [N, K/2] (packing.to_wgmma_layout, the layout cutlass_w4 reads): one
 //      16-row x 16-k atom (128 bytes) per warp and k16 step, lane 4*(r%8) + (c%8)/2 owning one
 //      32-bit word whose nibbles are already in mma order; atoms run along N first, so the 4 atoms
-//      of a 64-k unit are 8*N bytes apart and a lane copies 4 x 4 bytes per unit. Rows r and r + 8
+//      of a 64-k unit are 8*N bytes apart. Lane L copies 16 bytes of atom L/8 per unit, the ring
+//      slot keeps the atoms in order (128 bytes each), and after a warp barrier each lane reads
+//      its 4 words (one per atom) with 32-bit shared loads. Rows r and r + 8
 //      of the tile (not 2p, 2p + 1) share a word; lane t's k are the standard fragment's 2t, 2t+1,
-//      2t+8, 2t+9 of each atom, so x is read as 32-bit pairs. MT <= 4 only (M >= 64 goes to
-//      cutlass_w4 on this layout).
+//      2t+8, 2t+9 of each atom, so x goes through the ring too (16-byte chunks, XOR-swizzled by
+//      row) and ldmatrix hands each lane its pairs. MT <= 4 only (M >= 64 goes to cutlass_w4 on
+//      this layout).
 //
 // Work split: a block owns WN*RT tiles of 16 output rows and MT*8 activation rows (grid.x walks
 // M, so the blocks of one tile group run together and share its weights in L2); each of its WN
@@ -139,19 +142,24 @@ struct Mma<__nv_bfloat16> {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
-}
-// One 64-k unit of one 16-row tile into a lane's 16 ring bytes: one 16-byte copy, or (Hopper
-// layout) the lane's word of each of the unit's 4 atoms, jstride bytes apart.
+// A lane's 4 words of one 64-k unit from its ring slot (slot = the warp's slot + 16 lane): its own
+// 16 bytes, or (Hopper layout: the slot holds the unit's 4 atoms in order) word lane of each atom.
 template <int MODE>
-__device__ __forceinline__ void copy_unit(uint32_t dst, const int8_t* src, size_t jstride) {
+__device__ __forceinline__ void read_unit(uint32_t* w, uint32_t slot, int lane) {
   if constexpr (MODE == 2) {
+    const uint32_t a = slot - 12 * lane;  // warp slot + 4 lane
 #pragma unroll
-    for (int j = 0; j < 4; ++j) cp_async4(dst + 4 * j, src + j * jstride);
+    for (int j = 0; j < 4; ++j) asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w[j]) : "r"(a + 128 * j));
   } else {
-    cp_async16(dst, src);
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                 : "r"(slot));
   }
+}
+// 16-byte copy that writes zeros instead when !ok (activation rows past M)
+__device__ __forceinline__ void cp_async16z(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     const int tile = min((static_cast<int>(blockIdx.y) * WN + wn) * RT + r, ntiles - 1);
     const int p = min(tile * 8 + g, P - 1);
     const int rowe = HOP ? tile * 16 + g : 2 * p;  // output row of the lane's first value
-    lp[r] = (HOP   ? qw + static_cast<size_t>(tile) * 128 + lane * 4
+    lp[r] = (HOP   ? qw + static_cast<size_t>(tile) * 128 + (lane >> 3) * jstride + (lane & 7) * 16
              : NAT ? qw + (static_cast<size_t>(tile) * U * 32 + lane) * 16
                    : qw + static_cast<size_t>(p) * K + 16 * t) +
             static_cast<size_t>(wk) * CU * USTRIDE;
@@ -239,8 +247,23 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     xok[mt] = row < M;
     xp[mt] = x + static_cast<size_t>(xok[mt] ? row : 0) * K + wk * CU * 64;
   }
+  // A ring slot per unit: RT x 512 weight bytes, then (Hopper layout) the unit's x rows: row g of
+  // m-tile mt at 1024 mt + 128 g, its 16-byte chunk c stored at chunk c ^ g so that the 8 rows an
+  // ldmatrix reads fall in 8 different bank groups.
+  constexpr int USZ = RT * 512 + (HOP ? MT * 1024 : 0);
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
-                        static_cast<uint32_t>(warp * ST * RT * 512 + lane * 16);
+                        static_cast<uint32_t>(warp * ST * USZ + lane * 16);
+  auto copy_x = [&](uint32_t uslot, size_t off) {  // uslot: a unit slot of ring (incl. 16 lane)
+    if constexpr (HOP) {
+      const uint32_t xb = uslot - 16 * lane + RT * 512;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          cp_async16z(xb + mt * 1024 + g * 128 + (((2 * t + h) ^ g) << 4),
+                      xp[mt] + off + 16 * t + 8 * h, xok[mt]);
+    }
+  };
 
   // Prologue: chunks 0 .. PD-1 into ring chunk-slots 0 .. PD-1 (one commit group per unit).
 #pragma unroll
@@ -250,8 +273,8 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
       if (c < nmy) {
 #pragma unroll
         for (int r = 0; r < RT; ++r)
-          copy_unit<MODE>(ring + ((c * CU + cu) * RT + r) * 512,
-                          lp[r] + c * cstride + cu * USTRIDE, jstride);
+          cp_async16(ring + (c * CU + cu) * USZ + r * 512, lp[r] + c * cstride + cu * USTRIDE);
+        copy_x(ring + (c * CU + cu) * USZ, static_cast<size_t>(c) * KS * CU * 64 + cu * 64);
       }
       cp_commit();
     }
@@ -294,21 +317,20 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
       const bool more = c + PD < nmy;
 #pragma unroll
       for (int cu = 0; cu < CU; ++cu) {
+        if constexpr (HOP) __syncwarp();  // every lane has read the slot about to be refilled
         if (more) {
 #pragma unroll
           for (int r = 0; r < RT; ++r)
-            copy_unit<MODE>(ring + ((lslot * CU + cu) * RT + r) * 512,
-                            lp[r] + PD * cstride + cu * USTRIDE, jstride);
+            cp_async16(ring + (lslot * CU + cu) * USZ + r * 512,
+                       lp[r] + PD * cstride + cu * USTRIDE);
         }
         cp_commit();
         cp_wait<PD * CU>();
-        const uint32_t slot = ring + static_cast<uint32_t>((cslot * CU + cu) * RT * 512);
+        if constexpr (HOP) __syncwarp();  // the unit's other lanes' bytes have landed too
+        const uint32_t slot = ring + static_cast<uint32_t>((cslot * CU + cu) * USZ);
         uint32_t wj[RT][4];
 #pragma unroll
-        for (int r = 0; r < RT; ++r)
-          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(wj[r][0]), "=r"(wj[r][1]), "=r"(wj[r][2]), "=r"(wj[r][3])
-                       : "r"(slot + r * 512));
+        for (int r = 0; r < RT; ++r) read_unit<MODE>(wj[r], slot + r * 512, lane);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {  // k run hh of the unit: words 2hh, 2hh+1
           uint32_t xv[MT][4];
@@ -385,21 +407,32 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
     const bool more = c + PD < nmy;
 #pragma unroll
     for (int cu = 0; cu < CU; ++cu) {
+      if constexpr (HOP) __syncwarp();  // every lane has read the slot about to be refilled
       if (more) {
 #pragma unroll
         for (int r = 0; r < RT; ++r)
-          copy_unit<MODE>(ring + ((lslot * CU + cu) * RT + r) * 512,
-                          lp[r] + PD * cstride + cu * USTRIDE, jstride);
+          cp_async16(ring + (lslot * CU + cu) * USZ + r * 512, lp[r] + PD * cstride + cu * USTRIDE);
+        copy_x(ring + (lslot * CU + cu) * USZ, static_cast<size_t>(PD) * KS * CU * 64 + cu * 64);
       }
       cp_commit();
-      cp_wait<PD * CU>();  // unit (c, cu) has landed
+      cp_wait<PD * CU>();               // unit (c, cu) has landed
+      if constexpr (HOP) __syncwarp();  // (Hopper layout: in every lane)
+      const uint32_t slot = ring + static_cast<uint32_t>((cslot * CU + cu) * USZ);
       uint32_t xv[MT][8];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (HOP) {  // b0, b1 of mma j: the pairs at k = 16j + 2t and 16j + 2t + 8
-          const uint32_t* x32 = reinterpret_cast<const uint32_t*>(xp[mt] + cu * 64) + t;
+        if constexpr (HOP) {
+          // b0, b1 of mma j (the pairs at k = 16j + 2t and 16j + 2t + 8 of row g) for j = 2jj,
+          // 2jj + 1: one ldmatrix.x4 of chunks 4jj .. 4jj + 3; lane l addresses row l % 8 of
+          // matrix l / 8.
+          const int rr = lane & 7, mi = lane >> 3;
+          const uint32_t xb = slot - 16 * lane + RT * 512 + mt * 1024 + rr * 128;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) xv[mt][j] = xok[mt] ? __ldg(x32 + 4 * j) : 0u;
+          for (int jj = 0; jj < 2; ++jj)
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(xv[mt][4 * jj]), "=r"(xv[mt][4 * jj + 1]), "=r"(xv[mt][4 * jj + 2]),
+                           "=r"(xv[mt][4 * jj + 3])
+                         : "r"(xb + (((4 * jj + mi) ^ rr) << 4)));
         } else {
           uint4 q0 = make_uint4(0, 0, 0, 0), q1 = make_uint4(0, 0, 0, 0);
           if (xok[mt]) {
@@ -418,13 +451,10 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
 #pragma unroll
         for (int j = 0; j < 4; ++j) Mma<T>::run(xs[mt][NH == 2 ? (j >> 1) : 0], ones, &xv[mt][2 * j]);
       }
-      const uint32_t slot = ring + static_cast<uint32_t>((cslot * CU + cu) * RT * 512);
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         uint32_t wj[4];
-        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(wj[0]), "=r"(wj[1]), "=r"(wj[2]), "=r"(wj[3])
-                     : "r"(slot + r * 512));
+        read_unit<MODE>(wj, slot + r * 512, lane);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint32_t w = NAT ? wj[j] : __byte_perm(wj[j], 0, 0x3120);
@@ -567,7 +597,7 @@ cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, 
                    void* out, int M, int N, int K, int G, int ss, int sg, int zs, int wn, int ks,
                    cudaStream_t st) {
   auto kern = w4_mma_kernel<T, MODE, CU, MT, RT, ST>;
-  const int ring = ks * ST * RT * 512, red = ks * RT * MT * 512;
+  const int ring = ks * ST * (RT * 512 + (MODE == 2 ? MT * 1024 : 0)), red = ks * RT * MT * 512;
   const int smem = ring > red ? ring : red;
   static bool raised = false;  // one opt-in per instantiation, to the device's limit
   if (smem > 48 * 1024 && !raised) {

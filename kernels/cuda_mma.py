@@ -51,6 +51,9 @@ TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
     (8, 1, 8): ((4, 1), (8, 4)),
     (8, 2, 4): ((4, 1), (8, 4)),
 }
+# Shared memory a block may opt into on sm_90 (227 KiB); on the Hopper layout the ring also holds
+# x (KS * ST * (RT * 512 + MT * 1024) bytes), so larger plans are not offered there.
+SMEM_LIMIT = 227 * 1024
 NATIVE_GROUPS = (32, 64, 128)  # kernel-native and Hopper layouts
 CHECKPOINT_GROUPS = (64, 128)
 
@@ -175,6 +178,7 @@ def candidates(m: int, hopper: bool = False) -> list[Plan]:
         for t, launches in TILES.items()
         if t[0] in mts
         for ks, wn in launches
+        if not hopper or ks * t[2] * (t[1] * 512 + t[0] * 1024) <= SMEM_LIMIT
     ]
 
 
