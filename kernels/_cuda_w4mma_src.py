@@ -156,9 +156,10 @@ __device__ __forceinline__ void read_unit(uint32_t* w, uint32_t slot, int lane) 
                  : "r"(slot));
   }
 }
-// 16-byte copy that writes zeros instead when !ok (activation rows past M)
+// 16-byte copy that writes zeros instead when !ok (activation rows past M); .ca keeps x in L1,
+// where the other warps and blocks of the SM that read the same k find it
 __device__ __forceinline__ void cp_async16z(uint32_t dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
