@@ -302,3 +302,19 @@ def test_wgmma_layout_through_dispatch_on_cpu() -> None:
         linear_w4a16(x, qh, s, z, g, backend="cuda_mma")
     with pytest.raises(KernelArgumentError, match="Hopper-layout qweight"):
         linear_w4a16(x, qh, torch.ones(32, k // g).half(), None, g)
+
+
+def test_hopper_plans_fit_shared_memory() -> None:
+    """On the Hopper layout cuda_mma offers MT <= 4 plans whose ring (weights + x) fits in shared
+    memory; the other layouts keep every plan (MT 8 past M = 32)."""
+    from quantlab.kernels import cuda_mma
+
+    for m in (1, 8, 16, 32, 64, 300):
+        plans = cuda_mma.candidates(m, hopper=True)
+        assert plans, m
+        for p in plans:
+            ring = p.get("KS") * p.get("ST") * (p.get("RT") * 512 + p.get("MT") * 1024)
+            assert p.get("MT") <= 4 and ring <= cuda_mma.SMEM_LIMIT, (m, str(p))
+    assert cuda_mma.candidates(1, hopper=True) == cuda_mma.candidates(1)
+    assert {p.get("MT") for p in cuda_mma.candidates(64)} == {4, 8}
+    assert len(cuda_mma.candidates(32, hopper=True)) < len(cuda_mma.candidates(32))
