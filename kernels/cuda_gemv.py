@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,22 +152,31 @@ def _load(device: torch.device) -> ctypes.CDLL:
         return lib
 
 
+def can_load(build_error: str | None, load: Callable[[], object]) -> bool:
+    """The guard every CUDA path's available() shares: False after a failed build, with
+    QUANTLAB_KERNELS_NO_CUDA=1 or during a CUDA-graph capture (nothing is built there); else
+    whether load() (build if needed, then load) succeeds."""
+    if (
+        build_error is not None
+        or os.environ.get("QUANTLAB_KERNELS_NO_CUDA") == "1"
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return False
+    try:
+        load()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
 def available(device: torch.device) -> bool:
     """True if the library is (or can now be) built and loaded; never builds under capture."""
     if _lib is not None:
         return True
-    if (
-        _build_error is not None
-        or os.environ.get("QUANTLAB_KERNELS_NO_CUDA") == "1"
-        or torch.cuda.is_current_stream_capturing()
-        or torch.cuda.get_device_capability(device) < (8, 0)  # bf16 mma needs sm_80
-    ):
-        return False
-    try:
-        _load(device)
-    except (RuntimeError, OSError):
-        return False
-    return True
+    # bf16 mma needs sm_80
+    return torch.cuda.get_device_capability(device) >= (8, 0) and can_load(
+        _build_error, lambda: _load(device)
+    )
 
 
 def unsupported_reason(

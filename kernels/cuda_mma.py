@@ -21,14 +21,13 @@ KS / WN warps of a column split K).
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import torch
 from quantlab.kernels import packing
 from quantlab.kernels._cuda_w4mma_src import SOURCE
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
-from quantlab.kernels.cuda_gemv import build_library
+from quantlab.kernels.cuda_gemv import build_library, can_load
 
 STEM = "w4a16_mma"
 # (MT, RT, ST) compiled in (QL_MMA_TILES in the source) and the (KS, WN) launch values offered
@@ -106,18 +105,10 @@ def available(device: torch.device) -> bool:
     """True if the library is (or can now be) built and loaded; never builds under capture."""
     if _lib is not None:
         return True
-    if (
-        _build_error is not None
-        or os.environ.get("QUANTLAB_KERNELS_NO_CUDA") == "1"
-        or torch.cuda.is_current_stream_capturing()
-        or torch.cuda.get_device_capability(device) < (8, 0)  # bf16 mma and cp.async: sm_80
-    ):
-        return False
-    try:
-        _load(device)
-    except (RuntimeError, OSError):
-        return False
-    return True
+    # bf16 mma and cp.async need sm_80
+    return torch.cuda.get_device_capability(device) >= (8, 0) and can_load(
+        _build_error, lambda: _load(device)
+    )
 
 
 def unsupported_reason(

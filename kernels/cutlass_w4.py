@@ -27,7 +27,7 @@ import torch
 from quantlab.kernels import packing
 from quantlab.kernels._cutlass_w4_src import CONFIGS, SOURCE
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
-from quantlab.kernels.cuda_gemv import build_library, library_path
+from quantlab.kernels.cuda_gemv import build_library, can_load, library_path
 
 STEM = "w4a16_cutlass"
 ARCH = "90a"  # wgmma and setmaxnreg: sm_90a only
@@ -106,20 +106,9 @@ def _load() -> ctypes.CDLL:
 
 def available(device: torch.device) -> bool:
     """True on sm_90 if the library is (or can now be) built and loaded; never builds under capture."""
-    if _lib is not None:
-        return torch.cuda.get_device_capability(device) == (9, 0)
-    if (
-        _build_error is not None
-        or os.environ.get("QUANTLAB_KERNELS_NO_CUDA") == "1"
-        or torch.cuda.is_current_stream_capturing()
-        or torch.cuda.get_device_capability(device) != (9, 0)
-    ):
+    if torch.cuda.get_device_capability(device) != (9, 0):
         return False
-    try:
-        _load()
-    except (RuntimeError, OSError):
-        return False
-    return True
+    return _lib is not None or can_load(_build_error, _load)
 
 
 def unsupported_reason(

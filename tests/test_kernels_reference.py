@@ -143,3 +143,30 @@ def test_compile_traces_through_custom_op() -> None:
     x = torch.randn(4, k).half()
     f = torch.compile(lambda t: linear_w4a16(t, qw, s, None, g), backend="eager", fullgraph=True)
     torch.testing.assert_close(f(x), linear_w4a16(x, qw, s, None, g))
+
+
+def test_cuda_paths_share_one_load_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """can_load (behind every CUDA path's available()): refuses after a failed build, with
+    QUANTLAB_KERNELS_NO_CUDA=1 and during a graph capture without calling load; otherwise
+    reports whether load() raised."""
+    from quantlab.kernels.cuda_gemv import can_load
+
+    calls: list[int] = []
+
+    def ok() -> None:
+        calls.append(1)
+
+    def broken() -> None:
+        raise RuntimeError("nvcc failed")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("QUANTLAB_KERNELS_NO_CUDA", raising=False)
+    assert can_load(None, ok) and calls == [1]
+    assert not can_load(None, broken)
+    assert not can_load("an earlier build failed", ok)
+    monkeypatch.setenv("QUANTLAB_KERNELS_NO_CUDA", "1")
+    assert not can_load(None, ok)
+    monkeypatch.delenv("QUANTLAB_KERNELS_NO_CUDA")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not can_load(None, ok)
+    assert calls == [1]
