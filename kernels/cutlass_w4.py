@@ -262,7 +262,7 @@ def w4a16_cutlass_gemm(
 
 
 HOPPER_TUNER = Tuner("w4a16_hopper_auto")
-# cuda_mma plans join auto's candidates on the Hopper layout up to this M bucket (run 20: at M = 64
+# cuda_mma plans join auto's candidates on the Hopper layout up to this M bucket (run 21a: at M = 64
 # cutlass_w4 is 1.5-2.3x faster on five of six shapes, and the tuner once mis-picked cuda_mma there)
 MMA_MAX_M = 32
 
