@@ -320,10 +320,13 @@ def w4a16_hopper_auto(
     group_size: int,
     bias: torch.Tensor | None,
     fill: float | None = None,
+    plans: list[Plan] | None = None,
 ) -> torch.Tensor:
     """backend "auto" on the Hopper layout: x [M, K] -> [M, N], the fastest of cuda_mma (small M)
-    and cutlass_w4, tuned per (M bucket, N, K, group, dtype, zeros, bias, scale order)."""
-    plans = hopper_plans(x, qweight, scales, zeros, group_size, bias)
+    and cutlass_w4, tuned per (M bucket, N, K, group, dtype, zeros, bias, scale order); plans:
+    hopper_plans' result when the caller already has it."""
+    if plans is None:
+        plans = hopper_plans(x, qweight, scales, zeros, group_size, bias)
     if not plans:
         raise ValueError("Hopper layout: neither cuda_mma nor cutlass_w4 takes these arguments")
     key = (

@@ -104,11 +104,11 @@ def _linear_w4a16_op(
         hopper
         and backend == "auto"
         and x.is_cuda
-        and _hopper_plans(x2, qweight, scales, zeros, group_size, bias)
+        and (plans := _hopper_plans(x2, qweight, scales, zeros, group_size, bias))
     ):
         from quantlab.kernels.cutlass_w4 import w4a16_hopper_auto
 
-        y = w4a16_hopper_auto(x2, qweight, scales, zeros, group_size, bias)
+        y = w4a16_hopper_auto(x2, qweight, scales, zeros, group_size, bias, plans=plans)
     elif backend == "cuda_mma":
         from quantlab.kernels.cuda_mma import w4a16_mma_gemm
 
@@ -138,10 +138,10 @@ def _linear_w4a16_op(
     return y.reshape(*x.shape[:-1], n)
 
 
-def _hopper_plans(x, qweight, scales, zeros, group_size, bias) -> bool:
+def _hopper_plans(x, qweight, scales, zeros, group_size, bias) -> list:
     from quantlab.kernels.cutlass_w4 import hopper_plans
 
-    return bool(hopper_plans(x, qweight, scales, zeros, group_size, bias))
+    return hopper_plans(x, qweight, scales, zeros, group_size, bias)
 
 
 @_linear_w4a16_op.register_fake
