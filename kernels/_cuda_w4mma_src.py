@@ -1,4 +1,4 @@
-"""CUDA C++ source of the W4A16 tensor-core kernel for M <= 32 rows per block ("cuda_mma").
+"""CUDA C++ source of the tensor-core W4A16 and W8A16 kernels ("cuda_mma").
 
 Built by kernels/cuda_mma.py with nvcc on first use (same cache and ctypes loading as cuda_gemv).
 Kept as a Python string so that it ships inside the package like any module.
@@ -532,6 +532,169 @@ __global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
   }
 }
 
+// ---- W8A16: int8 weights [N, K], one scale per output row ---------------------------------------
+// Lane (g, t) owns rows 16 tile + g ("e") and 16 tile + g + 8 ("o") of each of its RT tiles and,
+// per 64-k unit, k = 16t .. 16t + 15: 16 contiguous bytes of each row and 32 bytes of activation
+// row g, all copied into the warp's ring with cp.async and read back by the same lane (no warp
+// barrier). mma j (0..3) of a unit takes k = 16t + 4j .. 16t + 4j + 3 as the fragment's k pairs
+// (2t, 2t+1) and (2t+8, 2t+9): the same renaming in A (weights) and B (x) leaves the sum unchanged.
+// int8 -> exact integer q in x's dtype: fp16 builds 1024 + (b ^ 0x80) with one PRMT per pair and
+// subtracts 1152; bf16 (8 significant bits) goes through fp32, 2^23 + (b ^ 0x80) - (2^23 + 128),
+// and keeps the high halves (exact: |q| <= 128). Sums are fp32; the per-channel scale multiplies
+// each output once at the end.
+template <typename T>
+struct W8Cvt;
+template <>
+struct W8Cvt<__half> {
+  __device__ static __forceinline__ void run(uint32_t w, uint32_t& lo, uint32_t& hi) {
+    const uint32_t u = w ^ 0x80808080u;
+    lo = Mma<__half>::sub2(__byte_perm(u, 0x64646464u, 0x5140), 0x64806480u);
+    hi = Mma<__half>::sub2(__byte_perm(u, 0x64646464u, 0x5342), 0x64806480u);
+  }
+};
+template <>
+struct W8Cvt<__nv_bfloat16> {
+  __device__ static __forceinline__ void run(uint32_t w, uint32_t& lo, uint32_t& hi) {
+    const uint32_t u = w ^ 0x80808080u;
+    uint32_t f[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      f[i] = __float_as_uint(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + i)) -
+                             8388736.f);
+    lo = __byte_perm(f[0], f[1], 0x7632);
+    hi = __byte_perm(f[2], f[3], 0x7632);
+  }
+};
+
+// Work split as in w4_mma_kernel: grid.x walks M in blocks of 8 MT rows, grid.y groups of WN * RT
+// tiles; KS / WN warps of each warp column split K unit by unit (unit u to warp u % KS); partials
+// meet in shared memory at the end.
+template <typename T, int MT, int RT, int ST>
+__global__ void __launch_bounds__(512, 1)
+    w8_mma_kernel(const T* __restrict__ x, const int8_t* __restrict__ qw,
+                  const void* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out,
+                  int M, int N, int K, int wn_, int sf32) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int WN = wn_;
+  const int KS = (blockDim.x >> 5) / WN;
+  const int wn = warp % WN;
+  const int wk = warp / WN;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int ntiles = (N + 15) >> 4;
+  const int U = K >> 6;
+  const int m0 = blockIdx.x * 8 * MT;
+  constexpr int PD = ST - 1;  // units in flight while one is computed
+  const int nmy = wk < U ? (U - 1 - wk) / KS + 1 : 0;
+  const size_t ustep = static_cast<size_t>(KS) * 64;  // bytes (and x elements) between my units
+
+  const int8_t* lp[RT][2];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    // rows past N re-read row N - 1 (never stored), so loads stay in bounds
+    const int tile = min((static_cast<int>(blockIdx.y) * WN + wn) * RT + r, ntiles - 1);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      lp[r][h] = qw + static_cast<size_t>(min(tile * 16 + g + 8 * h, N - 1)) * K + 16 * t + wk * 64;
+  }
+  const T* xp[MT];
+  bool xok[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int row = m0 + 8 * mt + g;
+    xok[mt] = row < M;
+    xp[mt] = x + static_cast<size_t>(xok[mt] ? row : 0) * K + 16 * t + wk * 64;
+  }
+  // A ring slot per unit: RT x (512 bytes of rows e, 512 of rows o), then MT x 1024 bytes of x;
+  // lane l's bytes at 16 l (weights) and 32 l (x) of each part.
+  constexpr int USZ = (RT + MT) * 1024;
+  const uint32_t ring =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + static_cast<uint32_t>(warp * ST * USZ);
+  auto copy_unit = [&](int slot, size_t off) {
+    const uint32_t b = ring + slot * USZ;
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) cp_async16(b + r * 1024 + h * 512 + lane * 16, lp[r][h] + off);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        cp_async16z(b + RT * 1024 + mt * 1024 + lane * 32 + h * 16, xp[mt] + off + 8 * h, xok[mt]);
+  };
+#pragma unroll
+  for (int c = 0; c < PD; ++c) {
+    if (c < nmy) copy_unit(c, static_cast<size_t>(c) * ustep);
+    cp_commit();
+  }
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[r][mt][q] = 0.f;
+
+  int cslot = 0, lslot = PD;
+  for (int c = 0; c < nmy; ++c) {
+    if (c + PD < nmy) copy_unit(lslot, static_cast<size_t>(c + PD) * ustep);
+    cp_commit();
+    cp_wait<PD>();  // unit c has landed (each lane reads only its own bytes)
+    const uint32_t b = ring + cslot * USZ;
+    uint32_t xv[MT][8];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(xv[mt][4 * h]), "=r"(xv[mt][4 * h + 1]), "=r"(xv[mt][4 * h + 2]),
+                       "=r"(xv[mt][4 * h + 3])
+                     : "r"(b + RT * 1024 + mt * 1024 + lane * 32 + h * 16));
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      uint32_t we[4], wo[4];
+      read_unit<0>(we, b + r * 1024 + lane * 16, lane);
+      read_unit<0>(wo, b + r * 1024 + 512 + lane * 16, lane);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[4];
+        W8Cvt<T>::run(we[j], a[0], a[2]);
+        W8Cvt<T>::run(wo[j], a[1], a[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) Mma<T>::run(acc[r][mt], a, &xv[mt][2 * j]);
+      }
+    }
+    cslot = cslot == PD ? 0 : cslot + 1;
+    lslot = lslot == PD ? 0 : lslot + 1;
+  }
+  cp_wait<0>();
+  __syncthreads();  // every warp is done with its ring: reuse the shared memory for the partials
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[(((warp * RT + r) * MT + mt) * 4 + q) * 32 + lane] = acc[r][mt][q];
+  __syncthreads();
+  // One thread per output of the block: d0, d1 = rows e, columns 2t, 2t + 1; d2, d3 = rows o.
+  for (int idx = threadIdx.x; idx < WN * RT * MT * 128; idx += blockDim.x) {
+    const int l = idx & 31, q = (idx >> 5) & 3, rm = idx >> 7;
+    const int mt = rm % MT, r = (rm / MT) % RT, n0 = rm / (MT * RT);
+    const int m = m0 + 8 * mt + 2 * (l & 3) + (q & 1);
+    const int n = ((static_cast<int>(blockIdx.y) * WN + n0) * RT + r) * 16 + (l >> 2) + 8 * (q >> 1);
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int w = 0; w < KS; ++w) v += red[((((w * WN + n0) * RT + r) * MT + mt) * 4 + q) * 32 + l];
+    v *= load_scale<T>(scales, sf32, n);
+    if (bias != nullptr) v += Mma<T>::to_f(bias[n]);
+    out[static_cast<size_t>(m) * N + n] = static_cast<T>(v);
+  }
+}
+
 // Native layout -> dense w [N, K] in T (for dequantize + cuBLAS at large M). One thread per
 // lane chunk (16 bytes = 32 weights of rows 2p, 2p+1); four 16-byte stores.
 template <typename T>
@@ -652,6 +815,47 @@ cudaError_t pick_mode(int layout, int mt, int rt, int st_, const void* x, const 
   return cudaErrorInvalidValue;
 }
 
+#ifndef QL_W8_TILES
+#define QL_W8_TILES                                                                           \
+  QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(2, 1, 4) QL_T(2, 2, 4)          \
+  QL_T(2, 1, 8) QL_T(4, 1, 4) QL_T(4, 1, 8)
+#endif
+
+template <typename T, int MT, int RT, int ST>
+cudaError_t launch_w8(const void* x, const void* qw, const void* s, const void* b, void* out,
+                      int M, int N, int K, int wn, int ks, int sf32, cudaStream_t st) {
+  auto kern = w8_mma_kernel<T, MT, RT, ST>;
+  const int ring = ks * ST * (RT + MT) * 1024, red = ks * RT * MT * 512;
+  const int smem = ring > red ? ring : red;
+  static bool raised = false;  // one opt-in per instantiation, to the device's limit
+  if (smem > 48 * 1024 && !raised) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         g_max_smem);
+    if (e != cudaSuccess) return e;
+    raised = true;
+  }
+  if (smem > g_max_smem || wn < 1 || ks % wn) return cudaErrorInvalidValue;
+  const int groups = ((N + 15) / 16 + RT * wn - 1) / (RT * wn);
+  if (groups > 65535) return cudaErrorInvalidValue;
+  const dim3 grid((M + 8 * MT - 1) / (8 * MT), groups);
+  kern<<<grid, ks * 32, smem, st>>>(static_cast<const T*>(x), static_cast<const int8_t*>(qw), s,
+                                    static_cast<const T*>(b), static_cast<T*>(out), M, N, K, wn,
+                                    sf32);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t pick_w8(int mt, int rt, int st_, const void* x, const void* qw, const void* s,
+                    const void* b, void* out, int M, int N, int K, int wn, int ks, int sf32,
+                    cudaStream_t st) {
+#define QL_T(A, B, C)                                                                    \
+  if (mt == A && rt == B && st_ == C)                                                    \
+    return launch_w8<T, A, B, C>(x, qw, s, b, out, M, N, K, wn, ks, sf32, st);
+  QL_W8_TILES
+#undef QL_T
+  return cudaErrorInvalidValue;
+}
+
 cudaError_t set_device(int device) {
   int cur = -1;
   if (cudaGetDevice(&cur) != cudaSuccess || cur != device) {
@@ -686,6 +890,23 @@ extern "C" int ql_w4_mma(int device, const void* x, const void* qw, const void* 
                                               ss, sg, zs, wn, ks, st));
   return static_cast<int>(pick_mode<__nv_bfloat16>(layout, mt, rt, st_, x, qw, s, z, b, out, M, N,
                                                    K, G, ss, sg, zs, wn, ks, st));
+}
+
+// W8A16: x [M, K] fp16/bf16 (dtype 0/1), qw int8 [N, K] row-major, scales [N] in x's dtype or
+// fp32 (sf32), bias [N] in x's dtype or null; (mt, rt, st_) one of QL_W8_TILES, ks warps per block
+// in wn columns. Returns a cudaError_t (0 = launched).
+extern "C" int ql_w8_mma(int device, const void* x, const void* qw, const void* s, const void* b,
+                         void* out, int M, int N, int K, int dtype, int sf32, int wn, int mt,
+                         int rt, int st_, int ks, void* stream) {
+  cudaError_t e = set_device(device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (ks < 1 || ks > 16 || M < 1 || N < 1 || K < 64 || K % 64)
+    return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == 0)
+    return static_cast<int>(pick_w8<__half>(mt, rt, st_, x, qw, s, b, out, M, N, K, wn, ks, sf32, st));
+  return static_cast<int>(
+      pick_w8<__nv_bfloat16>(mt, rt, st_, x, qw, s, b, out, M, N, K, wn, ks, sf32, st));
 }
 
 extern "C" int ql_w4_native_dequant(int device, const void* qw, const void* s, const void* z,

@@ -233,6 +233,9 @@ def check_all(
                         x, qw, w["scales"], w["zeros"], 128, b, fill=math.nan
                     )
                     record(name, "cuda_mma", n, k, m, y, ref)
+                ref = xb.double() @ wd8.t() + bias.double()
+                y = t8.w8a16_gemm(xb, w8["qweight"], w8["scales"], bias, "cuda_mma", fill=math.nan)
+                record("w8a16_bf16", "cuda_mma", n, k, m, y, ref)
             if m <= cuda_gemv.MAX_M:
                 for name, w, wd, x in (
                     ("w4a16_g128_sym_bf16", w4, wd4, xb),
@@ -473,7 +476,7 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
                 and kk[2] == k
                 and kk[3] == torch.bfloat16
                 and not kk[5]
-                and kk[6] == "auto"
+                and kk[6] in ("auto", "auto+cuda_mma")
             ),
             None,
         )

@@ -95,6 +95,14 @@ def _load(device: torch.device) -> ctypes.CDLL:
             *[ctypes.c_int] * 7,
             ctypes.c_void_p,
         ]
+        lib.ql_w8_mma.restype = ctypes.c_int
+        # device, 5 pointers (x, qweight, scales, bias, out), 11 ints, stream
+        lib.ql_w8_mma.argtypes = [
+            ctypes.c_int,
+            *[ctypes.c_void_p] * 5,
+            *[ctypes.c_int] * 11,
+            ctypes.c_void_p,
+        ]
         lib.ql_mma_error_string.restype = ctypes.c_char_p
         lib.ql_mma_error_string.argtypes = [ctypes.c_int]
         _lib = lib
@@ -338,3 +346,104 @@ def w4a16_native_auto(
         lambda c: run_native_plan(c, x, qweight, scales, zeros, group_size, bias),
     )
     return run_native_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
+
+
+# ---- W8A16 (int8 [N, K], per-channel scales) ----------------------------------------------------
+
+# (MT, RT, ST) compiled in (QL_W8_TILES in the source) and the (KS, WN) launches offered for each;
+# a block's ring holds KS * ST * (RT + MT) KiB (weights and x), so plans above SMEM_LIMIT are not
+# offered.
+W8_TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
+    (1, 1, 4): ((4, 1), (8, 1), (16, 1), (8, 2)),
+    (1, 2, 4): ((4, 1), (8, 1), (16, 1)),
+    (1, 1, 8): ((4, 1), (8, 1), (8, 2)),
+    (1, 2, 8): ((4, 1), (8, 1)),
+    (2, 1, 4): ((4, 1), (8, 1), (16, 1), (8, 2)),
+    (2, 2, 4): ((4, 1), (8, 1), (8, 2)),
+    (2, 1, 8): ((4, 1), (8, 1)),
+    (4, 1, 4): ((4, 1), (8, 1), (8, 2)),
+    (4, 1, 8): ((4, 1), (8, 1)),
+}
+W8_MAX_M = 32  # "auto" on W8A16 tries these plans up to this M bucket
+
+
+def w8_candidates(m: int) -> list[Plan]:
+    """W8A16 plans for M rows: the smallest MT (1, 2, 4) whose 8*MT rows cover M (grid walks M)."""
+    b = m_bucket(m)
+    mt = 1 if b <= 8 else 2 if b <= 16 else 4
+    return [
+        plan("cuda_mma", MT=t[0], RT=t[1], ST=t[2], KS=ks, WN=wn)
+        for t, launches in W8_TILES.items()
+        if t[0] == mt
+        for ks, wn in launches
+        if ks * t[2] * (t[1] + t[0]) * 1024 <= SMEM_LIMIT
+    ]
+
+
+def w8_unsupported_reason(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    check_x_layout: bool = True,
+) -> str | None:
+    """Why the W8A16 kernel cannot take x [M, K], qweight int8 [N, K], scales [N], bias; else None."""
+    k = x.shape[-1]
+    if not x.is_cuda:
+        return "needs CUDA tensors"
+    if k % 64:
+        return f"K must be a multiple of 64, got {k}"
+    if scales.dtype not in (x.dtype, torch.float32) or not scales.is_contiguous():
+        return f"scales must be contiguous fp32 or in x's dtype {x.dtype}, got {scales.dtype}"
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return "bias must be contiguous in x's dtype"
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        return "qweight must be contiguous and 16-byte aligned"
+    if check_x_layout and (x.data_ptr() % 16 or not x.is_contiguous()):
+        return "x must be contiguous and 16-byte aligned"
+    if qweight.numel() >= 2**40:
+        return "shape too large"
+    return None
+
+
+def run_w8_plan(
+    p: Plan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Launch one W8A16 plan: x [M, K] fp16/bf16 @ (qweight int8 [N, K] * scales [N])^T -> [M, N].
+
+    scales fp32 or x's dtype; bias [N] in x's dtype or None; fill poisons the output first.
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    lib = _load(x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if fill is not None:
+        out.fill_(fill)
+    cfg = dict(p.cfg)
+    err = lib.ql_w8_mma(
+        x.device.index if x.device.index is not None else torch.cuda.current_device(),
+        x.data_ptr(),
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        0 if x.dtype == torch.float16 else 1,
+        int(scales.dtype == torch.float32),
+        cfg["WN"],
+        cfg["MT"],
+        cfg["RT"],
+        cfg["ST"],
+        cfg["KS"],
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    if err:
+        raise RuntimeError(f"cuda_mma W8 launch failed: {lib.ql_mma_error_string(err).decode()}")
+    return out

@@ -14,8 +14,9 @@ backend:
                (triton_w4a16_swap.py); "auto" tries it from M = 9 on.
   "cuda_gemv"  force the CUDA C++ W4A16 kernel for M <= 8 (cuda_gemv.py; nvcc builds it on
                first use); "auto" also tries it there and keeps it where it times fastest.
-  "cuda_mma"   force the CUDA C++ tensor-core W4A16 kernel (cuda_mma.py; any M, any of the three
-               weight layouts); "auto" tries it for M <= 64 on the checkpoint and Hopper layouts,
+  "cuda_mma"   force the CUDA C++ tensor-core kernel (cuda_mma.py; any M; W4A16 on any of the three
+               weight layouts, W8A16 with K % 64 == 0; "auto" tries its W8A16 plans up to
+               M = 32); "auto" tries it for M <= 64 on the checkpoint and Hopper layouts,
                and on the kernel-native layout (packing.to_mma_layout) it is auto's path
                together with its dequantize + cuBLAS plan.
   "cutlass"    force the sm_90a GEMM on CUTLASS's mixed-input pipelines (cutlass_w4.py); it reads
@@ -49,7 +50,7 @@ W4_BACKENDS = (
     "cuda_mma",
     "cutlass",
 )
-W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant")
+W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant", "cuda_mma")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
 TRITON_GROUPS = (32, 64, 128)
 
@@ -282,6 +283,12 @@ def linear_w8a16(
     _check_x(x, qweight.shape[1], "linear_w8a16")
     if scales.shape != (qweight.shape[0],):
         raise KernelArgumentError(f"linear_w8a16: scales must be [{qweight.shape[0]}]")
+    if backend == "cuda_mma":
+        from quantlab.kernels.cuda_mma import w8_unsupported_reason
+
+        reason = w8_unsupported_reason(x, qweight, scales, bias, False)
+        if reason is not None:
+            raise KernelArgumentError(f"linear_w8a16: backend 'cuda_mma' {reason}")
     return _linear_w8a16_op(x, qweight, scales, bias, backend)
 
 

@@ -129,6 +129,10 @@ def _w8a16_kernel(
 def candidates(m: int, backend: str) -> list[Plan]:
     """Plans to try for M rows under a backend name ('auto' picks backends by M bucket)."""
     by_name = {"gemv": _GEMV, "splitk": _SPLITK, "tiled": _TILED, "dequant": [plan("dequant")]}
+    if backend == "cuda_mma":
+        from quantlab.kernels.cuda_mma import w8_candidates
+
+        return w8_candidates(m)
     if backend == "auto":
         b = m_bucket(m)
         names = (
@@ -164,6 +168,10 @@ def run_plan(
         t = torch.empty(shape, dtype=dtype, device=x.device)
         return t if fill is None else t.fill_(fill)
 
+    if p.backend == "cuda_mma":
+        from quantlab.kernels.cuda_mma import run_w8_plan
+
+        return run_w8_plan(p, x, qweight, scales, bias, fill)
     if p.backend == "dequant":
         # int8 -> x dtype is exact; the scale multiplies in fp32 and rounds once, like the kernel.
         w = (qweight.float() * scales.float().reshape(-1, 1)).to(x.dtype)
@@ -224,10 +232,37 @@ def w8a16_gemm(
     backend: str = "auto",
     fill: float | None = None,
 ) -> torch.Tensor:
-    """Triton W8A16: x [M, K] fp16/bf16 @ (q [N, K] * s [N])^T -> [M, N]; 'auto' tunes per M bucket."""
+    """W8A16: x [M, K] fp16/bf16 @ (q [N, K] * s [N])^T -> [M, N]; 'auto' tunes per M bucket.
+
+    On CUDA, 'auto' also tries the CUDA tensor-core plans (cuda_mma) up to M bucket
+    cuda_mma.W8_MAX_M when they build and accept the arguments; 'cuda_mma' forces them.
+    """
     m, k = x.shape
+    cands = candidates(m, backend)
+    if backend == "cuda_mma":
+        from quantlab.kernels import cuda_mma
+
+        reason = cuda_mma.w8_unsupported_reason(x, qweight, scales, bias)
+        if reason is not None:
+            raise ValueError(f"cuda_mma: {reason}")
+    if backend == "auto" and x.is_cuda and _cuda_mma_ok(x, qweight, scales, bias):
+        from quantlab.kernels import cuda_mma
+
+        cands = cuda_mma.w8_candidates(m) + cands
+        backend = "auto+cuda_mma"
     key = (m_bucket(m), qweight.shape[0], k, x.dtype, scales.dtype, bias is not None, backend)
-    chosen = TUNER.pick(
-        key, candidates(m, backend), lambda c: run_plan(c, x, qweight, scales, bias)
-    )
+    chosen = TUNER.pick(key, cands, lambda c: run_plan(c, x, qweight, scales, bias))
     return run_plan(chosen, x, qweight, scales, bias, fill)
+
+
+def _cuda_mma_ok(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> bool:
+    """True if 'auto' should include the CUDA tensor-core W8A16 plans for these arguments."""
+    from quantlab.kernels import cuda_mma
+
+    return (
+        m_bucket(x.shape[0]) <= cuda_mma.W8_MAX_M
+        and cuda_mma.w8_unsupported_reason(x, qweight, scales, bias) is None
+        and cuda_mma.available(x.device)
+    )

@@ -1,4 +1,4 @@
-"""GPU tests of the CUDA small-M W4A16 kernel (kernels/cuda_gemv.py) against fp64.
+"""GPU tests of the CUDA kernels (cuda_gemv, cuda_mma W4A16 and W8A16, cutlass_w4) against fp64.
 
 Odd shapes (N, K multiples of G but not powers of two, plus an N whose packed rows do not fill
 the last 8-row tile), every group size, fp16/bf16, sym/asym, M in 1, 3, 4 (and 8), every compiled
@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from quantlab.kernels import KernelArgumentError, linear_w4a16, packing, reference
+from quantlab.kernels import KernelArgumentError, linear_w4a16, linear_w8a16, packing, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -252,3 +252,61 @@ def test_cutlass_dispatch_graph_and_compile(cw) -> None:
     f(static_x)
     static_y, new_x = _capture_and_replay(f, static_x)
     assert _rel(static_y, reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)) < TOL
+
+
+# ---- cuda_mma W8A16 (int8 [N, K], per-channel scales) ------------------------------------------
+
+# 1216 = 76 tiles of 16 rows; 360 leaves a half-filled last tile; K = 18 and 36 units of 64.
+W8_SHAPES = [(1216, 1152), (360, 2304)]
+
+
+@pytest.mark.parametrize("shape", W8_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8_mma_every_plan_vs_fp64(cm, shape, dtype: torch.dtype) -> None:
+    """Every W8A16 plan, scales in x's dtype (no bias) and fp32 (with bias), the full int8 range
+    (-128 included), M from 1 to 40 (grid over M), NaN-poisoned outputs."""
+    n, k = shape
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    q[0, :64] = -128  # the extremes, for certain
+    q[1, :64] = 127
+    s32 = torch.rand(n, device="cuda") * 0.02 + 0.005
+    for scales, bias in ((s32.to(dtype), None), (s32, torch.randn(n, device="cuda", dtype=dtype))):
+        wd = reference.dequant_w8(q, scales, torch.float64)
+        for m in (1, 3, 8, 9, 16, 17, 32, 33, 40):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.double() @ wd.t() + (bias.double() if bias is not None else 0)
+            plans = cm.w8_candidates(m)
+            assert plans
+            for p in plans:
+                y = cm.run_w8_plan(p, x, q, scales, bias, fill=math.nan)
+                assert y.shape == (m, n) and y.dtype == dtype
+                err = _rel(y, ref)
+                assert err < TOL, f"{p} M={m} scales {scales.dtype}: {err:.3e}"
+
+
+def test_w8_mma_dispatch_graph_and_compile(cm) -> None:
+    """linear_w8a16 forced 'cuda_mma' and 'auto' (which tunes the CUDA plans with Triton's up to
+    M = 32) on [..., K] input; a K the kernel refuses (forced: a clear error; auto: Triton);
+    torch.compile + CUDA-graph replay."""
+    n, k = 1216, 1152
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    s = (torch.rand(n, device="cuda") * 0.02 + 0.005).to(torch.bfloat16)
+    wd = reference.dequant_w8(q, s, torch.float64)
+    for m in (1, 5, 16, 30, 80):
+        x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.reshape(-1, k).double() @ wd.t()
+        for backend in ("cuda_mma", "auto"):
+            y = linear_w8a16(x, q, s, backend=backend)
+            assert y.shape == (2, m, n)
+            assert _rel(y.reshape(-1, n), ref) < TOL, (backend, m)
+    q2 = q[:, :1000].contiguous()  # K = 1000: not a multiple of 64
+    x2 = torch.randn(3, 1000, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(KernelArgumentError, match="'cuda_mma' K must be a multiple of 64"):
+        linear_w8a16(x2, q2, s, backend="cuda_mma")
+    ref2 = x2.double() @ reference.dequant_w8(q2, s, torch.float64).t()
+    assert _rel(linear_w8a16(x2, q2, s), ref2) < TOL
+    static_x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda t: linear_w8a16(t, q, s), fullgraph=True)
+    f(static_x)
+    static_y, new_x = _capture_and_replay(f, static_x)
+    assert _rel(static_y, new_x.double() @ wd.t()) < TOL
