@@ -755,9 +755,10 @@ def markdown(rows: list[dict]) -> str:
     head = (
         "| N x K | M | "
         + " | ".join(f"{n} us (x cuBLAS)" for n in names)
-        + " | W4 GB/s | W4 plan | W4 native GB/s | W4 native plan | W4 Hopper GB/s | W4 Hopper plan |"
+        + " | W4 GB/s | W4 plan | W4 native GB/s | W4 native plan | W4 Hopper GB/s | W4 Hopper plan"
+        + " | W8 GB/s | W8 plan |"
     )
-    lines = [head, "|" + "---|" * (len(names) + 8)]
+    lines = [head, "|" + "---|" * (len(names) + 10)]
     for r in rows:
         cells = []
         for nm in names:
@@ -766,12 +767,14 @@ def markdown(rows: list[dict]) -> str:
         w4 = r.get("w4a16_g128", {})
         w4n = r.get("w4a16_g128_native", {})
         w4h = r.get("w4a16_g128_hopper", {})
+        w8 = r.get("w8a16", {})
         lines.append(
             f"| {r['N']}x{r['K']} | {r['M']} | "
             + " | ".join(cells)
             + f" | {w4.get('GBps', 0):.0f} | {w4.get('plan', '')}"
             + f" | {w4n.get('GBps', 0):.0f} | {w4n.get('plan', '')}"
-            + f" | {w4h.get('GBps', 0):.0f} | {w4h.get('plan', '')} |"
+            + f" | {w4h.get('GBps', 0):.0f} | {w4h.get('plan', '')}"
+            + f" | {w8.get('GBps', 0):.0f} | {w8.get('plan', '')} |"
         )
     return "\n".join(lines)
 

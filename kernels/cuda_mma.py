@@ -96,11 +96,11 @@ def _load(device: torch.device) -> ctypes.CDLL:
             ctypes.c_void_p,
         ]
         lib.ql_w8_mma.restype = ctypes.c_int
-        # device, 5 pointers (x, qweight, scales, bias, out), 11 ints, stream
+        # device, 5 pointers (x, qweight, scales, bias, out), 10 ints, stream
         lib.ql_w8_mma.argtypes = [
             ctypes.c_int,
             *[ctypes.c_void_p] * 5,
-            *[ctypes.c_int] * 11,
+            *[ctypes.c_int] * 10,
             ctypes.c_void_p,
         ]
         lib.ql_mma_error_string.restype = ctypes.c_char_p
