@@ -620,10 +620,21 @@ __global__ void __launch_bounds__(512, 1)
       for (int h = 0; h < 2; ++h) cp_async16(b + r * 1024 + h * 512 + lane * 16, lp[r][h] + off);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
+      if (xok[mt])
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        cp_async16z(b + RT * 1024 + mt * 1024 + lane * 32 + h * 16, xp[mt] + off + 8 * h, xok[mt]);
+        for (int h = 0; h < 2; ++h)
+          cp_async16z(b + RT * 1024 + mt * 1024 + lane * 32 + h * 16, xp[mt] + off + 8 * h, true);
   };
+  // x rows past M: zeros written once into every slot (never copied; each lane reads only its own)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    if (!xok[mt])
+      for (int sl = 0; sl < ST; ++sl)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(
+                           ring + sl * USZ + RT * 1024 + mt * 1024 + lane * 32 + h * 16),
+                       "r"(0));
 #pragma unroll
   for (int c = 0; c < PD; ++c) {
     if (c < nmy) copy_unit(c, static_cast<size_t>(c) * ustep);

@@ -737,6 +737,47 @@ def time_plans(
     return rows
 
 
+def time_w8(shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], None]) -> list[dict]:
+    """Every W8A16 plan (cuda_mma and Triton splitk/gemv) per shape and M: fp64 check, then the
+    graph-replayed time over 8 rotating weight copies, next to cuBLAS bf16 in the same run."""
+    from quantlab.kernels import triton_w8a16 as t8
+
+    recs: list[dict[str, Any]] = []
+    for n, k in shapes:
+        w8 = [make_w8(n, k, torch.bfloat16, "cuda") for _ in range(8)]
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        wd = reference.dequant_w8(w8[0]["qweight"], w8[0]["scales"], torch.float64)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.double() @ wd.t()
+
+            def cublas(i: int, x: torch.Tensor = x, wb: list = wb) -> torch.Tensor:
+                return F.linear(x, wb[i])
+
+            base = time_rotating(cublas, 8, quick_ms(cublas)) * 1e3
+            plans = cuda_mma.w8_candidates(m) + t8.candidates(m, "splitk")
+            plans += t8.candidates(m, "gemv") if m <= 4 else []
+            res: list[dict[str, Any]] = []
+            for p in plans:
+
+                def run(i: int, p: Any = p, x: torch.Tensor = x, w8: list = w8) -> torch.Tensor:
+                    return t8.run_plan(p, x, w8[i]["qweight"], w8[i]["scales"], None)
+
+                err = rel_err(
+                    t8.run_plan(p, x, w8[0]["qweight"], w8[0]["scales"], None, math.nan), ref
+                )
+                us = time_rotating(run, 8, quick_ms(run)) * 1e3
+                res.append({"N": n, "K": k, "M": m, "plan": str(p), "us": us, "x_cublas": base / us,
+                            "rel_err": err, "ok": err < TOL, "cublas_us": base})  # fmt: skip
+            res.sort(key=lambda r: float(r["us"]))
+            recs += res
+            top = " ".join(f"{r['plan']}={r['us']:.1f}us({r['x_cublas']:.2f}x)" for r in res[:4])
+            bad = sum(not r["ok"] for r in res)
+            log(f"W8 {n}x{k} M={m}: cuBLAS {base:.1f}us | {top} | {len(res)} plans, {bad} failed")
+        torch.cuda.empty_cache()
+    return recs
+
+
 def markdown(rows: list[dict]) -> str:
     """Results table: per shape and M, microseconds and ratio vs cuBLAS bf16 for each method."""
     names = [
@@ -795,6 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         "--mma",
         action="store_true",
         help="only the cuda_mma kernel: fp64 check of every plan, then every plan's timing",
+    )
+    ap.add_argument(
+        "--w8",
+        action="store_true",
+        help="only W8A16: every cuda_mma and Triton plan, fp64 check and graph timing vs cuBLAS",
     )
     ap.add_argument(
         "--small-m",
@@ -862,6 +908,15 @@ def main(argv: list[str] | None = None) -> int:
         result["plans"] = time_plans(args.plans, shapes, ms, meta["l2_bytes"], log)  # type: ignore[arg-type]
         (out / f"plans_{args.plans}.json").write_text(json.dumps(result, indent=1, default=str))
         log(f"total {time.time() - t0:.0f}s")
+        return 0 if not bad else 1
+    if args.w8:
+        recs = time_w8(shapes, ms, log)  # type: ignore[arg-type]
+        result["w8"] = recs
+        (out / "w8.json").write_text(json.dumps(result, indent=1, default=str))
+        bad = [r for r in recs if not r["ok"]]
+        log(
+            f"W8 plans: {len(recs) - len(bad)}/{len(recs)} within {TOL}, total {time.time() - t0:.0f}s"
+        )
         return 0 if not bad else 1
     if args.small_m:
         lib = cuda_gemv.build(verbose=True)
