@@ -126,6 +126,32 @@ def _w8a16_kernel(
         )
 
 
+@triton.jit
+def _w8_dequant_kernel(qw_ptr, s_ptr, w_ptr, N, K, stride_qn, BN: tl.constexpr, BK: tl.constexpr):
+    # One [BN, BK] tile of q [N, K] int8 -> w = q * s[n] (fp32 product, rounded once to w's dtype)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    q = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    w = q.to(tl.float32) * s[:, None]
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequant_w8(
+    qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, fill: float | None = None
+) -> torch.Tensor:
+    """q int8 [N, K] * scales [N] -> w [N, K] in dtype, in one pass (a Triton kernel)."""
+    n, k = qweight.shape
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    if fill is not None:
+        w.fill_(fill)
+    bn, bk = 32, 256
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _w8_dequant_kernel[grid](qweight, scales, w, n, k, qweight.stride(0), BN=bn, BK=bk, num_warps=4)
+    return w
+
+
 def candidates(m: int, backend: str) -> list[Plan]:
     """Plans to try for M rows under a backend name ('auto' picks backends by M bucket)."""
     by_name = {"gemv": _GEMV, "splitk": _SPLITK, "tiled": _TILED, "dequant": [plan("dequant")]}
@@ -173,8 +199,10 @@ def run_plan(
 
         return run_w8_plan(p, x, qweight, scales, bias, fill)
     if p.backend == "dequant":
-        # int8 -> x dtype is exact; the scale multiplies in fp32 and rounds once, like the kernel.
-        w = (qweight.float() * scales.float().reshape(-1, 1)).to(x.dtype)
+        # q * s in fp32, rounded once to x's dtype (one pass over the weights), then cuBLAS. Run 25
+        # (H100) timed the earlier three-pass torch version (an fp32 copy of w) at 0.49-0.61x of
+        # cuBLAS bf16 for M >= 1024.
+        w = dequant_w8(qweight, scales, x.dtype, fill)
         return torch.nn.functional.linear(x, w, bias)
     out = empty((m, n), x.dtype)
     split = cfg["SPLIT_K"]

@@ -310,3 +310,16 @@ def test_w8_mma_dispatch_graph_and_compile(cm) -> None:
     f(static_x)
     static_y, new_x = _capture_and_replay(f, static_x)
     assert _rel(static_y, new_x.double() @ wd.t()) < TOL
+
+
+def test_w8_dequant_exact_on_gpu() -> None:
+    """The W8 'dequant' plan's one-pass kernel is bit-identical to q * s in fp32 rounded once
+    (fp16 and bf16 out, scales in either dtype or fp32; N, K off the 32 x 256 tile)."""
+    from quantlab.kernels import triton_w8a16 as t8
+
+    n, k = 1000, 1300
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        for s in ((torch.rand(n, device="cuda") * 0.01).to(dtype), torch.rand(n, device="cuda")):
+            w = t8.dequant_w8(q, s, dtype, fill=math.nan)
+            assert torch.equal(w, (q.float() * s.float().reshape(-1, 1)).to(dtype))

@@ -109,6 +109,25 @@ def test_w8a16(path: str, m: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8_dequant_matches_torch_exactly(dtype: torch.dtype) -> None:
+    # One-pass dequantization (the 'dequant' plan's first step) against q * s computed in fp32
+    # and rounded once; N, K not multiples of the kernel's 32 x 256 tile; fp32 scales too.
+    # fp16: bit-identical. bf16: the Triton 3.6 interpreter truncates fp32 -> bf16 instead of
+    # rounding to nearest, so here within one bf16 ulp (the GPU test requires bit equality).
+    n, k = 70, 300
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    for s in ((torch.rand(n) * 0.01).to(dtype), torch.rand(n) * 0.01):
+        w = t8.dequant_w8(q, s, dtype, fill=math.nan)
+        exact = q.float() * s.float().reshape(-1, 1)
+        if dtype == torch.float16:
+            assert torch.equal(w, exact.to(dtype))
+        else:
+            ulp = exact.abs() * 2.0**-7  # bf16 spacing is at most 2^-7 of the value
+            assert bool(((w.float() - exact).abs() <= ulp).all())
+            assert not torch.equal(w, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_swap_every_large_plan_both_orientations(dtype: torch.dtype) -> None:
     # Every large-M "swap" plan (weights on the left, XL = 0, and x on the left, XL = 1) against
     # fp64, asymmetric with bias; M = 33 leaves a partial row tile, N = 160 a partial BN tile.
