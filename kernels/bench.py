@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from quantlab.kernels import cuda_gemv, cuda_mma, cutlass_w4, packing, reference
+from quantlab.kernels import cuda_gemv, cuda_mma, cutlass_w4, cutlass_w8, packing, reference
 from quantlab.kernels.fp8 import fp8_scaled_mm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192), (8192, 28672)]
@@ -172,6 +172,9 @@ def check_all(
             ref = xb.double() @ wd8.t()
             y = t8.w8a16_gemm(xb, w8["qweight"], w8["scales"], None, "auto", fill=math.nan)
             record("w8a16_bf16", "auto", n, k, m, y, ref)
+            if cutlass_w8.available(torch.device(dev)):
+                y = t8.w8a16_gemm(xb, w8["qweight"], w8["scales"], None, "cutlass", fill=math.nan)
+                record("w8a16_bf16", "cutlass", n, k, m, y, ref)
             for gran in ("tensor", "row"):
                 ws = f8["weight_scale"][:1] if gran == "tensor" else f8["weight_scale"]
                 ref = reference.ref_linear_fp8(
@@ -738,7 +741,7 @@ def time_plans(
 
 
 def time_w8(shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], None]) -> list[dict]:
-    """Every W8A16 plan (cuda_mma and Triton splitk/gemv) per shape and M: fp64 check, then the
+    """Every W8A16 plan (cuda_mma, Triton, cutlass_w8 from M = 64) per shape and M: fp64 check, then the
     graph-replayed time over 8 rotating weight copies, next to cuBLAS bf16 in the same run."""
     from quantlab.kernels import triton_w8a16 as t8
 
@@ -755,8 +758,13 @@ def time_w8(shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], N
                 return F.linear(x, wb[i])
 
             base = time_rotating(cublas, 8, quick_ms(cublas)) * 1e3
-            plans = cuda_mma.w8_candidates(m) + t8.candidates(m, "splitk")
+            plans = cuda_mma.w8_candidates(m) if m <= cuda_mma.W8_MAX_M else []
+            plans += t8.candidates(m, "splitk")
             plans += t8.candidates(m, "gemv") if m <= 4 else []
+            if m >= 64:
+                plans += t8.candidates(m, "tiled") + t8.candidates(m, "dequant")
+                if cutlass_w8.available(torch.device("cuda")):
+                    plans += cutlass_w8.candidates(torch.bfloat16, m)
             res: list[dict[str, Any]] = []
             for p in plans:
 

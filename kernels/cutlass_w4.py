@@ -39,6 +39,9 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _build_error: str | None = None
 _sms: dict[int, int] = {}
+# return codes of the CUTLASS entry points (ql_cutlass_w4, ql_cutlass_w8)
+LAUNCH_ERRORS = {1: "workspace too small", 2: "problem not supported", 3: "initialize failed",
+                 4: "launch failed", 5: "CUDA error", 6: "unknown configuration"}  # fmt: skip
 
 
 def cutlass_include_dirs() -> tuple[Path, Path]:
@@ -154,7 +157,8 @@ def candidates(x_dtype: torch.dtype, asym: bool, m: int) -> list[Plan]:
     return [plan("cutlass_w4", ID=c["id"], TN=c["tile_n"], TM=c["tile_m"]) for c in fit]
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Number of SMs of device (cached)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _sms:
         _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -201,7 +205,7 @@ def run_plan(
     lib = _load()
     st, zt = kernel_scales(scales, zeros, x.dtype)
     cfg = p.get("ID")
-    sms = _sm_count(x.device)
+    sms = sm_count(x.device)
     need = ctypes.c_size_t(0)
     args = (x.data_ptr(), qweight.data_ptr(), st.data_ptr(), 0 if zt is None else zt.data_ptr())
     lib.ql_cutlass_w4(cfg, *args, out.data_ptr(), m, n, k, group_size, sms, None, 0, None,
@@ -222,9 +226,7 @@ def run_plan(
         None,
     )
     if err:
-        what = {1: "workspace too small", 2: "problem not supported", 3: "initialize failed",
-                4: "launch failed", 5: "CUDA error", 6: "unknown configuration"}  # fmt: skip
-        raise RuntimeError(f"cutlass_w4 plan {p}: {what.get(err, err)}")
+        raise RuntimeError(f"cutlass_w4 plan {p}: {LAUNCH_ERRORS.get(err, err)}")
     if bias is not None:
         out.add_(bias.to(out.dtype))
     return out

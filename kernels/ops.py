@@ -19,8 +19,9 @@ backend:
                M = 32); "auto" tries it for M <= 64 on the checkpoint and Hopper layouts,
                and on the kernel-native layout (packing.to_mma_layout) it is auto's path
                together with its dequantize + cuBLAS plan.
-  "cutlass"    force the sm_90a GEMM on CUTLASS's mixed-input pipelines (cutlass_w4.py); it reads
-               the Hopper layout (packing.to_wgmma_layout) only. On that layout "auto" tunes it
+  "cutlass"    force the sm_90a GEMM on CUTLASS's mixed-input pipelines (W4: cutlass_w4.py, the
+               Hopper layout (packing.to_wgmma_layout) only; W8: cutlass_w8.py, int8 [N, K] as
+               it is, "auto" tries it from M = 64 on). On that layout "auto" tunes it
                together with cuda_mma's plans (M <= 64): one layout for decode and prefill.
 W4 weights come in the checkpoint layout (int8 [N/2, K]), the kernel-native layout (int32
 [ceil(N/16), K/64, 128], packing.to_mma_layout) or the Hopper layout (uint8 [N, K/2],
@@ -50,7 +51,7 @@ W4_BACKENDS = (
     "cuda_mma",
     "cutlass",
 )
-W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant", "cuda_mma")
+W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant", "cuda_mma", "cutlass")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
 TRITON_GROUPS = (32, 64, 128)
 
@@ -289,6 +290,12 @@ def linear_w8a16(
         reason = w8_unsupported_reason(x, qweight, scales, bias, False)
         if reason is not None:
             raise KernelArgumentError(f"linear_w8a16: backend 'cuda_mma' {reason}")
+    if backend == "cutlass":
+        from quantlab.kernels.cutlass_w8 import unsupported_reason as cutlass8_reason
+
+        reason = cutlass8_reason(x, qweight, scales, bias, False)
+        if reason is not None:
+            raise KernelArgumentError(f"linear_w8a16: backend 'cutlass' {reason}")
     return _linear_w8a16_op(x, qweight, scales, bias, backend)
 
 

@@ -198,6 +198,10 @@ def run_plan(
         from quantlab.kernels.cuda_mma import run_w8_plan
 
         return run_w8_plan(p, x, qweight, scales, bias, fill)
+    if p.backend == "cutlass_w8":
+        from quantlab.kernels import cutlass_w8
+
+        return cutlass_w8.run_plan(p, x, qweight, scales, bias, fill)
     if p.backend == "dequant":
         # q * s in fp32, rounded once to x's dtype (one pass over the weights), then cuBLAS. Run 25
         # (H100) timed the earlier three-pass torch version (an fp32 copy of w) at 0.49-0.61x of
@@ -263,24 +267,52 @@ def w8a16_gemm(
     """W8A16: x [M, K] fp16/bf16 @ (q [N, K] * s [N])^T -> [M, N]; 'auto' tunes per M bucket.
 
     On CUDA, 'auto' also tries the CUDA tensor-core plans (cuda_mma) up to M bucket
-    cuda_mma.W8_MAX_M when they build and accept the arguments; 'cuda_mma' forces them.
+    cuda_mma.W8_MAX_M and, on sm_90, the CUTLASS plans (cutlass_w8) from M bucket
+    cutlass_w8.MIN_M, where they build and accept the arguments; 'cuda_mma' and 'cutlass' force
+    one of them.
     """
     m, k = x.shape
-    cands = candidates(m, backend)
-    if backend == "cuda_mma":
-        from quantlab.kernels import cuda_mma
+    if backend in ("cuda_mma", "cutlass"):
+        from quantlab.kernels import cuda_mma, cutlass_w8
 
-        reason = cuda_mma.w8_unsupported_reason(x, qweight, scales, bias)
+        if backend == "cuda_mma":
+            reason = cuda_mma.w8_unsupported_reason(x, qweight, scales, bias)
+            cands = cuda_mma.w8_candidates(m)
+        else:
+            reason = cutlass_w8.unsupported_reason(x, qweight, scales, bias)
+            cands = cutlass_w8.candidates(x.dtype, m)
         if reason is not None:
-            raise ValueError(f"cuda_mma: {reason}")
-    if backend == "auto" and x.is_cuda and _cuda_mma_ok(x, qweight, scales, bias):
-        from quantlab.kernels import cuda_mma
-
-        cands = cuda_mma.w8_candidates(m) + cands
-        backend = "auto+cuda_mma"
+            raise ValueError(f"{backend}: {reason}")
+    else:
+        cands = candidates(m, backend)
+    if backend == "auto" and x.is_cuda:
+        extra = _cuda_plans(x, qweight, scales, bias)
+        if extra:
+            cands = extra + cands
+            backend = "auto+" + "+".join(sorted({p.backend for p in extra}))
     key = (m_bucket(m), qweight.shape[0], k, x.dtype, scales.dtype, bias is not None, backend)
     chosen = TUNER.pick(key, cands, lambda c: run_plan(c, x, qweight, scales, bias))
     return run_plan(chosen, x, qweight, scales, bias, fill)
+
+
+def _cuda_plans(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> list[Plan]:
+    """The CUDA plans 'auto' adds for these arguments: cuda_mma W8 (small M), cutlass_w8 (sm_90,
+    M >= cutlass_w8.MIN_M); empty where neither applies or builds."""
+    from quantlab.kernels import cuda_mma, cutlass_w8
+
+    plans: list[Plan] = []
+    b = m_bucket(x.shape[0])
+    if _cuda_mma_ok(x, qweight, scales, bias):
+        plans += cuda_mma.w8_candidates(x.shape[0])
+    if (
+        b >= cutlass_w8.MIN_M
+        and cutlass_w8.unsupported_reason(x, qweight, scales, bias) is None
+        and cutlass_w8.available(x.device)
+    ):
+        plans += cutlass_w8.candidates(x.dtype, x.shape[0])
+    return plans
 
 
 def _cuda_mma_ok(

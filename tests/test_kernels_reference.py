@@ -112,6 +112,11 @@ def test_argument_errors_are_specific() -> None:
         linear_w4a16(torch.randn(1, 64).half(), qw, torch.ones(16, 4), None, 32)
     with pytest.raises(KernelArgumentError, match="group sizes"):
         linear_w4a16(torch.randn(1, 64).half(), qw, torch.ones(16, 4), None, 16, backend="splitk")
+    # the CUDA-only W8 paths name themselves and the reason on CPU tensors
+    q8, s8 = torch.zeros(16, 64, dtype=torch.int8), torch.ones(16).half()
+    for backend in ("cuda_mma", "cutlass"):
+        with pytest.raises(KernelArgumentError, match=f"'{backend}' needs CUDA tensors"):
+            linear_w8a16(torch.randn(1, 64).half(), q8, s8, backend=backend)
 
 
 def test_custom_ops_pass_opcheck() -> None:
