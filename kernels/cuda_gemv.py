@@ -191,8 +191,8 @@ def unsupported_reason(
     """Why the CUDA kernel cannot take these arguments (x [M, K] or [..., K]), else None.
 
     Pure Python (no build): the dispatch falls back to Triton on a reason, a forced
-    backend="cuda_gemv" raises it. check_x_layout=False skips x's contiguity/alignment (the op
-    makes x contiguous after the argument check).
+    backend="cuda_gemv" raises it. check_x_layout=False skips the data-pointer alignment checks and
+    x's contiguity (what torch.compile cannot trace; the op checks them again at run time).
     """
     m = x.numel() // max(x.shape[-1], 1)
     if not x.is_cuda:
@@ -205,7 +205,7 @@ def unsupported_reason(
         return f"scales must be {x.dtype} or float32, got {scales.dtype}"
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return "bias must be contiguous in x's dtype"
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+    if not qweight.is_contiguous() or (check_x_layout and qweight.data_ptr() % 16):
         return "qweight must be contiguous and 16-byte aligned"
     if scales.stride(-1) != 1 or (zeros is not None and zeros.stride(-1) != 1):
         return "scales/zeros need unit stride along groups"

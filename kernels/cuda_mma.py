@@ -130,7 +130,8 @@ def unsupported_reason(
 ) -> str | None:
     """Why the cuda_mma kernel cannot take these arguments (x [M, K] or [..., K]), else None.
 
-    Pure Python (no build). check_x_layout=False skips x's contiguity/alignment checks.
+    Pure Python (no build). check_x_layout=False skips the data-pointer alignment checks and x's
+    contiguity (what torch.compile cannot trace; the op checks them again at run time).
     """
     checkpoint = layout_id(qweight) == 0
     k = x.shape[-1]
@@ -147,7 +148,7 @@ def unsupported_reason(
         return f"scales must be in x's dtype {x.dtype}, got {scales.dtype}"
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return "bias must be contiguous in x's dtype"
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+    if not qweight.is_contiguous() or (check_x_layout and qweight.data_ptr() % 16):
         return "qweight must be contiguous and 16-byte aligned"
     if 1 not in scales.stride():
         return "scales need unit stride along N or along groups"
@@ -391,7 +392,10 @@ def w8_unsupported_reason(
     bias: torch.Tensor | None,
     check_x_layout: bool = True,
 ) -> str | None:
-    """Why the W8A16 kernel cannot take x [M, K], qweight int8 [N, K], scales [N], bias; else None."""
+    """Why the W8A16 kernel cannot take x [M, K], qweight int8 [N, K], scales [N], bias; else None.
+
+    check_x_layout=False skips the data-pointer alignment checks and x's contiguity (see
+    unsupported_reason)."""
     k = x.shape[-1]
     if not x.is_cuda:
         return "needs CUDA tensors"
@@ -401,7 +405,7 @@ def w8_unsupported_reason(
         return f"scales must be contiguous fp32 or in x's dtype {x.dtype}, got {scales.dtype}"
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return "bias must be contiguous in x's dtype"
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+    if not qweight.is_contiguous() or (check_x_layout and qweight.data_ptr() % 16):
         return "qweight must be contiguous and 16-byte aligned"
     if check_x_layout and (x.data_ptr() % 16 or not x.is_contiguous()):
         return "x must be contiguous and 16-byte aligned"

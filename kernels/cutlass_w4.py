@@ -125,7 +125,8 @@ def unsupported_reason(
 ) -> str | None:
     """Why the cutlass_w4 kernel cannot take these arguments (x [M, K] or [..., K]), else None.
 
-    Pure Python (no build); check_x_layout=False skips x's contiguity/alignment checks.
+    Pure Python (no build); check_x_layout=False skips the data-pointer alignment checks and x's
+    contiguity (what torch.compile cannot trace; the op checks them again at run time).
     """
     if not x.is_cuda:
         return "needs CUDA tensors"
@@ -138,7 +139,7 @@ def unsupported_reason(
         return f"needs N % 16 == 0 and K % {TILE_K} == 0, got N={n} K={k}"
     if group_size % TILE_K:
         return f"group size must be a multiple of {TILE_K}, got {group_size}"
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+    if not qweight.is_contiguous() or (check_x_layout and qweight.data_ptr() % 16):
         return "qweight must be contiguous and 16-byte aligned"
     if bias is not None and bias.shape != (n,):
         return f"bias must be [{n}]"

@@ -93,7 +93,10 @@ def unsupported_reason(
     bias: torch.Tensor | None,
     check_x_layout: bool = True,
 ) -> str | None:
-    """Why cutlass_w8 cannot take x [M, K], qweight int8 [N, K], scales [N], bias; else None."""
+    """Why cutlass_w8 cannot take x [M, K], qweight int8 [N, K], scales [N], bias; else None.
+
+    check_x_layout=False skips the data-pointer alignment checks and x's contiguity (what
+    torch.compile cannot trace; the op checks them again at run time)."""
     if not x.is_cuda:
         return "needs CUDA tensors"
     if torch.cuda.get_device_capability(x.device) != (9, 0):
@@ -101,7 +104,7 @@ def unsupported_reason(
     n, k = qweight.shape
     if n % 16 or k % TILE_K:
         return f"needs N % 16 == 0 and K % {TILE_K} == 0, got N={n} K={k}"
-    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+    if not qweight.is_contiguous() or (check_x_layout and qweight.data_ptr() % 16):
         return "qweight must be contiguous and 16-byte aligned"
     if check_x_layout and (x.data_ptr() % 16 or not x.is_contiguous()):
         return "x must be contiguous and 16-byte aligned"

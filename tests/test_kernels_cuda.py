@@ -196,6 +196,12 @@ def test_mma_cuda_graph_and_compile(cm) -> None:
     static_y, new_x = _capture_and_replay(f, static_x)
     ref = reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)
     assert _rel(static_y, ref) < TOL
+    # forced backends trace too (their argument checks skip what dynamo cannot trace)
+    for w, backend in ((qn, "cuda_mma"), (qw, "cuda_gemv")):
+        f2 = torch.compile(lambda t, w=w, b=backend: linear_w4a16(t, w, s, z, g, backend=b),
+                           fullgraph=True)  # fmt: skip
+        ref = reference.ref_linear_w4a16(static_x, qw, s, z, g, None, torch.float64)
+        assert _rel(f2(static_x), ref) < TOL, backend
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +316,9 @@ def test_w8_mma_dispatch_graph_and_compile(cm) -> None:
     f(static_x)
     static_y, new_x = _capture_and_replay(f, static_x)
     assert _rel(static_y, new_x.double() @ wd.t()) < TOL
+    # a forced backend traces too (its argument check skips what dynamo cannot trace)
+    f2 = torch.compile(lambda t: linear_w8a16(t, q, s, backend="cuda_mma"), fullgraph=True)
+    assert _rel(f2(static_x), static_x.double() @ wd.t()) < TOL
 
 
 def test_w8_dequant_exact_on_gpu() -> None:
