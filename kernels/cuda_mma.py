@@ -1,4 +1,5 @@
-"""W4A16 tensor-core GEMM in CUDA C++ for small and medium M ("cuda_mma"): build, plans, launch.
+"""W4A16 and W8A16 tensor-core GEMMs in CUDA C++ for small and medium M ("cuda_mma"): build,
+plans, launch.
 
 The kernel (source in _cuda_w4mma_src.py) reads the checkpoint layout (int8 [N/2, K], G = 64
 or 128), the kernel-native layout (packing.to_mma_layout, int32 [ceil(N/16), K/64, 128], G = 32,
@@ -16,6 +17,13 @@ module compiles nothing) and launched through ctypes on torch's current stream.
 Plans: MT (8-row activation tiles per block: 1, 2, 4, 8), RT (16-row weight tiles per warp),
 ST (ring depth in 64-k units), KS (warps per block), WN (warp columns on different tiles; the
 KS / WN warps of a column split K).
+
+W8A16 (w8_candidates / run_w8_plan; the same library): int8 weights [N, K] as the checkpoint
+stores them, per-channel scales (fp32 or x's dtype). Each lane copies 16 bytes of two weight rows
+and 32 bytes of its activation row per 64-k unit into its warp's ring and reads back only those;
+int8 becomes an exact integer in x's dtype (fp16: one PRMT + one subtract per pair; bf16 through
+fp32), sums are fp32 and the scale is applied once per output. MT 1, 2, 4; KS == WN plans stream
+the whole K per warp.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The per-channel scale is constant along K, so the K loop accumulates x @ q^T with q exact in the
 activation dtype and the scale multiplies the [BM, BN] accumulator once at the end (before the
 split-K partials are written: the sum is linear). Backends mirror triton_w4a16 (gemv, splitk,
-tiled, dequant) and share its split-K reduce.
+tiled, dequant) and share its split-K reduce. w8a16_gemm is also where W8A16 dispatch meets the
+CUDA kernels: on CUDA its "auto" tunes cuda_mma's W8 plans (small M) and cutlass_w8 (sm_90, M >= 64)
+together with these, and it forces either one on request.
 """
 
 from __future__ import annotations
@@ -155,10 +157,6 @@ def dequant_w8(
 def candidates(m: int, backend: str) -> list[Plan]:
     """Plans to try for M rows under a backend name ('auto' picks backends by M bucket)."""
     by_name = {"gemv": _GEMV, "splitk": _SPLITK, "tiled": _TILED, "dequant": [plan("dequant")]}
-    if backend == "cuda_mma":
-        from quantlab.kernels.cuda_mma import w8_candidates
-
-        return w8_candidates(m)
     if backend == "auto":
         b = m_bucket(m)
         names = (
