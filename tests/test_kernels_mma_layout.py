@@ -318,3 +318,104 @@ def test_hopper_plans_fit_shared_memory() -> None:
     assert cuda_mma.candidates(1, hopper=True) == cuda_mma.candidates(1)
     assert {p.get("MT") for p in cuda_mma.candidates(64)} == {4, 8}
     assert len(cuda_mma.candidates(32, hopper=True)) < len(cuda_mma.candidates(32))
+
+
+def _byte_perm(x: int, y: int, sel: int) -> int:
+    """CUDA __byte_perm for selectors without the sign-replicate bit: byte i of the result is byte
+    (sel >> 4i) & 7 of the 8 bytes {y, x} (x = bytes 0-3)."""
+    src = x.to_bytes(4, "little") + y.to_bytes(4, "little")
+    return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+
+def _w8_cvt_source(dtype: str) -> str:
+    from quantlab.kernels._cuda_w4mma_src import SOURCE
+
+    start = SOURCE.index(f"struct W8Cvt<{dtype}> {{")
+    return SOURCE[start : SOURCE.index("\n};", start)]
+
+
+def test_w8_int8_conversion_in_the_source_is_exact() -> None:
+    """The W8 kernel's int8 -> fp16/bf16 steps, with the constants read from the CUDA source and
+    emulated bit by bit, give the exact integer q for all 256 byte values, in the byte order the
+    mma fragment expects (lo = bytes 0, 1; hi = bytes 2, 3)."""
+    import re
+
+    import numpy as np
+
+    hx = r"0x([0-9A-Fa-f]+)u?"
+    src16, src_bf = _w8_cvt_source("__half"), _w8_cvt_source("__nv_bfloat16")
+    flip = int(re.search(r"w \^ " + hx, src16).group(1), 16)
+    assert flip == int(re.search(r"w \^ " + hx, src_bf).group(1), 16)
+    perms16 = [
+        (int(a, 16), int(b, 16)) for a, b in re.findall(rf"__byte_perm\(u, {hx}, {hx}\)", src16)
+    ]
+    sub16 = {int(v, 16) for v in re.findall(rf"sub2\(__byte_perm\([^)]*\), {hx}\)", src16)}
+    magic_bf, sel_bf = (
+        int(v, 16) for v in re.search(rf"__byte_perm\(u, {hx}, {hx} \+ i\)", src_bf).groups()
+    )
+    bias_bf = float(re.search(r"\) -\s*([0-9.]+)f\)", src_bf).group(1))
+    pack_bf = int(re.search(rf"__byte_perm\(f\[0\], f\[1\], {hx}\)", src_bf).group(1), 16)
+    assert len(perms16) == 2 and len(sub16) == 1
+    sub = np.array([sub16.pop()], dtype=np.uint32).view(np.float16)
+
+    rng = np.random.default_rng(0)
+    words = [b | (b << 8) | (b << 16) | (b << 24) for b in range(256)]  # every byte, all positions
+    words += [int(v) for v in rng.integers(0, 2**32, size=2000, dtype=np.uint64)]
+    for w in words:
+        q = np.frombuffer(w.to_bytes(4, "little"), dtype=np.int8).astype(np.float64)
+        u = w ^ flip
+        # fp16: two PRMTs to (1024 + u) pairs, then one packed subtract
+        lo, hi = (_byte_perm(u, magic, sel) for magic, sel in perms16)
+        got16 = [np.array([v], dtype=np.uint32).view(np.float16) - sub for v in (lo, hi)]
+        assert np.array_equal(np.concatenate(got16).astype(np.float64), q), hex(w)
+        # bf16: four fp32 values 2^23 + u - (2^23 + 128), then the high halves of each pair
+        f = [
+            np.float32(
+                np.array([_byte_perm(u, magic_bf, sel_bf + i)], np.uint32).view(np.float32)[0]
+            )
+            - np.float32(bias_bf)
+            for i in range(4)
+        ]
+        fb = [int(np.array([v], np.float32).view(np.uint32)[0]) for v in f]
+        pairs = [_byte_perm(fb[0], fb[1], pack_bf), _byte_perm(fb[2], fb[3], pack_bf)]
+        halves = np.array(pairs, dtype=np.uint32).view(np.uint16).astype(np.uint32) << 16
+        assert np.array_equal(halves.view(np.float32).astype(np.float64), q), hex(w)
+
+
+def test_w8_plans_match_the_compiled_tiles() -> None:
+    """Every W8 plan cuda_mma offers is compiled (QL_W8_TILES in the source), launchable (WN divides
+    KS) and fits shared memory; MT covers M; cutlass_w8 offers its three tilings per dtype."""
+    import re
+
+    from quantlab.kernels import cuda_mma, cutlass_w8
+    from quantlab.kernels._cuda_w4mma_src import SOURCE
+
+    table = SOURCE[
+        SOURCE.index("#define QL_W8_TILES") : SOURCE.index(
+            "#endif", SOURCE.index("#define QL_W8_TILES")
+        )
+    ]
+    compiled = {tuple(int(v) for v in t) for t in re.findall(r"QL_T\((\d+), (\d+), (\d+)\)", table)}
+    assert compiled == set(cuda_mma.W8_TILES)
+    for m in (1, 8, 9, 16, 17, 32, 40):
+        plans = cuda_mma.w8_candidates(m)
+        assert plans, m
+        for p in plans:
+            mt, rt, st, ks, wn = (p.get(k) for k in ("MT", "RT", "ST", "KS", "WN"))
+            assert (mt, rt, st) in compiled and ks % wn == 0, str(p)
+            assert ks * st * (rt + mt) * 1024 <= cuda_mma.SMEM_LIMIT, str(p)
+            assert 8 * mt >= min(m, 32), (m, str(p))
+    assert {p.get("MT") for p in cuda_mma.w8_candidates(40)} == {4}
+    for dt in (torch.float16, torch.bfloat16):
+        assert [p.get("TM") for p in cutlass_w8.candidates(dt, 4096)] == [64, 128, 256]
+        assert [p.get("TM") for p in cutlass_w8.candidates(dt, 64)] == [64]
+    assert (
+        len(
+            {
+                p.get("ID")
+                for dt in (torch.float16, torch.bfloat16)
+                for p in cutlass_w8.candidates(dt, 4096)
+            }
+        )
+        == 6
+    )
