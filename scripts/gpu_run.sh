@@ -3,6 +3,7 @@
 #   tests   GPU tests (kernels_gpu, kernels_cuda: every forced path, every CUDA plan/config)
 #   timing  python -m quantlab.kernels.bench --skip-check (the docs/kernels.md table)
 #   check   python -m quantlab.kernels.bench --skip-timing (fp64 check of all shapes x M)
+#   w8      python -m quantlab.kernels.bench --w8 (every W8A16 plan: fp64 check + graph timing)
 # Results go under $OUT (default ./gpu_out). Prebuilt CUDA libraries in .cuda_cache are used when
 # their source hash matches (build them here with nvcc for sm_90/sm_90a to save device time).
 set -euo pipefail
@@ -20,7 +21,9 @@ for stage in "$@"; do
               > "$out/timing.txt" 2>&1; tail -70 "$out/timing.txt" ;;
     check) python3 -m quantlab.kernels.bench --skip-timing --shapes $shapes --out "$out/c" \
              > "$out/check.txt" 2>&1; grep -E "FAIL|correctness|checked|total" "$out/check.txt" ;;
-    *) echo "unknown stage $stage (tests, timing, check)"; exit 2 ;;
+    w8) python3 -m quantlab.kernels.bench --w8 --shapes $shapes --out "$out/w8" > "$out/w8.txt" 2>&1
+        grep -E "^W8" "$out/w8.txt" | cut -c1-300 ;;
+    *) echo "unknown stage $stage (tests, timing, check, w8)"; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s"
 done
