@@ -64,19 +64,25 @@ def cutlass_include_dirs() -> tuple[Path, Path]:
     return inc, util
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the library for sm_90a (cached; needs nvcc and the CUTLASS headers); its path."""
-    cached = library_path(SOURCE, STEM, ARCH, FLAGS)
+def build_cutlass(source: str, stem: str, verbose: bool = False) -> Path:
+    """Compile a CUTLASS-based source for sm_90a into the cache (needs nvcc and the CUTLASS
+    headers only when no library of this source hash is there yet); its path."""
+    cached = library_path(source, stem, ARCH, FLAGS)
     if cached.is_file():  # built earlier, here or elsewhere: no headers needed
         return cached
     return build_library(
-        SOURCE,
-        STEM,
+        source,
+        stem,
         arch=ARCH,
         verbose=verbose,
         extra_flags=FLAGS,
         include_dirs=cutlass_include_dirs(),
     )
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library for sm_90a (cached; needs nvcc and the CUTLASS headers); its path."""
+    return build_cutlass(SOURCE, STEM, verbose)
 
 
 def _load() -> ctypes.CDLL:

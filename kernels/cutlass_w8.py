@@ -17,15 +17,8 @@ from pathlib import Path
 import torch
 from quantlab.kernels._cutlass_w8_src import CONFIGS, SOURCE
 from quantlab.kernels._tune import Plan, m_bucket, plan
-from quantlab.kernels.cuda_gemv import build_library, can_load, library_path
-from quantlab.kernels.cutlass_w4 import (
-    ARCH,
-    FLAGS,
-    LAUNCH_ERRORS,
-    TILE_K,
-    cutlass_include_dirs,
-    sm_count,
-)
+from quantlab.kernels.cuda_gemv import can_load
+from quantlab.kernels.cutlass_w4 import LAUNCH_ERRORS, TILE_K, build_cutlass, sm_count
 
 STEM = "w8a16_cutlass"
 # "auto" on W8A16 adds these plans from this M bucket on (below it cuda_mma's W8 plans stream the
@@ -38,17 +31,7 @@ _build_error: str | None = None
 
 def build(verbose: bool = False) -> Path:
     """Compile the library for sm_90a (cached; needs nvcc and the CUTLASS headers); its path."""
-    cached = library_path(SOURCE, STEM, ARCH, FLAGS)
-    if cached.is_file():
-        return cached
-    return build_library(
-        SOURCE,
-        STEM,
-        arch=ARCH,
-        verbose=verbose,
-        extra_flags=FLAGS,
-        include_dirs=cutlass_include_dirs(),
-    )
+    return build_cutlass(SOURCE, STEM, verbose)
 
 
 def _load() -> ctypes.CDLL:
@@ -141,8 +124,7 @@ def run_plan(
     if m == 0:
         return out
     lib = _load()
-    s = scales if scales.dtype == x.dtype and scales.is_contiguous() else scales.to(x.dtype)
-    s = s.contiguous()
+    s = scales.to(x.dtype).contiguous()  # no copy when already so
     cfg = p.get("ID")
     sms = sm_count(x.device)
     need = ctypes.c_size_t(0)
