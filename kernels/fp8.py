@@ -16,13 +16,16 @@ from quantlab.kernels.reference import quantize_fp8_act
 def _quant_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of x [M, K] fp16/bf16 in one launch: (xq [M, K], scale [M, 1])."""
     import triton
-    from quantlab.kernels.triton_fp8_quant import quant_rows_kernel
+    from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K, quant_rows_kernel
 
     m, k = x.shape
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    block = min(4096, triton.next_power_of_2(k))
-    quant_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), BLOCK=block, num_warps=8)
+    one_pass = k <= ONE_PASS_MAX_K
+    block = triton.next_power_of_2(k) if one_pass else 4096
+    warps = min(16, max(4, block // 1024)) if one_pass else 8
+    quant_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                            num_warps=warps)  # fmt: skip
     return xq, scale
 
 

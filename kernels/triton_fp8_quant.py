@@ -1,27 +1,44 @@
-"""Triton e4m3 activation quantization: per-row dynamic (two passes over each row: amax, then
-scale + cast) and per-tensor static (one pass: divide by the calibrated scale, clamp, cast)."""
+"""Triton e4m3 activation quantization: per-row dynamic (one read of each row when it fits one
+block, K <= ONE_PASS_MAX_K; else two passes: amax, then scale + cast) and per-tensor static (one
+pass: divide by the calibrated scale, clamp, cast)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+# rows up to this K are read once (held in registers: 32-64 values per thread at 4-16 warps)
+ONE_PASS_MAX_K = 32768
+
 
 @triton.jit
-def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr):
-    """Row m of x [M, K] -> xq [M, K] e4m3 and scale [M, 1] fp32 = max(amax / 448, 1e-12)."""
+def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr,
+                      ONE_PASS: tl.constexpr):  # fmt: skip
+    """Row m of x [M, K] -> xq [M, K] e4m3 and scale [M, 1] fp32 = max(amax / 448, 1e-12).
+
+    ONE_PASS (BLOCK >= K): the row is loaded once and kept in registers; else it is read twice.
+    """
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
-    tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-        q = tl.clamp(v.to(tl.float32) / scale, -448.0, 448.0)
-        tl.store(xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K)
+    if ONE_PASS:
+        v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0) / 448.0, 1e-12)
+        tl.store(scale_ptr + row, scale)
+        q = tl.clamp(v / scale, -448.0, 448.0)
+        tl.store(xq_ptr + row * K + offs, q.to(xq_ptr.dtype.element_ty), mask=offs < K)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            q = tl.clamp(v.to(tl.float32) / scale, -448.0, 448.0)
+            tl.store(
+                xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K
+            )
 
 
 @triton.jit

@@ -170,3 +170,20 @@ def test_forced_paths_through_the_dispatch_point() -> None:
     s8 = torch.rand(n).to(torch.bfloat16) * 1e-3
     ref8 = reference.ref_linear_w8a16(x.reshape(6, k), q, s8, None, torch.float64)
     _check(linear_w8a16(x, q, s8, backend="splitk").reshape(6, n), ref8, torch.bfloat16)
+
+
+@pytest.mark.parametrize("k", [1000, 40000])
+def test_fp8_row_quant_scales_one_and_two_pass(k: int) -> None:
+    """The per-row e4m3 quantizer's scales (amax / 448) match the reference exactly on the
+    one-pass (K = 1000) and two-pass (K = 40000 > ONE_PASS_MAX_K) paths, outlier in the last
+    block. Codes are checked bit for bit on the GPU only: the interpreter's e4m3 cast misrounds."""
+    from quantlab.kernels import fp8
+    from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K
+
+    assert (k <= ONE_PASS_MAX_K) == (k == 1000)
+    x = (torch.randn(3, k) * 3).to(torch.bfloat16)
+    x[1, k - 3] = 700.0
+    xq, sx = fp8._quant_rows_triton(x)
+    _, rs = reference.quantize_fp8_act(x, "row")
+    assert xq.shape == (3, k) and xq.dtype == torch.float8_e4m3fn
+    assert torch.equal(sx, rs)
