@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from quantlab.kernels._cuda_gemv_src import SOURCE
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
+
+log = logging.getLogger(__name__)
 
 MAX_M = 8  # B operand of mma.m16n8k16 holds 8 activation rows
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
@@ -108,6 +112,8 @@ def build_library(
         raise RuntimeError(f"{stem}: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     flags = (*flags, *(f"-I{d}" for d in include_dirs))
     out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s: compiling %s for sm_%s with nvcc (first use; cached after)", stem, out.name, arch)
+    t0 = time.time()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         cu = Path(tmp) / f"{stem}.cu"
         cu.write_text(source)
@@ -122,6 +128,7 @@ def build_library(
         if verbose:
             (out.parent / f"{out.stem}.ptxas.txt").write_text(res.stderr)
         os.replace(so, out)  # atomic: concurrent builders never load a half-written file
+    log.info("%s: built %s in %.0f s", stem, out, time.time() - t0)
     return out
 
 

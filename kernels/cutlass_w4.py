@@ -156,12 +156,24 @@ def unsupported_reason(
     return None
 
 
-def candidates(x_dtype: torch.dtype, asym: bool, m: int) -> list[Plan]:
-    """The compiled configurations for this dtype and zero mode whose activation tile fits M."""
+def candidates(x_dtype: torch.dtype, asym: bool, m: int, group_size: int = 128) -> list[Plan]:
+    """The compiled configurations for this dtype and zero mode whose activation tile fits M and
+    whose k step divides the group size (plan keys: ID, TN, TM, and CL / TK where not 1 / 64,
+    PP=1 for the ping-pong schedule)."""
     dt = "f16" if x_dtype == torch.float16 else "bf16"
-    rows = [c for c in CONFIGS if c["dtype"] == dt and c["zero"] == asym]
+    rows = [
+        c
+        for c in CONFIGS
+        if c["dtype"] == dt and c["zero"] == asym and group_size % c["tile_k"] == 0
+    ]
     fit = [c for c in rows if c["tile_m"] <= max(64, m_bucket(m))] or rows
-    return [plan("cutlass_w4", ID=c["id"], TN=c["tile_n"], TM=c["tile_m"]) for c in fit]
+    out = []
+    for c in fit:
+        extra = {"CL": c["cluster"]} if c["cluster"] != 1 else {}
+        extra |= {"TK": c["tile_k"]} if c["tile_k"] != TILE_K else {}
+        extra |= {"PP": 1} if c["sched"] == "pingpong" else {}
+        out.append(plan("cutlass_w4", ID=c["id"], TN=c["tile_n"], TM=c["tile_m"], **extra))
+    return out
 
 
 def sm_count(device: torch.device) -> int:
@@ -264,7 +276,7 @@ def w4a16_cutlass_gemm(
     )
     chosen = TUNER.pick(
         key,
-        candidates(x.dtype, zeros is not None, x.shape[0]),
+        candidates(x.dtype, zeros is not None, x.shape[0], group_size),
         lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias),
     )
     return run_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
@@ -299,7 +311,7 @@ def hopper_plans(
     if unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None and available(
         x.device
     ):
-        plans += candidates(x.dtype, zeros is not None, m)
+        plans += candidates(x.dtype, zeros is not None, m, group_size)
     return plans
 
 

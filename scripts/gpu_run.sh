@@ -4,6 +4,8 @@
 #   timing  python -m quantlab.kernels.bench --skip-check (the docs/kernels.md table)
 #   check   python -m quantlab.kernels.bench --skip-timing (fp64 check of all shapes x M)
 #   w8      python -m quantlab.kernels.bench --w8 (every W8A16 plan: fp64 check + graph timing)
+#   hopper  python -m quantlab.kernels.bench --hopper, M >= 64 (every W4 plan auto weighs on the
+#           Hopper layout: fp64 check + graph timing)
 # Results go under $OUT (default ./gpu_out). Prebuilt CUDA libraries in .cuda_cache are used when
 # their source hash matches (build them here with nvcc for sm_90/sm_90a to save device time).
 set -euo pipefail
@@ -23,7 +25,9 @@ for stage in "$@"; do
              > "$out/check.txt" 2>&1; grep -E "FAIL|correctness|checked|total" "$out/check.txt" ;;
     w8) python3 -m quantlab.kernels.bench --w8 --shapes $shapes --out "$out/w8" > "$out/w8.txt" 2>&1
         grep -E "^W8" "$out/w8.txt" | cut -c1-300 ;;
-    *) echo "unknown stage $stage (tests, timing, check, w8)"; exit 2 ;;
+    hopper) python3 -m quantlab.kernels.bench --hopper --shapes $shapes --ms 64,256,1024,4096 \
+              --out "$out/h" > "$out/hopper.txt" 2>&1; grep -E "^W4" "$out/hopper.txt" | cut -c1-400 ;;
+    *) echo "unknown stage $stage (tests, timing, check, w8, hopper)"; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s"
 done

@@ -229,7 +229,7 @@ def test_cutlass_every_config_vs_fp64(cw, g: int, dtype: torch.dtype, asym: bool
     for m in (1, 7, 64, 100, 300):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = x.double() @ wd.t() + bias.double()
-        for p in cw.candidates(dtype, asym, 4096):
+        for p in cw.candidates(dtype, asym, 4096, g):
             y = cw.run_plan(p, x, qh, s, z, g, bias, fill=math.nan)
             assert y.shape == (m, n) and y.dtype == dtype
             err = _rel(y, ref)

@@ -419,3 +419,37 @@ def test_w8_plans_match_the_compiled_tiles() -> None:
         )
         == 6
     )
+
+
+def test_cutlass_w4_plans_follow_the_config_table() -> None:
+    """cutlass_w4 offers, per dtype and zero mode, exactly the compiled configurations whose k step
+    divides the group size and whose activation tile fits the M bucket (at least one at every M
+    and G 64/128); the C++ switch lists every configuration once with its tiling."""
+    import re
+
+    from quantlab.kernels import cutlass_w4
+    from quantlab.kernels._cutlass_w4_src import CONFIGS, SOURCE
+
+    cases = re.findall(r"X\((\d+), (\w+), (\w+), (\d+), (\d+), (\w+), (\w+), (\w+), (\d+), (\d+)\)",
+                       SOURCE)  # fmt: skip
+    assert [int(c[0]) for c in cases] == list(range(len(CONFIGS)))
+    for case, cfg in zip(cases, CONFIGS, strict=True):
+        assert (case[1], case[2] == "true") == (cfg["dtype"], cfg["zero"])
+        assert tuple(int(v) for v in (case[3], case[4], case[8], case[9])) == (
+            cfg["tile_n"], cfg["tile_m"], cfg["cluster"], cfg["tile_k"])  # fmt: skip
+        assert (case[5] == "Ping") == (cfg["sched"] == "pingpong")
+        assert (case[7] == "StreamK") == (cfg["sched"] == "streamk")
+    for dt in (torch.float16, torch.bfloat16):
+        for asym in (False, True):
+            for g in (64, 128):
+                for m in (1, 64, 100, 256, 4096):
+                    plans = cutlass_w4.candidates(dt, asym, m, g)
+                    assert plans, (dt, asym, g, m)
+                    for p in plans:
+                        c = CONFIGS[p.get("ID")]
+                        assert g % c["tile_k"] == 0 and c["zero"] == asym
+                        assert c["tile_m"] <= max(64, cutlass_w4.m_bucket(m))
+                        cfg = dict(p.cfg)
+                        assert cfg.get("TK", 64) == c["tile_k"] and cfg.get("CL", 1) == c["cluster"]
+    big = {p.get("ID") for p in cutlass_w4.candidates(torch.bfloat16, False, 4096, 128)}
+    assert big == {c["id"] for c in CONFIGS if c["dtype"] == "bf16" and not c["zero"]}
