@@ -835,6 +835,53 @@ def time_hopper(
     return recs
 
 
+def time_fp8_quant(ks: list[int], ms: list[int], log: Callable[[str], None]) -> list[dict]:
+    """The per-row e4m3 activation quantizer, one-pass against two-pass (both compiled from the
+    same kernel), over 8 rotating x copies in CUDA graphs; GB/s counts x read once + codes and
+    scales written. Codes and scales of the two variants must be bit-identical."""
+    import triton
+    from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K, quant_rows_kernel
+
+    def quant(x: torch.Tensor, one_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = x.shape
+        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+        sc = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(k) if one_pass else 4096
+        warps = min(16, max(4, block // 1024)) if one_pass else 8
+        quant_rows_kernel[(m,)](x, xq, sc, k, x.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                                num_warps=warps)  # fmt: skip
+        return xq, sc
+
+    recs = []
+    for k in ks:
+        for m in ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+            row: dict[str, Any] = {"M": m, "K": k}
+            a, b = quant(xs[0], False), quant(xs[0], True) if k <= ONE_PASS_MAX_K else None
+            row["identical"] = (
+                b is not None
+                and torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+                and torch.equal(a[1], b[1])
+            )
+            byts = m * k * 3 + m * 4
+            for name, one in (("two_pass", False), ("one_pass", True)):
+                if one and k > ONE_PASS_MAX_K:
+                    continue
+
+                def fn(i: int, one: bool = one, xs: list = xs) -> object:
+                    return quant(xs[i], one)
+
+                us = time_rotating(fn, 8, quick_ms(fn)) * 1e3
+                row[name] = {"us": us, "GBps": byts / us / 1e3}
+            recs.append(row)
+            one = row.get("one_pass", {}).get("us", float("nan"))
+            log(f"fp8 row-quant M={m} K={k}: two-pass {row['two_pass']['us']:.1f} us "
+                f"({row['two_pass']['GBps']:.0f} GB/s), one-pass {one:.1f} us, "
+                f"{row['two_pass']['us'] / one:.2f}x, identical {row['identical']}")  # fmt: skip
+            del xs
+    return recs
+
+
 def markdown(rows: list[dict]) -> str:
     """Results table: per shape and M, microseconds and ratio vs cuBLAS bf16 for each method."""
     names = [
@@ -904,6 +951,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only W4 g128 on the Hopper layout: every cuda_mma and cutlass_w4 plan auto weighs, "
         "fp64 check and graph timing vs cuBLAS",
+    )
+    ap.add_argument(
+        "--fp8-quant",
+        action="store_true",
+        help="only the per-row FP8 activation quantizer: one-pass vs two-pass timing (K = the "
+        "shapes' K values, M = --ms)",
     )
     ap.add_argument(
         "--small-m",
@@ -988,6 +1041,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in recs if not r["ok"]]
         log(f"W4 Hopper plans: {len(recs) - len(bad)}/{len(recs)} within {TOL}, "
             f"total {time.time() - t0:.0f}s")  # fmt: skip
+        return 0 if not bad else 1
+    if args.fp8_quant:
+        ks = sorted({k for _, k in shapes})
+        recs = time_fp8_quant(ks, ms, log)
+        result["fp8_quant"] = recs
+        (out / "fp8_quant.json").write_text(json.dumps(result, indent=1, default=str))
+        bad = [r for r in recs if r["K"] <= 32768 and not r["identical"]]
+        log(f"fp8 quant: {len(recs) - len(bad)}/{len(recs)} rows bit-identical or two-pass only")
         return 0 if not bad else 1
     if args.small_m:
         lib = cuda_gemv.build(verbose=True)
