@@ -85,6 +85,7 @@ _BODY = r"""// quantlab W4A16 GEMM for sm_90a on CUTLASS 3 mixed-input collectiv
 // asym: w = q * s + z with z = -(zp - 8) * s (codes are stored as u - 8).
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <type_traits>
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
 #include "cutlass/gemm/dispatch_policy.hpp"
@@ -142,8 +143,8 @@ struct W4Gemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   static int run(const void* x, const void* qw, const void* scales, const void* zeros, void* y,
-                 int m, int n, int k, int g, int sms, void* ws, size_t ws_bytes,
-                 cudaStream_t stream, size_t* need) {
+                 int m, int n, int k, int g, int sms, int decomp, int splits, int nondet,
+                 void* ws, size_t ws_bytes, cudaStream_t stream, size_t* need) {
     using StrideX = cutlass::detail::TagToStrideA_t<LayoutX>;
     using StrideS = typename Mainloop::StrideScale;
     auto sx = cutlass::make_cute_packed_stride(StrideX{}, cute::make_shape(m, k, 1));
@@ -164,6 +165,15 @@ struct W4Gemm {
     }
     args.epilogue = {{1.0f, 0.0f}, nullptr, {}, reinterpret_cast<T*>(y), sy};
     args.hw_info.sm_count = sms;
+    if constexpr (std::is_same_v<Sched, StreamK>) {
+      // decomp: 0 heuristic, 1 data-parallel, 2 split-K (into `splits`), 3 stream-K;
+      // nondet: 1 lets the K pieces of a tile be summed in any order (atomics, not a turnstile)
+      using Dm = decltype(args.scheduler.decomposition_mode);
+      using Rm = decltype(args.scheduler.reduction_mode);
+      args.scheduler.decomposition_mode = static_cast<Dm>(decomp);
+      args.scheduler.splits = splits;
+      args.scheduler.reduction_mode = static_cast<Rm>(nondet);
+    }
     size_t bytes = Gemm::get_workspace_size(args);
     if (need != nullptr) {
       *need = bytes;
@@ -188,12 +198,13 @@ using f16 = cutlass::half_t;
 #define QL_CASE(id, T, Z, TN, TM, KS, ES, SC, CL, TK)                                         \
   case id:                                                                                      \
     return ql::W4Gemm<T, Z, Shape<Int<TN>, Int<TM>, Int<TK>>, Shape<Int<CL>, _1, _1>, ql::KS,   \
-                      ql::ES, ql::SC>::run(x, qw, s, z, y, m, n, k, g, sms, ws, ws_bytes,       \
-                                           stream, need);
+                      ql::ES, ql::SC>::run(x, qw, s, z, y, m, n, k, g, sms, decomp, splits,     \
+                                           nondet, ws, ws_bytes, stream, need);
 
 extern "C" int ql_cutlass_w4(int cfg, const void* x, const void* qw, const void* s, const void* z,
-                             void* y, int m, int n, int k, int g, int sms, void* ws,
-                             size_t ws_bytes, cudaStream_t stream, size_t* need) {
+                             void* y, int m, int n, int k, int g, int sms, int decomp, int splits,
+                             int nondet, void* ws, size_t ws_bytes, cudaStream_t stream,
+                             size_t* need) {
   switch (cfg) { QL_W4_CONFIGS(QL_CASE) }
   return 6;
 }

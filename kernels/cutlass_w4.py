@@ -98,12 +98,13 @@ def _load() -> ctypes.CDLL:
             _build_error = str(err)
             raise
         lib.ql_cutlass_w4.restype = ctypes.c_int
-        # config, 5 pointers (x, qweight, scales, zeros, y), m n k g sms, workspace + bytes,
-        # stream, size_t* (non-null: only report the workspace bytes)
+        # config, 5 pointers (x, qweight, scales, zeros, y), m n k g sms, stream-K decomposition
+        # + splits + reduction mode, workspace + bytes, stream, size_t* (non-null: only report
+        # the workspace bytes)
         lib.ql_cutlass_w4.argtypes = [
             ctypes.c_int,
             *[ctypes.c_void_p] * 5,
-            *[ctypes.c_int] * 5,
+            *[ctypes.c_int] * 8,
             ctypes.c_void_p,
             ctypes.c_size_t,
             ctypes.c_void_p,
@@ -159,7 +160,7 @@ def unsupported_reason(
 def candidates(x_dtype: torch.dtype, asym: bool, m: int, group_size: int = 128) -> list[Plan]:
     """The compiled configurations for this dtype and zero mode whose activation tile fits M and
     whose k step divides the group size (plan keys: ID, TN, TM, and CL / TK where not 1 / 64,
-    PP=1 for the ping-pong schedule)."""
+    PP=1 for the ping-pong schedule, DM / SP for a forced stream-K decomposition)."""
     dt = "f16" if x_dtype == torch.float16 else "bf16"
     rows = [
         c
@@ -172,8 +173,25 @@ def candidates(x_dtype: torch.dtype, asym: bool, m: int, group_size: int = 128) 
         extra = {"CL": c["cluster"]} if c["cluster"] != 1 else {}
         extra |= {"TK": c["tile_k"]} if c["tile_k"] != TILE_K else {}
         extra |= {"PP": 1} if c["sched"] == "pingpong" else {}
-        out.append(plan("cutlass_w4", ID=c["id"], TN=c["tile_n"], TM=c["tile_m"], **extra))
+        base = dict(ID=c["id"], TN=c["tile_n"], TM=c["tile_m"], **extra)
+        out.append(plan("cutlass_w4", **base))
+        for sk in _stream_k_variants(c):
+            out.append(plan("cutlass_w4", **base, **sk))
     return out
+
+
+def _stream_k_variants(c: dict) -> list[dict[str, int]]:
+    """Runtime decompositions tried besides CUTLASS's heuristic on a stream-K configuration, all
+    with the deterministic (turnstile) reduction: split-K in 2 and 4 for 128-row tiles of up to
+    128 activation rows, forced stream-K for 256-activation-row tiles (run 35's probe: each won
+    somewhere at M = 64 or 256; data-parallel and split 8 never did)."""
+    if c["sched"] != "streamk":
+        return []
+    if c["tile_n"] == 128 and c["tile_m"] <= 128:
+        return [{"DM": 2, "SP": 2}, {"DM": 2, "SP": 4}]
+    if c["tile_m"] == 256:
+        return [{"DM": 3}]
+    return []
 
 
 def sm_count(device: torch.device) -> int:
@@ -224,10 +242,14 @@ def run_plan(
     lib = _load()
     st, zt = kernel_scales(scales, zeros, x.dtype)
     cfg = p.get("ID")
+    # stream-K configurations: DM decomposition (0 heuristic, 1 data-parallel, 2 split-K into SP
+    # pieces, 3 stream-K); ND 1 sums a tile's K pieces in any order (not bit-reproducible)
+    sched = dict(p.cfg)
+    sk = (sched.get("DM", 0), sched.get("SP", 1), sched.get("ND", 0))
     sms = sm_count(x.device)
     need = ctypes.c_size_t(0)
     args = (x.data_ptr(), qweight.data_ptr(), st.data_ptr(), 0 if zt is None else zt.data_ptr())
-    lib.ql_cutlass_w4(cfg, *args, out.data_ptr(), m, n, k, group_size, sms, None, 0, None,
+    lib.ql_cutlass_w4(cfg, *args, out.data_ptr(), m, n, k, group_size, sms, *sk, None, 0, None,
                       ctypes.byref(need))  # fmt: skip
     ws = torch.empty(max(int(need.value), 1), dtype=torch.uint8, device=x.device)
     err = lib.ql_cutlass_w4(
@@ -239,6 +261,7 @@ def run_plan(
         k,
         group_size,
         sms,
+        *sk,
         ws.data_ptr(),
         ws.numel(),
         torch.cuda.current_stream(x.device).cuda_stream,

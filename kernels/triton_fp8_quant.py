@@ -1,6 +1,8 @@
 """Triton e4m3 activation quantization: per-row dynamic (one read of each row when it fits one
 block, K <= ONE_PASS_MAX_K; else two passes: amax, then scale + cast) and per-tensor static (one
-pass: divide by the calibrated scale, clamp, cast)."""
+pass: divide by the calibrated scale, clamp, cast). Divisions are IEEE round-to-nearest
+(tl.math.div_rn) so the codes match torch's x / scale bit for bit: Triton's plain fp32 `/` is
+an approximate division that misrounded a few e4m3 codes in GPU run 36."""
 
 from __future__ import annotations
 
@@ -22,20 +24,24 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(v), axis=0) / 448.0, 1e-12)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), 448.0), 1e-12)
         tl.store(scale_ptr + row, scale)
-        q = tl.clamp(v / scale, -448.0, 448.0)
+        q = tl.clamp(tl.math.div_rn(v, tl.zeros((BLOCK,), tl.float32) + scale), -448.0, 448.0)
         tl.store(xq_ptr + row * K + offs, q.to(xq_ptr.dtype.element_ty), mask=offs < K)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
         tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            q = tl.clamp(v.to(tl.float32) / scale, -448.0, 448.0)
+            q = tl.clamp(
+                tl.math.div_rn(v.to(tl.float32), tl.zeros((BLOCK,), tl.float32) + scale),
+                -448.0,
+                448.0,
+            )
             tl.store(
                 xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K
             )
@@ -48,5 +54,5 @@ def quant_static_kernel(x_ptr, xq_ptr, scale_ptr, n_elem, BLOCK: tl.constexpr):
     mask = offs < n_elem
     scale = tl.load(scale_ptr)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.clamp(v / scale, -448.0, 448.0)
+    q = tl.clamp(tl.math.div_rn(v, tl.zeros((BLOCK,), tl.float32) + scale), -448.0, 448.0)
     tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)

@@ -451,5 +451,12 @@ def test_cutlass_w4_plans_follow_the_config_table() -> None:
                         assert c["tile_m"] <= max(64, cutlass_w4.m_bucket(m))
                         cfg = dict(p.cfg)
                         assert cfg.get("TK", 64) == c["tile_k"] and cfg.get("CL", 1) == c["cluster"]
-    big = {p.get("ID") for p in cutlass_w4.candidates(torch.bfloat16, False, 4096, 128)}
+    big_plans = cutlass_w4.candidates(torch.bfloat16, False, 4096, 128)
+    big = {p.get("ID") for p in big_plans}
     assert big == {c["id"] for c in CONFIGS if c["dtype"] == "bf16" and not c["zero"]}
+    assert len(set(big_plans)) == len(big_plans)
+    for p in big_plans:  # decomposition variants only where the scheduler reads them
+        cfg = dict(p.cfg)
+        if "DM" in cfg:
+            assert CONFIGS[cfg["ID"]]["sched"] == "streamk"
+            assert cfg["DM"] in (2, 3) and (cfg["DM"] == 3) == ("SP" not in cfg)
