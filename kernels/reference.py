@@ -46,13 +46,16 @@ def dequant_w8(
 def quantize_fp8_act(
     x: torch.Tensor, granularity: str, x_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [M, K] to e4m3: returns (xq [M, K], scale fp32 [1, 1] per tensor or [M, 1] per row)."""
+    """Quantize x [M, K] to e4m3: returns (xq [M, K], scale fp32 [1, 1] per tensor or [M, 1] per row).
+
+    Dynamic scales are amax * fp32(1 / 448): a product, so CPU, CUDA and the Triton quantizer
+    round it identically (torch's CUDA tensor / scalar is itself a multiply by the reciprocal)."""
     if x_scale is not None:
         scale = x_scale.float().reshape(1, 1)
     elif granularity == "tensor":
-        scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12).reshape(1, 1)
+        scale = (x.abs().amax().float() * (1.0 / FP8_MAX)).clamp(min=1e-12).reshape(1, 1)
     elif granularity == "row":
-        scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        scale = (x.abs().amax(dim=1, keepdim=True).float() * (1.0 / FP8_MAX)).clamp(min=1e-12)
     else:
         raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
     xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -1,8 +1,9 @@
 """Triton e4m3 activation quantization: per-row dynamic (one read of each row when it fits one
 block, K <= ONE_PASS_MAX_K; else two passes: amax, then scale + cast) and per-tensor static (one
 pass: divide by the calibrated scale, clamp, cast). Divisions are IEEE round-to-nearest
-(tl.math.div_rn) so the codes match torch's x / scale bit for bit: Triton's plain fp32 `/` is
-an approximate division that misrounded a few e4m3 codes in GPU run 36."""
+(tl.math.div_rn) so the codes match torch's x / scale bit for bit (Triton's plain fp32 `/` is
+an approximate division that misrounded a few e4m3 codes in GPU run 36); the row scale is
+amax * fp32(1 / 448), the product reference.quantize_fp8_act forms on CPU and CUDA alike."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ ONE_PASS_MAX_K = 32768
 @triton.jit
 def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr,
                       ONE_PASS: tl.constexpr):  # fmt: skip
-    """Row m of x [M, K] -> xq [M, K] e4m3 and scale [M, 1] fp32 = max(amax / 448, 1e-12).
+    """Row m of x [M, K] -> xq [M, K] e4m3 and scale [M, 1] fp32 = max(amax * (1 / 448), 1e-12).
 
     ONE_PASS (BLOCK >= K): the row is loaded once and kept in registers; else it is read twice.
     """
@@ -24,7 +25,7 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), 448.0), 1e-12)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)
         tl.store(scale_ptr + row, scale)
         q = tl.clamp(tl.math.div_rn(v, tl.zeros((BLOCK,), tl.float32) + scale), -448.0, 448.0)
         tl.store(xq_ptr + row * K + offs, q.to(xq_ptr.dtype.element_ty), mask=offs < K)
@@ -33,7 +34,7 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+        scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / 448.0), 1e-12)
         tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
