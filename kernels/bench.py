@@ -839,18 +839,8 @@ def time_fp8_quant(ks: list[int], ms: list[int], log: Callable[[str], None]) -> 
     """The per-row e4m3 activation quantizer, one-pass against two-pass (both compiled from the
     same kernel), over 8 rotating x copies in CUDA graphs; GB/s counts x read once + codes and
     scales written. Codes and scales of the two variants must be bit-identical."""
-    import triton
-    from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K, quant_rows_kernel
-
-    def quant(x: torch.Tensor, one_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        m, k = x.shape
-        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-        sc = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(k) if one_pass else 4096
-        warps = min(16, max(4, block // 1024)) if one_pass else 8
-        quant_rows_kernel[(m,)](x, xq, sc, k, x.stride(0), BLOCK=block, ONE_PASS=one_pass,
-                                num_warps=warps)  # fmt: skip
-        return xq, sc
+    from quantlab.kernels.fp8 import _quant_rows_triton as quant
+    from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K
 
     recs = []
     for k in ks:

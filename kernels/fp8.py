@@ -13,15 +13,23 @@ import torch
 from quantlab.kernels.reference import quantize_fp8_act
 
 
-def _quant_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row e4m3 quantization of x [M, K] fp16/bf16 in one launch: (xq [M, K], scale [M, 1])."""
+def _quant_rows_triton(
+    x: torch.Tensor, one_pass: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization of x [M, K] fp16/bf16 in one launch: (xq [M, K], scale [M, 1]).
+
+    one_pass: None picks by K (one read of each row up to ONE_PASS_MAX_K); False forces the
+    two-pass loop (the benchmark compares both)."""
     import triton
     from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K, quant_rows_kernel
 
     m, k = x.shape
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    one_pass = k <= ONE_PASS_MAX_K
+    if one_pass is None:
+        one_pass = k <= ONE_PASS_MAX_K
+    elif one_pass and k > ONE_PASS_MAX_K:
+        raise ValueError(f"one-pass row quantization holds K <= {ONE_PASS_MAX_K}, got K={k}")
     block = triton.next_power_of_2(k) if one_pass else 4096
     warps = min(16, max(4, block // 1024)) if one_pass else 8
     quant_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), BLOCK=block, ONE_PASS=one_pass,
