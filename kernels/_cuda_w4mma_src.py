@@ -51,8 +51,8 @@ SOURCE = r"""
 #ifndef QL_MMA_TILES
 #define QL_MMA_TILES                                                                          \
   QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 4, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(2, 1, 4)          \
-  QL_T(2, 2, 4) QL_T(2, 1, 8) QL_T(2, 2, 8) QL_T(4, 1, 4) QL_T(4, 1, 8) QL_T(8, 1, 4)          \
-  QL_T(8, 1, 8) QL_T(8, 2, 4)
+  QL_T(2, 2, 4) QL_T(2, 1, 8) QL_T(2, 2, 8) QL_T(2, 4, 4) QL_T(4, 1, 4) QL_T(4, 1, 8)          \
+  QL_T(4, 2, 4) QL_T(8, 1, 4) QL_T(8, 1, 8) QL_T(8, 2, 4)
 #endif
 
 namespace {
@@ -177,8 +177,12 @@ __device__ __forceinline__ float load_scale(const void* s, int sf32, size_t i) {
 // MODE: 0 checkpoint layout, 1 native layout, 2 Hopper layout. CU: 64-k units per group (1: G =
 // 64, 2: G = 128), or 0 for G = 32 (native and Hopper layouts: one unit holds two groups).
 // Scales: element (n, grp) at n * ss + grp * sg; zeros at n * zs + grp.
+// Tiles of >= 8 (m-tile, row-tile) pairs hold more accumulators than 128 registers: they launch
+// at most 256 threads (8 warps), which lets each thread use up to 255.
+constexpr bool big_tile(int mt, int rt) { return mt >= 8 || mt * rt >= 8; }
+
 template <typename T, int MODE, int CU_, int MT, int RT, int ST>
-__global__ void __launch_bounds__(MT >= 8 ? 256 : 512, 1)
+__global__ void __launch_bounds__(big_tile(MT, RT) ? 256 : 512, 1)
     w4_mma_kernel(const T* __restrict__ x, const int8_t* __restrict__ qw,
                   const void* __restrict__ scales, const uint8_t* __restrict__ zeros,
                   const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K, int G,
@@ -782,7 +786,7 @@ cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, 
     raised = true;
   }
   if (smem > g_max_smem) return cudaErrorInvalidValue;
-  if (wn < 1 || ks % wn || (MT >= 8 && ks > 8)) return cudaErrorInvalidValue;  // launch bounds
+  if (wn < 1 || ks % wn || (big_tile(MT, RT) && ks > 8)) return cudaErrorInvalidValue;  // bounds
   const int groups = ((N / 2 + 7) / 8 + RT * wn - 1) / (RT * wn);
   if (groups > 65535) return cudaErrorInvalidValue;
   const dim3 grid((M + 8 * MT - 1) / (8 * MT), groups);
@@ -828,8 +832,9 @@ cudaError_t pick_mode(int layout, int mt, int rt, int st_, const void* x, const 
 
 #ifndef QL_W8_TILES
 #define QL_W8_TILES                                                                           \
-  QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(1, 1, 16) QL_T(1, 2, 16)       \
-  QL_T(2, 1, 4) QL_T(2, 2, 4) QL_T(2, 1, 8) QL_T(2, 1, 16) QL_T(4, 1, 4) QL_T(4, 1, 8)
+  QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 4, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(1, 4, 8)       \
+  QL_T(1, 1, 16) QL_T(1, 2, 16) QL_T(2, 1, 4) QL_T(2, 2, 4) QL_T(2, 4, 4) QL_T(2, 1, 8)      \
+  QL_T(2, 4, 8) QL_T(2, 1, 16) QL_T(4, 1, 4) QL_T(4, 2, 4) QL_T(4, 1, 8)
 #endif
 
 template <typename T, int MT, int RT, int ST>

@@ -50,6 +50,10 @@ TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
     (2, 2, 4): ((4, 1), (8, 1), (4, 2), (8, 2), (8, 4)),
     (2, 1, 8): ((4, 1), (8, 1), (8, 2), (8, 4)),
     (2, 2, 8): ((4, 1), (8, 2), (8, 4)),
+    # RT * MT >= 8 ("big" tiles, <= 8 warps): 64 weight rows per warp at M = 16 (32 at M = 32), so
+    # each warp's ring carries as many weight bytes as x bytes (x rows are not shared by warps)
+    (2, 4, 4): ((4, 1), (8, 1), (8, 2)),
+    (4, 2, 4): ((4, 1), (8, 1), (8, 2)),
     (4, 1, 4): ((4, 1), (8, 1), (4, 2), (8, 2), (8, 4), (16, 8)),
     (4, 1, 8): ((4, 1), (8, 2), (8, 4)),
     # MT = 8 ("scaled" mode, <= 8 warps: up to 255 registers): exact integers times the scale in
@@ -366,15 +370,21 @@ W8_TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
     # KS == WN: every warp streams the whole K of its own tiles (no split, no partials to add)
     (1, 1, 4): ((4, 1), (8, 1), (16, 1), (8, 2), (4, 4), (8, 8)),
     (1, 2, 4): ((4, 1), (8, 1), (16, 1)),
+    (1, 4, 4): ((4, 1), (8, 1)),
     (1, 1, 8): ((1, 1), (2, 1), (4, 1), (8, 1), (8, 2), (2, 2), (4, 4), (8, 8)),
     (1, 2, 8): ((1, 1), (4, 1), (8, 1), (4, 4)),
+    (1, 4, 8): ((1, 1), (4, 1), (4, 4)),
     (1, 1, 16): ((1, 1), (4, 1), (2, 2), (4, 4)),
     (1, 2, 16): ((1, 1), (2, 2), (4, 4)),
     (2, 1, 4): ((4, 1), (8, 1), (16, 1), (8, 2)),
     (2, 2, 4): ((4, 1), (8, 1), (8, 2)),
+    # RT = 4 at M = 16: the ring carries half as many x bytes as weight bytes (RT = 2: as many)
+    (2, 4, 4): ((4, 1), (8, 1), (8, 2), (4, 4)),
+    (2, 4, 8): ((1, 1), (4, 1), (4, 4)),
     (2, 1, 8): ((1, 1), (4, 1), (8, 1), (4, 4), (8, 8)),
     (2, 1, 16): ((1, 1), (2, 2), (4, 4)),
     (4, 1, 4): ((4, 1), (8, 1), (8, 2)),
+    (4, 2, 4): ((4, 1), (8, 1)),
     (4, 1, 8): ((1, 1), (4, 1), (8, 1), (4, 4)),
 }
 W8_MAX_M = 32  # "auto" on W8A16 tries these plans up to this M bucket

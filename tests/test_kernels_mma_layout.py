@@ -320,6 +320,29 @@ def test_hopper_plans_fit_shared_memory() -> None:
     assert len(cuda_mma.candidates(32, hopper=True)) < len(cuda_mma.candidates(32))
 
 
+def test_w4_plans_match_the_compiled_tiles() -> None:
+    """Every W4 plan cuda_mma offers is compiled (QL_MMA_TILES in the source), WN divides KS, and
+    tiles of >= 8 (m-tile, row-tile) pairs (the 256-thread launch bound) use at most 8 warps."""
+    import re
+
+    from quantlab.kernels import cuda_mma
+    from quantlab.kernels._cuda_w4mma_src import SOURCE
+
+    start = SOURCE.index("#define QL_MMA_TILES")
+    table = SOURCE[start : SOURCE.index("#endif", start)]
+    compiled = {tuple(int(v) for v in t) for t in re.findall(r"QL_T\((\d+), (\d+), (\d+)\)", table)}
+    assert compiled == set(cuda_mma.TILES)
+    assert "big_tile(MT, RT) ? 256 : 512" in SOURCE and "mt * rt >= 8" in SOURCE
+    for m in (1, 16, 32, 64):
+        for hopper in (False, True):
+            for p in cuda_mma.candidates(m, hopper):
+                mt, rt, ks, wn = (p.get(k) for k in ("MT", "RT", "KS", "WN"))
+                assert ks % wn == 0, str(p)
+                if mt >= 8 or mt * rt >= 8:
+                    assert ks <= 8, str(p)
+    assert any(p.get("RT") == 4 for p in cuda_mma.candidates(16, hopper=True))
+
+
 def _byte_perm(x: int, y: int, sel: int) -> int:
     """CUDA __byte_perm for selectors without the sign-replicate bit: byte i of the result is byte
     (sel >> 4i) & 7 of the 8 bytes {y, x} (x = bytes 0-3)."""
