@@ -181,7 +181,10 @@ __device__ __forceinline__ float load_scale(const void* s, int sf32, size_t i) {
 // at most 256 threads (8 warps), which lets each thread use up to 255.
 constexpr bool big_tile(int mt, int rt) { return mt >= 8 || mt * rt >= 8; }
 
-template <typename T, int MODE, int CU_, int MT, int RT, int ST>
+// SZ (symmetric weights only, MT < 8): subtract base + 8 from each converted A register (4 packed
+// subtracts per 16x16 weight block, exact) instead of correcting each group's sum with sum(x)
+// (4 mma per 8 activation rows and 64 k, as the zero-point path must).
+template <typename T, int MODE, int CU_, int MT, int RT, int ST, bool SZ>
 __global__ void __launch_bounds__(big_tile(MT, RT) ? 256 : 512, 1)
     w4_mma_kernel(const T* __restrict__ x, const int8_t* __restrict__ qw,
                   const void* __restrict__ scales, const uint8_t* __restrict__ zeros,
@@ -379,6 +382,10 @@ __global__ void __launch_bounds__(big_tile(MT, RT) ? 256 : 512, 1)
     }
   } else {
   const uint32_t ones[4] = {Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes};
+  // SZ: base + 8 (even rows) and base + kOddMul * 8 (odd rows), so RAW - these = q (or 16 q)
+  const uint32_t sze = Mma<T>::pack(Mma<T>::kBase + 8.f, Mma<T>::kBase + 8.f);
+  const uint32_t szo = Mma<T>::pack(Mma<T>::kBase + 8.f * Mma<T>::kOddMul,
+                                    Mma<T>::kBase + 8.f * Mma<T>::kOddMul);
   for (int c = 0; c < nmy; ++c) {
     float d[RT][MT][NH][4];
     float xs[MT][NH][4];  // sum of x over the group (mma with an all-ones A): columns 2t, 2t+1
@@ -453,8 +460,11 @@ __global__ void __launch_bounds__(big_tile(MT, RT) ? 256 : 512, 1)
           xv[mt][6] = q1.z;
           xv[mt][7] = q1.w;
         }
+        if constexpr (!SZ) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) Mma<T>::run(xs[mt][NH == 2 ? (j >> 1) : 0], ones, &xv[mt][2 * j]);
+          for (int j = 0; j < 4; ++j)
+            Mma<T>::run(xs[mt][NH == 2 ? (j >> 1) : 0], ones, &xv[mt][2 * j]);
+        }
       }
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
@@ -466,6 +476,12 @@ __global__ void __launch_bounds__(big_tile(MT, RT) ? 256 : 512, 1)
           const int h = NH == 2 ? (j >> 1) : 0;
           uint32_t a[4];
           Mma<T>::cvt(w, a);
+          if constexpr (SZ) {
+            a[0] = Mma<T>::sub2(a[0], sze);
+            a[1] = Mma<T>::sub2(a[1], szo);
+            a[2] = Mma<T>::sub2(a[2], sze);
+            a[3] = Mma<T>::sub2(a[3], szo);
+          }
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[r][mt][h], a, &xv[mt][2 * j]);
         }
@@ -477,10 +493,17 @@ __global__ void __launch_bounds__(big_tile(MT, RT) ? 256 : 512, 1)
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < NH; ++h) {
-          acc[r][mt][0] += se[r][h] * fmaf(-ce[r][h], xs[mt][h][0], d[r][mt][h][0]);
-          acc[r][mt][1] += se[r][h] * fmaf(-ce[r][h], xs[mt][h][1], d[r][mt][h][1]);
-          acc[r][mt][2] += so[r][h] * fmaf(-co[r][h], xs[mt][h][2], d[r][mt][h][2]);
-          acc[r][mt][3] += so[r][h] * fmaf(-co[r][h], xs[mt][h][3], d[r][mt][h][3]);
+          if constexpr (SZ) {
+            acc[r][mt][0] += se[r][h] * d[r][mt][h][0];
+            acc[r][mt][1] += se[r][h] * d[r][mt][h][1];
+            acc[r][mt][2] += so[r][h] * d[r][mt][h][2];
+            acc[r][mt][3] += so[r][h] * d[r][mt][h][3];
+          } else {
+            acc[r][mt][0] += se[r][h] * fmaf(-ce[r][h], xs[mt][h][0], d[r][mt][h][0]);
+            acc[r][mt][1] += se[r][h] * fmaf(-ce[r][h], xs[mt][h][1], d[r][mt][h][1]);
+            acc[r][mt][2] += so[r][h] * fmaf(-co[r][h], xs[mt][h][2], d[r][mt][h][2]);
+            acc[r][mt][3] += so[r][h] * fmaf(-co[r][h], xs[mt][h][3], d[r][mt][h][3]);
+          }
         }
     cslot = cslot == PD ? 0 : cslot + 1;
     lslot = lslot == PD ? 0 : lslot + 1;
@@ -771,11 +794,12 @@ __global__ void w4_native_dequant_kernel(const int8_t* __restrict__ qw,
 
 int g_max_smem = -1;
 
-template <typename T, int MODE, int CU, int MT, int RT, int ST>
+template <typename T, int MODE, int CU, int MT, int RT, int ST, bool SZ>
 cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, const void* b,
                    void* out, int M, int N, int K, int G, int ss, int sg, int zs, int wn, int ks,
                    cudaStream_t st) {
-  auto kern = w4_mma_kernel<T, MODE, CU, MT, RT, ST>;
+  auto kern = w4_mma_kernel<T, MODE, CU, MT, RT, ST, SZ>;
+  if (SZ && z != nullptr) return cudaErrorInvalidValue;  // SZ assumes symmetric weights
   const int ring = ks * ST * (RT * 512 + (MODE == 2 ? MT * 1024 : 0)), red = ks * RT * MT * 512;
   const int smem = ring > red ? ring : red;
   static bool raised = false;  // one opt-in per instantiation, to the device's limit
@@ -797,15 +821,20 @@ cudaError_t launch(const void* x, const void* qw, const void* s, const void* z, 
 }
 
 template <typename T, int MODE, int CU>
-cudaError_t pick_tile(int mt, int rt, int st_, const void* x, const void* qw, const void* s,
-                      const void* z, const void* b, void* out, int M, int N, int K, int G,
-                      int ss, int sg, int zs, int wn, int ks, cudaStream_t st) {
-  // (the Hopper layout compiles the MT <= 4 tiles only)
-#define QL_T(A, B, C)                                                                        \
-  if constexpr (MODE != 2 || A < 8) {                                                        \
-    if (mt == A && rt == B && st_ == C)                                                      \
-      return launch<T, MODE, CU, A, B, C>(x, qw, s, z, b, out, M, N, K, G, ss, sg, zs, wn, ks, \
-                                          st);                                               \
+cudaError_t pick_tile(int mt, int rt, int st_, int sz, const void* x, const void* qw,
+                      const void* s, const void* z, const void* b, void* out, int M, int N, int K,
+                      int G, int ss, int sg, int zs, int wn, int ks, cudaStream_t st) {
+  // (the Hopper layout compiles the MT <= 4 tiles only; SZ exists for MT < 8)
+#define QL_T(A, B, C)                                                                         \
+  if constexpr (MODE != 2 || A < 8) {                                                         \
+    if (mt == A && rt == B && st_ == C && !sz)                                                \
+      return launch<T, MODE, CU, A, B, C, false>(x, qw, s, z, b, out, M, N, K, G, ss, sg, zs, \
+                                                 wn, ks, st);                                 \
+  }                                                                                           \
+  if constexpr (A < 8) {                                                                      \
+    if (mt == A && rt == B && st_ == C && sz)                                                 \
+      return launch<T, MODE, CU, A, B, C, true>(x, qw, s, z, b, out, M, N, K, G, ss, sg, zs,  \
+                                                wn, ks, st);                                  \
   }
   QL_MMA_TILES
 #undef QL_T
@@ -813,10 +842,10 @@ cudaError_t pick_tile(int mt, int rt, int st_, const void* x, const void* qw, co
 }
 
 template <typename T>
-cudaError_t pick_mode(int layout, int mt, int rt, int st_, const void* x, const void* qw,
+cudaError_t pick_mode(int layout, int mt, int rt, int st_, int sz, const void* x, const void* qw,
                       const void* s, const void* z, const void* b, void* out, int M, int N, int K,
                       int G, int ss, int sg, int zs, int wn, int ks, cudaStream_t st) {
-#define QL_ARGS mt, rt, st_, x, qw, s, z, b, out, M, N, K, G, ss, sg, zs, wn, ks, st
+#define QL_ARGS mt, rt, st_, sz, x, qw, s, z, b, out, M, N, K, G, ss, sg, zs, wn, ks, st
   if (layout == 0 && G == 64) return pick_tile<T, 0, 1>(QL_ARGS);
   if (layout == 0 && G == 128) return pick_tile<T, 0, 2>(QL_ARGS);
   if (layout == 1 && G == 32) return pick_tile<T, 1, 0>(QL_ARGS);
@@ -891,21 +920,21 @@ cudaError_t set_device(int device) {
 // dtype: 0 = fp16, 1 = bf16 (x, bias, out, scales); wn: warps side by side on tiles (divides
 // ks, the block's warps); layout: 0 checkpoint, 1 kernel-native, 2 Hopper; scale (n, grp) at
 // n * ss + grp * sg, zero at n * zs + grp. Returns a cudaError_t (0 = launched); the caller checks
-// shapes and alignment.
+// shapes and alignment. sz = 1 runs the symmetric-only SZ kernel (z must be null; MT < 8).
 extern "C" int ql_w4_mma(int device, const void* x, const void* qw, const void* s, const void* z,
                          const void* b, void* out, int M, int N, int K, int G, int ss, int sg,
                          int zs, int dtype, int wn, int layout, int mt, int rt, int st_, int ks,
-                         void* stream) {
+                         int sz, void* stream) {
   cudaError_t e = set_device(device);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (ks < 1 || ks > 16 || M < 1 || K % 64 || N % 2 || K % G)
     return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (dtype == 0)
-    return static_cast<int>(pick_mode<__half>(layout, mt, rt, st_, x, qw, s, z, b, out, M, N, K, G,
-                                              ss, sg, zs, wn, ks, st));
-  return static_cast<int>(pick_mode<__nv_bfloat16>(layout, mt, rt, st_, x, qw, s, z, b, out, M, N,
-                                                   K, G, ss, sg, zs, wn, ks, st));
+    return static_cast<int>(pick_mode<__half>(layout, mt, rt, st_, sz, x, qw, s, z, b, out, M, N,
+                                              K, G, ss, sg, zs, wn, ks, st));
+  return static_cast<int>(pick_mode<__nv_bfloat16>(layout, mt, rt, st_, sz, x, qw, s, z, b, out, M,
+                                                   N, K, G, ss, sg, zs, wn, ks, st));
 }
 
 // W8A16: x [M, K] fp16/bf16 (dtype 0/1), qw int8 [N, K] row-major, scales [N] in x's dtype or

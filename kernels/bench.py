@@ -596,7 +596,7 @@ def check_mma(log: Callable[[str], None]) -> list[dict]:
                         if g >= 64:
                             layouts.append(("ckpt", w["qweight"]))
                         for lname, qw in layouts:
-                            for p in cuda_mma.candidates(m):
+                            for p in cuda_mma.candidates(m, sym=not asym):
                                 y = cuda_mma.run_plan(
                                     p, x, qw, w["scales"], w["zeros"], g, bias, math.nan
                                 )
@@ -631,7 +631,7 @@ def time_mma(
             base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
             row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
             for lname, qws in (("native", w4n), ("ckpt", [w["qweight"] for w in w4])):
-                for p in cuda_mma.candidates(m):
+                for p in cuda_mma.candidates(m, sym=True):
                     fn = lambda i, x=x, p=p, qws=qws, w4=w4: cuda_mma.run_plan(  # noqa: E731
                         p, x, qws[i], w4[i]["scales"], None, 128, None
                     )

@@ -92,11 +92,11 @@ def _load(device: torch.device) -> ctypes.CDLL:
             _build_error = str(err)
             raise
         lib.ql_w4_mma.restype = ctypes.c_int
-        # device, 6 pointers (x, qweight, scales, zeros, bias, out), 14 ints, stream
+        # device, 6 pointers (x, qweight, scales, zeros, bias, out), 15 ints, stream
         lib.ql_w4_mma.argtypes = [
             ctypes.c_int,
             *[ctypes.c_void_p] * 6,
-            *[ctypes.c_int] * 14,
+            *[ctypes.c_int] * 15,
             ctypes.c_void_p,
         ]
         lib.ql_w4_native_dequant.restype = ctypes.c_int
@@ -180,18 +180,23 @@ def layout_id(qweight: torch.Tensor) -> int:
     return int(packing.is_mma_layout(qweight))
 
 
-def candidates(m: int, hopper: bool = False) -> list[Plan]:
+def candidates(m: int, hopper: bool = False, sym: bool = False) -> list[Plan]:
     """Plans for M rows: the smallest MT whose 8*MT rows cover M (MT 4 and 8 past 32 rows; the
-    grid walks M in blocks of 8*MT rows; the Hopper layout stops at MT 4)."""
+    grid walks M in blocks of 8*MT rows; the Hopper layout stops at MT 4). sym (no zero points)
+    adds each MT < 8 plan's SZ=1 twin, which subtracts the offset in registers instead of
+    correcting each group's sum with sum(x)."""
     b = m_bucket(m)
     mts = (1,) if b <= 8 else (2,) if b <= 16 else (4,) if b <= 32 or hopper else (4, 8)
-    return [
+    base = [
         plan("cuda_mma", MT=t[0], RT=t[1], ST=t[2], KS=ks, WN=wn)
         for t, launches in TILES.items()
         if t[0] in mts
         for ks, wn in launches
         if not hopper or ks * t[2] * (t[1] * 512 + t[0] * 1024) <= SMEM_LIMIT
     ]
+    if not sym:
+        return base
+    return base + [plan("cuda_mma", **dict(p.cfg), SZ=1) for p in base if p.get("MT") < 8]
 
 
 def run_plan(
@@ -238,6 +243,7 @@ def run_plan(
         cfg["RT"],
         cfg["ST"],
         cfg["KS"],
+        cfg.get("SZ", 0),
         torch.cuda.current_stream(x.device).cuda_stream,
     )
     if err:
@@ -313,7 +319,7 @@ def w4a16_mma_gemm(
         raise ValueError(f"cuda_mma: {reason}")
     chosen = TUNER.pick(
         _key(x, qweight, scales, zeros, group_size, bias, "forced"),
-        candidates(x.shape[0], packing.is_wgmma_layout(qweight)),
+        candidates(x.shape[0], packing.is_wgmma_layout(qweight), zeros is None),
         lambda c: run_plan(c, x, qweight, scales, zeros, group_size, bias),
     )
     return run_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
@@ -352,7 +358,7 @@ def w4a16_native_auto(
     cands: list[Plan] = [plan("cuda_dequant")]
     ok = unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None
     if ok and x.shape[0] <= 256:
-        cands = candidates(x.shape[0]) + cands
+        cands = candidates(x.shape[0], sym=zeros is None) + cands
     chosen = TUNER.pick(
         _key(x, qweight, scales, zeros, group_size, bias, f"auto{ok}"),
         cands,

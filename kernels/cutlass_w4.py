@@ -330,7 +330,7 @@ def hopper_plans(
         and cuda_mma.unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None
         and cuda_mma.available(x.device)
     ):
-        plans += cuda_mma.candidates(m, hopper=True)
+        plans += cuda_mma.candidates(m, hopper=True, sym=zeros is None)
     if unsupported_reason(x, qweight, scales, zeros, group_size, bias) is None and available(
         x.device
     ):

@@ -608,7 +608,7 @@ def w4a16_gemm(
         and cuda_mma.available(x.device)
     )
     if mma_ok:
-        cands = cuda_mma.candidates(m) + cands
+        cands = cuda_mma.candidates(m, sym=zeros is None) + cands
     key = (
         m_bucket(m),
         qweight.shape[0] * 2,

@@ -159,7 +159,7 @@ def test_mma_every_plan_vs_fp64(cm, shape, g: int, dtype: torch.dtype, asym: boo
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = x.double() @ wd.t() + (bias.double() if bias is not None else 0)
         for w, sc in layouts:
-            for p in cm.candidates(m, packing.is_wgmma_layout(w)):
+            for p in cm.candidates(m, packing.is_wgmma_layout(w), z is None):
                 y = cm.run_plan(p, x, w, sc, z, g, bias, fill=math.nan)
                 assert y.shape == (m, n) and y.dtype == dtype
                 err = _rel(y, ref)

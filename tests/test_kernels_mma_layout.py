@@ -209,6 +209,26 @@ def test_hopper_kernel_math_emulation_matches_fp64(dtype: torch.dtype, g: int, a
     assert float((y - ref).norm() / ref.norm()) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sz_offset_subtraction_is_exact(dtype: torch.dtype) -> None:
+    """The symmetric-only SZ kernels subtract base + 8 (fp16 odd rows: base + 16 * 8) from each
+    converted register in x's dtype: for every nibble the difference is exactly q (16 q), so the
+    group sums need no sum(x) correction. The constants are the ones in the source."""
+    from quantlab.kernels._cuda_w4mma_src import SOURCE
+
+    assert "Mma<T>::pack(Mma<T>::kBase + 8.f, Mma<T>::kBase + 8.f)" in SOURCE
+    assert "Mma<T>::kBase + 8.f * Mma<T>::kOddMul" in SOURCE
+    fp16 = dtype == torch.float16
+    base, odd_mul = (1024.0, 16.0) if fp16 else (128.0, 1.0)
+    nib = torch.arange(16)
+    q = (nib - 16 * (nib >= 8)).double()  # the stored two's complement code
+    for mul in (1.0, odd_mul):
+        raw = (base + mul * (nib ^ 8).double()).to(dtype)  # what cvt builds (exact: checked)
+        assert torch.equal(raw.double(), base + mul * (nib ^ 8).double())
+        diff = raw - torch.tensor(base + 8.0 * mul, dtype=dtype)  # the packed subtract
+        assert torch.equal(diff.double(), mul * q), (dtype, mul)
+
+
 def test_native_layout_through_dispatch_on_cpu() -> None:
     """linear_w4a16 takes the native layout (N from scales) on every CPU path: same results as the
     checkpoint layout, batch dims, bias, opcheck of the custom op, torch.compile."""
@@ -341,6 +361,13 @@ def test_w4_plans_match_the_compiled_tiles() -> None:
                 if mt >= 8 or mt * rt >= 8:
                     assert ks <= 8, str(p)
     assert any(p.get("RT") == 4 for p in cuda_mma.candidates(16, hopper=True))
+    # sym adds one SZ=1 twin per MT < 8 plan; never with zero points
+    for m, hopper in ((1, True), (16, True), (64, False)):
+        plain = cuda_mma.candidates(m, hopper)
+        both = cuda_mma.candidates(m, hopper, sym=True)
+        assert all("SZ" not in dict(p.cfg) for p in plain)
+        twins = [p for p in both if dict(p.cfg).get("SZ") == 1]
+        assert len(twins) == sum(p.get("MT") < 8 for p in plain) and both[: len(plain)] == plain
 
 
 def _byte_perm(x: int, y: int, sel: int) -> int:
