@@ -22,6 +22,53 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 REFINE = 0.05
 
 
+_FLUSH: dict[int, torch.Tensor] = {}
+# GPU cycles the timer spins after each flush (~100 us at H100 clocks), so the host has queued the
+# timed call before the GPU reaches it: otherwise host-side launch work (Python, ctypes) of small
+# calls lands between the start event and the kernel and is timed with it.
+HOST_SLACK_CYCLES = 200_000
+
+
+def _flush_l2(device: torch.device) -> None:
+    """Read a buffer of twice the L2 size, so the next call finds its operands in DRAM and L2
+    holds clean lines (a zero-filling flush, as triton's do_bench does, leaves the L2 full of
+    dirty lines whose write-back then competes with the timed kernel's reads), then spin for
+    HOST_SLACK_CYCLES."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _FLUSH.get(idx)
+    if buf is None:
+        l2 = int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or 2**25)
+        buf = torch.ones(max(2 * l2, 2**26) // 4, dtype=torch.float32, device=device)
+        _FLUSH[idx] = buf
+    buf.sum()
+    torch.cuda._sleep(HOST_SLACK_CYCLES)
+
+
+def _time_ms(fn: Callable[[], object], rep: float) -> float:
+    """Median ms of fn over about rep ms of flushed calls (CUDA events around fn alone)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    for _ in range(3):
+        fn()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(5):
+        _flush_l2(device)
+        fn()
+    ev[1].record()
+    torch.cuda.synchronize()
+    n = max(5, min(1000, int(rep / max(ev[0].elapsed_time(ev[1]) / 5, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        _flush_l2(device)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True))
+    return times[len(times) // 2]
+
+
 def m_bucket(m: int) -> int:
     """Smallest bucket >= m (the last bucket catches everything larger)."""
     for b in M_BUCKETS:
@@ -75,11 +122,10 @@ class Tuner:
             or os.environ.get("QUANTLAB_KERNELS_NO_TUNE") == "1"
         ):
             return candidates[0]
-        from triton.testing import do_bench
 
         def bench(c: Plan, rep: int) -> float:
-            # do_bench flushes L2 before each call, so weights stream from DRAM as in decode.
-            return float(do_bench(lambda: run(c), warmup=5, rep=rep, return_mode="median"))
+            # L2 is flushed before each call, so weights stream from DRAM as in decode.
+            return _time_ms(lambda: run(c), rep)
 
         results: list[tuple[str, float]] = []
         timed: list[tuple[float, int, Plan]] = []

@@ -1,13 +1,11 @@
-"""The autotuner's choice logic on CPU, with triton's timer replaced by scripted timings."""
+"""The autotuner's choice logic on CPU, with its timer replaced by scripted timings."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-triton_testing = pytest.importorskip("triton.testing")
-
-from quantlab.kernels._tune import REFINE, Tuner, plan  # noqa: E402
+from quantlab.kernels import _tune
+from quantlab.kernels._tune import REFINE, Tuner, plan
 
 
 def test_tuner_refines_close_plans_and_skips_failures(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,7 +23,7 @@ def test_tuner_refines_close_plans_and_skips_failures(monkeypatch: pytest.Monkey
         if p == d:
             raise RuntimeError("does not fit")
 
-    def fake_bench(fn, warmup: int, rep: int, return_mode: str) -> float:
+    def fake_bench(fn, rep: float) -> float:
         fn()
         p = current[0]
         calls.append((p.get("ID"), rep))
@@ -33,7 +31,7 @@ def test_tuner_refines_close_plans_and_skips_failures(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(triton_testing, "do_bench", fake_bench)
+    monkeypatch.setattr(_tune, "_time_ms", fake_bench)
     tuner = Tuner("test")
     assert tuner.pick("k", [a, b, c, d], run) == b
     assert sorted(calls) == [(0, 20), (0, 100), (1, 20), (1, 100), (2, 20)]
