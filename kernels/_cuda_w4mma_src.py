@@ -861,9 +861,8 @@ cudaError_t pick_mode(int layout, int mt, int rt, int st_, int sz, const void* x
 
 #ifndef QL_W8_TILES
 #define QL_W8_TILES                                                                           \
-  QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 4, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(1, 4, 8)       \
-  QL_T(1, 1, 16) QL_T(1, 2, 16) QL_T(2, 1, 4) QL_T(2, 2, 4) QL_T(2, 4, 4) QL_T(2, 1, 8)      \
-  QL_T(2, 4, 8) QL_T(2, 1, 16) QL_T(4, 1, 4) QL_T(4, 2, 4) QL_T(4, 1, 8)
+  QL_T(1, 1, 4) QL_T(1, 2, 4) QL_T(1, 1, 8) QL_T(1, 2, 8) QL_T(1, 1, 16) QL_T(1, 2, 16)       \
+  QL_T(2, 1, 4) QL_T(2, 2, 4) QL_T(2, 1, 8) QL_T(2, 1, 16) QL_T(4, 1, 4) QL_T(4, 1, 8)
 #endif
 
 template <typename T, int MT, int RT, int ST>
