@@ -33,7 +33,7 @@ def _flush_l2(device: torch.device) -> None:
     """Read a buffer of twice the L2 size, so the next call finds its operands in DRAM and L2
     holds clean lines (a zero-filling flush, as triton's do_bench does, leaves the L2 full of
     dirty lines whose write-back then competes with the timed kernel's reads), then spin for
-    HOST_SLACK_CYCLES."""
+    HOST_SLACK_CYCLES. The buffer (100 MB on an H100) is kept per device for the process."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     buf = _FLUSH.get(idx)
     if buf is None:

@@ -50,8 +50,9 @@ TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {
     (2, 2, 4): ((4, 1), (8, 1), (4, 2), (8, 2), (8, 4)),
     (2, 1, 8): ((4, 1), (8, 1), (8, 2), (8, 4)),
     (2, 2, 8): ((4, 1), (8, 2), (8, 4)),
-    # RT * MT >= 8 ("big" tiles, <= 8 warps): 64 weight rows per warp at M = 16 (32 at M = 32), so
-    # each warp's ring carries as many weight bytes as x bytes (x rows are not shared by warps)
+    # RT * MT >= 8 ("big" tiles, <= 8 warps): 64 weight rows per warp at M = 16, where the Hopper
+    # layout's ring then carries as many weight bytes as x bytes (x rows are not shared by warps;
+    # RT = 2 carries half as many), and 32 at M = 32
     (2, 4, 4): ((4, 1), (8, 1), (8, 2)),
     (4, 2, 4): ((4, 1), (8, 1), (8, 2)),
     (4, 1, 4): ((4, 1), (8, 1), (4, 2), (8, 2), (8, 4), (16, 8)),
