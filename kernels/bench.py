@@ -740,6 +740,36 @@ def time_plans(
     return rows
 
 
+def _plan_records(
+    plans: list[Any],
+    run: Callable[[Any, int, float | None], torch.Tensor],
+    copies: int,
+    ref: torch.Tensor,
+    base_us: float,
+    where: dict[str, int],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Each plan: run(plan, copy 0, NaN fill) against the fp64 ref [M, N], then the graph-replayed
+    time of run(plan, i, None) over `copies` rotating weight copies; records sorted by time. A
+    plan the kernel refuses for this problem (RuntimeError) is logged and left out."""
+    res: list[dict[str, Any]] = []
+    for p in plans:
+
+        def timed(i: int, p: Any = p) -> torch.Tensor:
+            return run(p, i, None)
+
+        try:
+            err = rel_err(run(p, 0, math.nan), ref)
+            us = time_rotating(timed, copies, quick_ms(timed)) * 1e3
+        except RuntimeError as e:
+            log(f"  {p}: {str(e)[:160]}")
+            continue
+        res.append({**where, "plan": str(p), "us": us, "x_cublas": base_us / us, "rel_err": err,
+                    "ok": err < TOL, "cublas_us": base_us})  # fmt: skip
+    res.sort(key=lambda r: float(r["us"]))
+    return res
+
+
 def time_w8(shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], None]) -> list[dict]:
     """Every W8A16 plan (cuda_mma, Triton, cutlass_w8 from M = 64) per shape and M: fp64 check, then the
     graph-replayed time over 8 rotating weight copies, next to cuBLAS bf16 in the same run."""
@@ -765,19 +795,13 @@ def time_w8(shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], N
                 plans += t8.candidates(m, "tiled") + t8.candidates(m, "dequant")
                 if cutlass_w8.available(torch.device("cuda")):
                     plans += cutlass_w8.candidates(torch.bfloat16, m)
-            res: list[dict[str, Any]] = []
-            for p in plans:
 
-                def run(i: int, p: Any = p, x: torch.Tensor = x, w8: list = w8) -> torch.Tensor:
-                    return t8.run_plan(p, x, w8[i]["qweight"], w8[i]["scales"], None)
+            def run_w8(
+                p: Any, i: int, fill: float | None, x: torch.Tensor = x, w8: list = w8
+            ) -> torch.Tensor:
+                return t8.run_plan(p, x, w8[i]["qweight"], w8[i]["scales"], None, fill)
 
-                err = rel_err(
-                    t8.run_plan(p, x, w8[0]["qweight"], w8[0]["scales"], None, math.nan), ref
-                )
-                us = time_rotating(run, 8, quick_ms(run)) * 1e3
-                res.append({"N": n, "K": k, "M": m, "plan": str(p), "us": us, "x_cublas": base / us,
-                            "rel_err": err, "ok": err < TOL, "cublas_us": base})  # fmt: skip
-            res.sort(key=lambda r: float(r["us"]))
+            res = _plan_records(plans, run_w8, 8, ref, base, {"N": n, "K": k, "M": m}, log)
             recs += res
             top = " ".join(f"{r['plan']}={r['us']:.1f}us({r['x_cublas']:.2f}x)" for r in res[:4])
             bad = sum(not r["ok"] for r in res)
@@ -808,24 +832,19 @@ def time_hopper(
                 return F.linear(x, wb[i])
 
             base = time_rotating(cublas, 8, quick_ms(cublas)) * 1e3
-            res: list[dict[str, Any]] = []
-            for p in cutlass_w4.hopper_plans(x, w4h[0], s4h[0], None, 128, None):
 
-                def run(
-                    i: int, p: Any = p, x: torch.Tensor = x, w: list = w4h, s: list = s4h
-                ) -> torch.Tensor:
-                    return cutlass_w4.run_hopper_plan(p, x, w[i], s[i], None, 128, None)
+            def run_h(
+                p: Any,
+                i: int,
+                fill: float | None,
+                x: torch.Tensor = x,
+                w: list = w4h,
+                s: list = s4h,
+            ) -> torch.Tensor:
+                return cutlass_w4.run_hopper_plan(p, x, w[i], s[i], None, 128, None, fill)
 
-                try:
-                    y = cutlass_w4.run_hopper_plan(p, x, w4h[0], s4h[0], None, 128, None, math.nan)
-                    err = rel_err(y, ref)
-                    us = time_rotating(run, cps, quick_ms(run)) * 1e3
-                except RuntimeError as e:  # a configuration CUTLASS refuses for this problem
-                    log(f"  {p}: {str(e)[:160]}")
-                    continue
-                res.append({"N": n, "K": k, "M": m, "plan": str(p), "us": us, "x_cublas": base / us,
-                            "rel_err": err, "ok": err < TOL, "cublas_us": base})  # fmt: skip
-            res.sort(key=lambda r: float(r["us"]))
+            plans = cutlass_w4.hopper_plans(x, w4h[0], s4h[0], None, 128, None)
+            res = _plan_records(plans, run_h, cps, ref, base, {"N": n, "K": k, "M": m}, log)
             recs += res
             top = " ".join(f"{r['plan']}={r['us']:.1f}us({r['x_cublas']:.2f}x)" for r in res)
             bad = sum(not r["ok"] for r in res)
