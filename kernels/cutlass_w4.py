@@ -306,9 +306,10 @@ def w4a16_cutlass_gemm(
 
 
 HOPPER_TUNER = Tuner("w4a16_hopper_auto")
-# cuda_mma plans join auto's candidates on the Hopper layout up to this M bucket (run 21a: at M = 64
-# cutlass_w4 is 1.5-2.3x faster on five of six shapes, and the tuner once mis-picked cuda_mma there)
-MMA_MAX_M = 32
+# cuda_mma plans join auto's candidates on the Hopper layout up to this M bucket. At M = 64 they
+# lose to cutlass_w4 on most shapes (run 48: 0.80-1.09x against 1.54-1.98x of cuBLAS) but win on
+# 4096x4096 (the SZ plans, 0.97x against 0.87x); run 21a's tuner once mis-picked them there.
+MMA_MAX_M = 64
 
 
 def hopper_plans(
