@@ -238,11 +238,12 @@ def test_cutlass_every_config_vs_fp64(cw, g: int, dtype: torch.dtype, asym: bool
 
 def test_cutlass_dispatch_graph_and_compile(cw) -> None:
     """auto on the Hopper layout (cuda_mma and cutlass_w4 plans), forced cutlass and cuda_mma,
-    [..., K] input at M = 1, 16 and 80, fp32 scales, torch.compile + CUDA-graph replay."""
+    [..., K] input at M = 1, 16, 50 (the M = 64 bucket, where auto weighs both kernels) and 80,
+    fp32 scales, torch.compile + CUDA-graph replay."""
     n, k, g = 1216, 1152, 128
     qw, s, z = _w4(n, k, g, False, torch.bfloat16)
     qh = packing.to_wgmma_layout(qw)
-    for m in (1, 16, 80):
+    for m in (1, 16, 50, 80):
         x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference.ref_linear_w4a16(x[0], qw, s, z, g, None, torch.float64)
         for backend in ("auto", "cutlass", "cuda_mma"):
