@@ -110,6 +110,16 @@ def quick_ms(fn: Callable[..., object]) -> float:
     return (time.perf_counter() - t) / 5 * 1e3
 
 
+def cublas_us(x: torch.Tensor, wb: list[torch.Tensor]) -> float:
+    """Graph-replayed us per call of cuBLAS bf16 F.linear(x [M, K], wb[i] [N, K]) over the
+    rotating weight copies wb: the baseline of every ratio."""
+
+    def fb(i: int) -> torch.Tensor:
+        return F.linear(x, wb[i])
+
+    return time_rotating(fb, len(wb), quick_ms(fb)) * 1e3
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
@@ -543,8 +553,7 @@ def time_small_m(
         wbytes = nbytes(w4[0]["qweight"], w4[0]["scales"])
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            fb = lambda i, x=x, wb=wb: F.linear(x, wb[i])  # noqa: E731
-            base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
+            base = cublas_us(x, wb)
             row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
             for p in cuda_gemv.candidates(128):
                 fn = lambda i, x=x, p=p, w4=w4: cuda_gemv.run_plan(  # noqa: E731
@@ -627,8 +636,7 @@ def time_mma(
         wbytes = nbytes(w4[0]["qweight"], w4[0]["scales"])
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            fb = lambda i, x=x, wb=wb: F.linear(x, wb[i])  # noqa: E731
-            base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
+            base = cublas_us(x, wb)
             row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
             for lname, qws in (("native", w4n), ("ckpt", [w["qweight"] for w in w4])):
                 for p in cuda_mma.candidates(m, sym=True):
@@ -710,8 +718,7 @@ def time_plans(
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            fb = lambda i, x=x, wb=wb: F.linear(x, wb[i])  # noqa: E731
-            base = time_rotating(fb, 8, quick_ms(fb)) * 1e3
+            base = cublas_us(x, wb)
             row: dict[str, Any] = {"N": n, "K": k, "M": m, "cublas_us": base, "plans": {}}
             wd = reference.dequant_w4(w4[0]["qweight"], w4[0]["scales"], None, 128, torch.float64)
             ref = x.double() @ wd.t()
@@ -783,11 +790,7 @@ def time_w8(shapes: list[tuple[int, int]], ms: list[int], log: Callable[[str], N
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ wd.t()
-
-            def cublas(i: int, x: torch.Tensor = x, wb: list = wb) -> torch.Tensor:
-                return F.linear(x, wb[i])
-
-            base = time_rotating(cublas, 8, quick_ms(cublas)) * 1e3
+            base = cublas_us(x, wb)
             plans = cuda_mma.w8_candidates(m) if m <= cuda_mma.W8_MAX_M else []
             plans += t8.candidates(m, "splitk")
             plans += t8.candidates(m, "gemv") if m <= 4 else []
@@ -827,11 +830,7 @@ def time_hopper(
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ wd.t()
-
-            def cublas(i: int, x: torch.Tensor = x, wb: list = wb) -> torch.Tensor:
-                return F.linear(x, wb[i])
-
-            base = time_rotating(cublas, 8, quick_ms(cublas)) * 1e3
+            base = cublas_us(x, wb)
 
             def run_h(
                 p: Any,
