@@ -1,9 +1,11 @@
 """Triton e4m3 activation quantization: per-row dynamic (one read of each row when it fits one
 block, K <= ONE_PASS_MAX_K; else two passes: amax, then scale + cast) and per-tensor static (one
-pass: divide by the calibrated scale, clamp, cast). Divisions are IEEE round-to-nearest
-(tl.math.div_rn) so the codes match torch's x / scale bit for bit (Triton's plain fp32 `/` is
-an approximate division that misrounded a few e4m3 codes in GPU run 36); the row scale is
-amax * fp32(1 / 448), the product reference.quantize_fp8_act forms on CPU and CUDA alike."""
+pass: scale, clamp, cast). The row scale is amax * fp32(1 / 448) and the codes are
+x * (1 / scale), the reciprocal taken once per row with an IEEE division (tl.math.div_rn;
+Triton's plain fp32 `/` is approximate and misrounded a few codes in GPU run 36): the products
+and the one division that reference.quantize_fp8_act forms on CPU and CUDA alike, so the codes
+match it bit for bit. (Runs 36-54 divided every element with div_rn, which made the kernel
+about twice as slow; probe run 57.)"""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
         v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)
         tl.store(scale_ptr + row, scale)
-        q = tl.clamp(tl.math.div_rn(v, tl.zeros((BLOCK,), tl.float32) + scale), -448.0, 448.0)
+        q = tl.clamp(v * tl.math.div_rn(tl.full([], 1.0, tl.float32), scale), -448.0, 448.0)
         tl.store(xq_ptr + row * K + offs, q.to(xq_ptr.dtype.element_ty), mask=offs < K)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -36,13 +38,10 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
         scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / 448.0), 1e-12)
         tl.store(scale_ptr + row, scale)
+        inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            q = tl.clamp(
-                tl.math.div_rn(v.to(tl.float32), tl.zeros((BLOCK,), tl.float32) + scale),
-                -448.0,
-                448.0,
-            )
+            q = tl.clamp(v.to(tl.float32) * inv, -448.0, 448.0)
             tl.store(
                 xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K
             )
@@ -50,10 +49,10 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
 
 @triton.jit
 def quant_static_kernel(x_ptr, xq_ptr, scale_ptr, n_elem, BLOCK: tl.constexpr):
-    """x flat [n_elem] -> xq e4m3 = clamp(x / scale, +-448) with one fp32 scale (scale_ptr [1])."""
+    """x flat [n_elem] -> xq e4m3 = clamp(x * (1 / scale), +-448), one fp32 scale (scale_ptr [1])."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elem
-    scale = tl.load(scale_ptr)
+    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.load(scale_ptr))
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.clamp(tl.math.div_rn(v, tl.zeros((BLOCK,), tl.float32) + scale), -448.0, 448.0)
+    q = tl.clamp(v * inv, -448.0, 448.0)
     tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)
