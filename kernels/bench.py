@@ -363,8 +363,8 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         xq, sx = reference.quantize_fp8_act(x, "row")
         # the GEMM-alone columns read one of 8 copies of the quantized x per call, like the
-        # weights, so xq is not served from L2 across calls (one shared copy made them 5-8 %
-        # faster than the GEMM inside the op, which reads the freshly written xq; run 57)
+        # weights, so xq is not served from L2 across calls (one shared copy made some rows up
+        # to ~12 % faster than the GEMM inside the op, which reads a freshly written xq; runs 57-58)
         xqs = [xq.clone() for _ in range(8)]
         xs = (x.abs().amax().float() / reference.FP8_MAX).reshape(1)  # a calibrated static scale
         act_out = nbytes(x) + m * n * 2
