@@ -860,9 +860,11 @@ def time_hopper(
 
 def time_fp8_quant(ks: list[int], ms: list[int], log: Callable[[str], None]) -> list[dict]:
     """The per-row e4m3 activation quantizer, one-pass against two-pass (both compiled from the
-    same kernel), over 8 rotating x copies in CUDA graphs; GB/s counts x read once + codes and
-    scales written. Codes and scales of the two variants must be bit-identical."""
+    same kernel), and the per-tensor dynamic one (Triton amax + cast against the torch ops of
+    reference.quantize_fp8_act), over 8 rotating x copies in CUDA graphs; GB/s counts x read
+    once + codes and scales written. Codes and scales of the variants must be bit-identical."""
     from quantlab.kernels.fp8 import _quant_rows_triton as quant
+    from quantlab.kernels.fp8 import _quant_tensor_triton
     from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K
 
     recs = []
@@ -886,11 +888,24 @@ def time_fp8_quant(ks: list[int], ms: list[int], log: Callable[[str], None]) -> 
 
                 us = time_rotating(fn, 8, quick_ms(fn)) * 1e3
                 row[name] = {"us": us, "GBps": byts / us / 1e3}
+            t, r = _quant_tensor_triton(xs[0]), reference.quantize_fp8_act(xs[0], "tensor")
+            row["tensor_identical"] = torch.equal(t[0].view(torch.uint8), r[0].view(torch.uint8))
+            row["tensor_identical"] &= torch.equal(t[1], r[1])
+            for name, qf in (("tensor_triton", _quant_tensor_triton),
+                             ("tensor_torch", lambda v: reference.quantize_fp8_act(v, "tensor"))):  # fmt: skip
+
+                def ft(i: int, qf: Callable = qf, xs: list = xs) -> object:
+                    return qf(xs[i])
+
+                us = time_rotating(ft, 8, quick_ms(ft)) * 1e3
+                row[name] = {"us": us, "GBps": (m * k * 3 + 4) / us / 1e3}
             recs.append(row)
             one = row.get("one_pass", {}).get("us", float("nan"))
             log(f"fp8 row-quant M={m} K={k}: two-pass {row['two_pass']['us']:.1f} us "
                 f"({row['two_pass']['GBps']:.0f} GB/s), one-pass {one:.1f} us, "
-                f"{row['two_pass']['us'] / one:.2f}x, identical {row['identical']}")  # fmt: skip
+                f"{row['two_pass']['us'] / one:.2f}x, identical {row['identical']}; per tensor: "
+                f"Triton {row['tensor_triton']['us']:.1f} us, torch ops "
+                f"{row['tensor_torch']['us']:.1f} us, identical {row['tensor_identical']}")  # fmt: skip
             del xs
     return recs
 
@@ -1060,7 +1075,9 @@ def main(argv: list[str] | None = None) -> int:
         recs = time_fp8_quant(ks, ms, log)
         result["fp8_quant"] = recs
         (out / "fp8_quant.json").write_text(json.dumps(result, indent=1, default=str))
-        bad = [r for r in recs if r["K"] <= 32768 and not r["identical"]]
+        bad = [
+            r for r in recs if (r["K"] <= 32768 and not r["identical"]) or not r["tensor_identical"]
+        ]
         log(f"fp8 quant: {len(recs) - len(bad)}/{len(recs)} rows bit-identical or two-pass only")
         return 0 if not bad else 1
     if args.small_m:

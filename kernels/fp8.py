@@ -37,6 +37,21 @@ def _quant_rows_triton(
     return xq, scale
 
 
+def _quant_tensor_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor dynamic e4m3 quantization of x [M, K] fp16/bf16 (contiguous) in two passes
+    (amax, then scale + cast): (xq e4m3 [M, K], scale fp32 [1, 1])."""
+    from quantlab.kernels.triton_fp8_quant import amax_kernel, quant_tensor_kernel
+
+    amax = torch.zeros(1, dtype=torch.int32, device=x.device)
+    scale = torch.empty((1, 1), dtype=torch.float32, device=x.device)
+    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    n, block = x.numel(), 4096
+    grid = (max(1, -(-n // block)),)
+    amax_kernel[grid](x, amax, n, BLOCK=block)
+    quant_tensor_kernel[grid](x, xq, amax, scale, n, BLOCK=block)
+    return xq, scale
+
+
 def _quant_static_triton(
     x: torch.Tensor, x_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +81,8 @@ def fp8_scaled_mm(
         xq, sx = _quant_rows_triton(x)
     elif x_scale is not None and x.is_cuda and x.is_contiguous():
         xq, sx = _quant_static_triton(x, x_scale)
+    elif granularity == "tensor" and x.is_cuda and x.is_contiguous():
+        xq, sx = _quant_tensor_triton(x)  # torch ops would take ~8 passes and an fp32 copy
     else:
         xq, sx = quantize_fp8_act(x, granularity, x_scale)
     wt = weight.t()  # [K, N] column-major view: the layout cuBLASLt wants for the second operand

@@ -56,3 +56,29 @@ def quant_static_kernel(x_ptr, xq_ptr, scale_ptr, n_elem, BLOCK: tl.constexpr):
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q = tl.clamp(v * inv, -448.0, 448.0)
     tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def amax_kernel(x_ptr, amax_ptr, n_elem, BLOCK: tl.constexpr):
+    """max |x| of x flat [n_elem] into amax_ptr (int32 [1], zeroed before): each block adds its
+    maximum with one atomic max on the fp32 bits (non-negative floats order as their bits do)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs, mask=offs < n_elem, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.abs(v), axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def quant_tensor_kernel(x_ptr, xq_ptr, amax_ptr, scale_ptr, n_elem, BLOCK: tl.constexpr):
+    """Per-tensor dynamic: scale = max(amax * (1 / 448), 1e-12) from amax_ptr (amax_kernel's
+    int32 bits; block 0 stores it to scale_ptr [1]), xq = clamp(x * (1 / scale), +-448) in e4m3."""
+    pid = tl.program_id(0)
+    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    scale = tl.maximum(amax * (1.0 / 448.0), 1e-12)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = tl.clamp(v * inv, -448.0, 448.0)
+    tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)

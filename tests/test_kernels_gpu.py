@@ -80,8 +80,8 @@ def test_ops_compile_and_cuda_graph() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fp8_activation_quantizers_match_the_reference(dtype: torch.dtype) -> None:
     """The Triton e4m3 quantizers (dynamic per row, one-pass K = 5000 and two-pass K = 40000;
-    static per tensor) give the reference's codes and scales bit for bit, on a K that is not a
-    multiple of the block, with values that clamp.
+    dynamic and static per tensor) give the reference's codes and scales bit for bit, on a K that
+    is not a multiple of the block, with values that clamp.
     (GPU only: the Triton 3.6 interpreter's fp32 -> e4m3 cast misrounds, e.g. 127.08 -> 64.)"""
     from quantlab.kernels import fp8
     from quantlab.kernels.triton_fp8_quant import ONE_PASS_MAX_K
@@ -94,6 +94,11 @@ def test_fp8_activation_quantizers_match_the_reference(dtype: torch.dtype) -> No
         assert torch.equal(sx, rs), k
         assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8)), k
     x = (torch.randn(5, 5000, device="cuda") * 3).to(dtype)
+    x[4, 4990] = -700.0  # the largest |x|, in the last (partial) block of the per-tensor pass
+    xq, sx = fp8._quant_tensor_triton(x)
+    rq, rs = reference.quantize_fp8_act(x, "tensor")
+    assert torch.equal(sx, rs)
+    assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8))
     static = torch.tensor([0.01], device="cuda")  # values past 4.48 clamp to 448
     xq, sx = fp8._quant_static_triton(x, static)
     rq, rs = reference.quantize_fp8_act(x, "tensor", static)

@@ -172,6 +172,21 @@ def test_forced_paths_through_the_dispatch_point() -> None:
     _check(linear_w8a16(x, q, s8, backend="splitk").reshape(6, n), ref8, torch.bfloat16)
 
 
+def test_fp8_tensor_quant_scale_matches_the_reference() -> None:
+    """The per-tensor dynamic quantizer (amax by atomic max over blocks, then scale + cast) finds
+    the reference's scale exactly, with the tensor's largest |x| (negative) in the last, partial
+    block of 4096; codes are checked bit for bit on the GPU only (see below)."""
+    from quantlab.kernels import fp8
+
+    x = (torch.randn(7, 1300) * 3).to(torch.bfloat16)  # 9100 values: 3 blocks, the last partial
+    x[6, 1290] = -650.0
+    xq, sx = fp8._quant_tensor_triton(x)
+    _, rs = reference.quantize_fp8_act(x, "tensor")
+    assert xq.shape == x.shape and xq.dtype == torch.float8_e4m3fn
+    assert sx.shape == (1, 1) and torch.equal(sx, rs)
+    assert float(xq.float().abs().max()) == 448.0  # the largest value maps to the top code
+
+
 @pytest.mark.parametrize("k", [1000, 40000])
 def test_fp8_row_quant_scales_one_and_two_pass(k: int) -> None:
     """The per-row e4m3 quantizer's scales (amax / 448) match the reference exactly on the
