@@ -401,6 +401,13 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, log: Callable[[str], Non
                 8,
                 nbytes(f8[0]["weight"], f8[0]["weight_scale"]) + act_out,
             ),
+            "fp8_tensor_dyn_fast": (
+                lambda i, x=x: fp8_scaled_mm(
+                    x, f8[i]["weight"], f8[i]["weight_scale"][:1], None, None, "tensor", True
+                ),
+                8,
+                nbytes(f8[0]["weight"]) + act_out,
+            ),
             "fp8_tensor_static_fast": (
                 lambda i, x=x, xs=xs: fp8_scaled_mm(
                     x, f8[i]["weight"], f8[i]["weight_scale"][:1], None, xs, "tensor", True
@@ -921,6 +928,7 @@ def markdown(rows: list[dict]) -> str:
         "w8a16",
         "fp8_row_dyn",
         "fp8_row_fast_dyn",
+        "fp8_tensor_dyn_fast",
         "fp8_tensor_static_fast",
         "fp8_row_gemm_only",
         "fp8_tensor_fast_gemm_only",
