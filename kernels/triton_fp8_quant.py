@@ -17,6 +17,19 @@ ONE_PASS_MAX_K = 32768
 
 
 @triton.jit
+def _scale_of(amax):
+    """fp32 scale of a row's or tensor's amax: max(amax * fp32(1 / 448), 1e-12)."""
+    return tl.maximum(amax * (1.0 / 448.0), 1e-12)
+
+
+@triton.jit
+def _codes(v, scale):
+    """clamp(v * (1 / scale), +-448) in fp32 (v fp32), the reciprocal rounded once by an IEEE
+    division: the definition reference.quantize_fp8_act shares, bit for bit."""
+    return tl.clamp(v * tl.math.div_rn(tl.full([], 1.0, tl.float32), scale), -448.0, 448.0)
+
+
+@triton.jit
 def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr,
                       ONE_PASS: tl.constexpr):  # fmt: skip
     """Row m of x [M, K] -> xq [M, K] e4m3 and scale [M, 1] fp32 = max(amax * (1 / 448), 1e-12).
@@ -27,21 +40,20 @@ def quant_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexp
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)
+        scale = _scale_of(tl.max(tl.abs(v), axis=0))
         tl.store(scale_ptr + row, scale)
-        q = tl.clamp(v * tl.math.div_rn(tl.full([], 1.0, tl.float32), scale), -448.0, 448.0)
+        q = _codes(v, scale)
         tl.store(xq_ptr + row * K + offs, q.to(xq_ptr.dtype.element_ty), mask=offs < K)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / 448.0), 1e-12)
+        scale = _scale_of(tl.max(amax, axis=0))
         tl.store(scale_ptr + row, scale)
-        inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            q = tl.clamp(v.to(tl.float32) * inv, -448.0, 448.0)
+            q = _codes(v.to(tl.float32), scale)
             tl.store(
                 xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K
             )
@@ -52,9 +64,8 @@ def quant_static_kernel(x_ptr, xq_ptr, scale_ptr, n_elem, BLOCK: tl.constexpr):
     """x flat [n_elem] -> xq e4m3 = clamp(x * (1 / scale), +-448), one fp32 scale (scale_ptr [1])."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elem
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.load(scale_ptr))
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.clamp(v * inv, -448.0, 448.0)
+    q = _codes(v, tl.load(scale_ptr))
     tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -72,13 +83,11 @@ def quant_tensor_kernel(x_ptr, xq_ptr, amax_ptr, scale_ptr, n_elem, BLOCK: tl.co
     """Per-tensor dynamic: scale = max(amax * (1 / 448), 1e-12) from amax_ptr (amax_kernel's
     int32 bits; block 0 stores it to scale_ptr [1]), xq = clamp(x * (1 / scale), +-448) in e4m3."""
     pid = tl.program_id(0)
-    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-    scale = tl.maximum(amax * (1.0 / 448.0), 1e-12)
+    scale = _scale_of(tl.load(amax_ptr).to(tl.float32, bitcast=True))
     if pid == 0:
         tl.store(scale_ptr, scale)
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elem
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.clamp(v * inv, -448.0, 448.0)
+    q = _codes(v, scale)
     tl.store(xq_ptr + offs, q.to(xq_ptr.dtype.element_ty), mask=mask)
