@@ -7,8 +7,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantlab.errors import QuantlabError
+
+if TYPE_CHECKING:
+    from quantlab.engine.runtime import Engine
 
 log = logging.getLogger("quantlab")
 
@@ -90,6 +94,192 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise QuantlabError(f"{what}: expected comma-separated integers, got {text!r}.") from None
+    if not vals or min(vals) < 1:
+        raise QuantlabError(f"{what}: expected positive integers, got {text!r}.")
+    return vals
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from quantlab.engine.build import build_engine
+    from quantlab.engine.config import BuildSettings
+
+    settings = BuildSettings(
+        max_batch_size=args.max_batch_size,
+        max_input_len=args.max_input_len,
+        max_seq_len=args.max_seq_len,
+        max_num_tokens=args.max_num_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size,
+        kv_cache_mem_gb=args.kv_cache_mem_gb,
+        w4_layout=args.w4_layout,
+        backend=args.backend,
+    )
+    tok = Path(args.tokenizer) if args.tokenizer else None
+    cfg = build_engine(
+        Path(args.checkpoint), Path(args.output), settings, tok, args.overwrite, not args.quiet
+    )
+    kinds = sorted({m["kind"] for m in cfg.linears.values()})
+    print(
+        f"{args.output}: quant_algo {cfg.quant_algo}, KV cache {cfg.kv_storage}, linears "
+        f"{', '.join(kinds)}, max_seq_len {cfg.max_seq_len}"
+    )
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    from quantlab.engine.runtime import Engine
+
+    e = Engine(
+        Path(args.engine_dir),
+        device=args.device,
+        use_cuda_graphs=not args.no_cuda_graphs,
+        multi_block=not args.no_multi_block,
+    )
+    return e
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from quantlab.engine.sampling import SamplingParams
+
+    e = _engine(args)
+    tok = e.load_tokenizer(Path(args.tokenizer) if args.tokenizer else None)
+    texts = args.input_text
+    if args.chat:
+        prompts = [
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+            for t in texts
+        ]
+    else:
+        prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    params = SamplingParams(
+        max_new_tokens=args.max_output_len,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=tuple(args.stop_token_id),
+    )
+    for i, (t, out) in enumerate(zip(texts, e.generate(prompts, params), strict=True)):
+        print(f'Input [Text {i}]: "{t}"')
+        print(f'Output [Text {i} Beam 0]: "{tok.decode(out.token_ids, skip_special_tokens=True)}"')
+        log.info("request %d: %d tokens (%s)", i, len(out.token_ids), out.finish_reason)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from quantlab.engine import bench
+    from quantlab.engine.memory import estimate
+
+    e = _engine(args)
+    est = estimate(e.cfg, e.cfg.quant_algo, e.cfg.kv_storage)
+    log.info("warming up (CUDA graphs, kernel tuning)")
+    bench.warm_up(e)
+    rows = []
+    for pair in args.input_output_len.split(";"):
+        inp, out = _csv_ints(pair, "--input-output-len")[:2]
+        for bs in _csv_ints(args.batch_size, "--batch-size"):
+            why = bench.check_row(e, bs, inp, out)
+            if why:
+                print(
+                    f"[BENCHMARK] batch_size {bs} input_length {inp} output_length {out} skipped: {why}"
+                )
+                continue
+            row = bench.bench_static(e, bs, inp, out)
+            rows.append(row)
+            print(row.line())
+    print(
+        f"quantlab mem estimate for this engine: {est.total / 1e9:.2f} GB (weights "
+        f"{est.weights / 1e9:.2f}, KV {est.kv_cache / 1e9:.2f}, activations {est.activations / 1e9:.2f})"
+    )
+    if args.trace:
+        n, i0, i1, o0, o1 = _csv_ints(args.trace, "--trace")
+        lengths = bench.trace_lengths(n, (i0, i1), (o0, o1), args.seed)
+        for static in (False, True):
+            r = bench.bench_trace(e, lengths, static)
+            print(
+                f"[TRACE] mode {r.mode} requests {r.requests} tokens {r.output_tokens} "
+                f"seconds {r.seconds:.2f} tokensPerSec {r.tokens_per_s:.1f} "
+                f"p50_latency(s) {r.p50_latency_s:.2f} p99_latency(s) {r.p99_latency_s:.2f}"
+            )
+    return 0
+
+
+def _cmd_mem(args: argparse.Namespace) -> int:
+    from quantlab.engine.config import ENGINE_WEIGHTS
+    from quantlab.engine.memory import format_table
+    from quantlab.engine.runtime import load_engine_config
+
+    cfg = load_engine_config(Path(args.engine_dir))
+    w = Path(args.engine_dir) / ENGINE_WEIGHTS
+    print(format_table(cfg, w.stat().st_size if w.is_file() else None))
+    return 0
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine_dir")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-multi-block", action="store_true", help="one block per (seq, KV head)")
+
+
+def _add_engine_verbs(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build", help="build an engine folder from a TensorRT-LLM checkpoint")
+    b.add_argument(
+        "checkpoint", help="a `quantlab run` output folder (config.json + rank0.safetensors)"
+    )
+    b.add_argument("--output", "-o", required=True, help="engine folder to write")
+    b.add_argument("--max-batch-size", type=int, default=8)
+    b.add_argument("--max-input-len", type=int, default=1024)
+    b.add_argument("--max-seq-len", type=int, default=None, help="default: max_position_embeddings")
+    b.add_argument(
+        "--max-num-tokens", type=int, default=8192, help="tokens per step (chunked prefill)"
+    )
+    b.add_argument("--kv-cache-dtype", default="auto", help="auto|fp16|bf16|fp32|int8|fp8")
+    b.add_argument("--block-size", type=int, default=64, help="tokens per KV-cache block")
+    b.add_argument(
+        "--kv-cache-mem-gb",
+        type=float,
+        default=None,
+        help="KV pool budget (default: 90%% of free GPU memory)",
+    )
+    b.add_argument("--w4-layout", default="auto", help="auto|checkpoint|hopper")
+    b.add_argument("--backend", default="torch", help="torch (quantlab's engine)")
+    b.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder (default: CHECKPOINT/quantlab)"
+    )
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_cmd_build)
+    g = sub.add_parser("generate", help="generate text with an engine")
+    _engine_args(g)
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument(
+        "--input-text", action="append", required=True, help="a prompt (repeatable: one batch)"
+    )
+    g.add_argument("--max-output-len", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop-token-id", type=int, action="append", default=[])
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.set_defaults(func=_cmd_generate)
+    c = sub.add_parser("bench", help="static-batch latency/throughput rows and an in-flight trace")
+    _engine_args(c)
+    c.add_argument("--batch-size", default="1,4,8")
+    c.add_argument("--input-output-len", default="128,128", help="pairs 'in,out;in,out'")
+    c.add_argument("--trace", default=None, metavar="N,IN_MIN,IN_MAX,OUT_MIN,OUT_MAX")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_cmd_bench)
+    m = sub.add_parser("mem", help="memory estimate per quant_algo and KV dtype")
+    m.add_argument("engine_dir")
+    m.set_defaults(func=_cmd_mem)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `quantlab` command."""
     p = argparse.ArgumentParser(
@@ -126,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.set_defaults(func=_cmd_fetch_model)
     sub.add_parser("list", help="list calibrators and format presets").set_defaults(func=_cmd_list)
+    _add_engine_verbs(sub)
     return p
 
 

@@ -1,0 +1,114 @@
+"""CUDA graphs of the decode step, one per batch bucket (1, 2, 4, ... max_batch_size).
+
+A decode step of B sequences replays the graph of the smallest bucket >= B. Padding rows run token
+0 at position 0 into the scratch block 0 with context length 0 (the attention kernel returns 0 for
+them) and their logits are dropped. The multi-block split count is fixed per bucket from
+max_seq_len; the kernel sizes each split from the live context, so short contexts stay correct.
+Each graph is captured on first use after two eager warm-up runs (which also let the kernels'
+tuner pick its plans for that M): `capture_all` moves that cost out of timed regions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantlab.engine.model import StepBatch
+
+if TYPE_CHECKING:
+    from quantlab.engine.runtime import Engine
+    from quantlab.engine.scheduler import Sequence
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Powers of two below max_batch, and max_batch itself."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch]
+
+
+class DecodeGraphs:
+    """Captured decode steps of one engine, with their static input buffers."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.buckets = buckets(engine.cfg.build.max_batch_size)
+        n, mb, dev = self.buckets[-1], engine.max_blocks_per_seq, engine.device
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros((n, mb), dtype=torch.int32, device=dev)
+        self.ctx_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(n, dtype=torch.long, device=dev)
+        self.host = torch.zeros((n, 4 + mb), dtype=torch.long).pin_memory()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool: object | None = None
+
+    def serves(self, n: int) -> bool:
+        """True when a decode step of n sequences has a bucket."""
+        return n <= self.buckets[-1]
+
+    def _batch(self, b: int) -> StepBatch:
+        return StepBatch(
+            self.tokens[:b],
+            self.positions[:b],
+            self.slots[:b],
+            [],
+            self.rows[:b],
+            self.block_tables[:b],
+            self.ctx_lens[:b],
+            self.engine.splits_for(b, self.engine.cfg.max_seq_len),
+        )
+
+    def capture(self, b: int) -> None:
+        """Warm up and capture the decode step of bucket b."""
+        e = self.engine
+        self.ctx_lens.zero_()
+        batch = self._batch(b)
+        side = torch.cuda.Stream(e.device)
+        side.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                e.model(batch, e.cache)
+        torch.cuda.current_stream(e.device).wait_stream(side)
+        torch.cuda.synchronize(e.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self.logits[b] = e.model(batch, e.cache)
+        self.pool = g.pool()
+        self.graphs[b] = g
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (largest first, so smaller ones reuse its memory pool)."""
+        for b in reversed(self.buckets):
+            if b not in self.graphs:
+                self.capture(b)
+
+    def run(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """float32 logits [len(plan), V] of one decode step (each sequence runs one token)."""
+        n = len(plan)
+        b = next(x for x in self.buckets if x >= n)
+        if b not in self.graphs:
+            self.capture(b)
+        bs = self.engine.cfg.build.block_size
+        h = self.host[:b]
+        h.zero_()
+        for i, (seq, _) in enumerate(plan):
+            p = seq.computed
+            h[i, 0] = seq.tokens[p]
+            h[i, 1] = p
+            h[i, 2] = seq.blocks[p // bs] * bs + p % bs
+            h[i, 3] = p + 1
+            h[i, 4 : 4 + len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long)
+        d = h.to(self.engine.device, non_blocking=True)
+        self.tokens[:b].copy_(d[:, 0])
+        self.positions[:b].copy_(d[:, 1])
+        self.slots[:b].copy_(d[:, 2])
+        self.ctx_lens[:b].copy_(d[:, 3])
+        self.block_tables[:b].copy_(d[:, 4:])
+        self.graphs[b].replay()
+        return self.logits[b][:n]

@@ -1,0 +1,199 @@
+"""The engine's decoder for the Llama family (Llama, Mistral, Qwen2) on a flattened token batch.
+
+A step runs T tokens of several sequences at once ([T, hidden] through every linear), writes their
+K/V into the paged cache, and attends per sequence: decode rows through the paged decode kernel,
+prefill chunks through SDPA over the sequence's cached context. Numerics follow the HF modeling
+code (RMSNorm in float32, rotary tables in float32 cast to the activation dtype) so an unquantized
+engine reproduces transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantlab.engine.config import ModelSpec
+from quantlab.engine.kv_cache import PagedKVCache
+from quantlab.engine.linear import EngineLinear
+from quantlab.kernels.paged_attention import paged_decode_attention
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a step: rows [start, start + n) of the batch, context after the step."""
+
+    start: int
+    n: int
+    ctx_len: int
+    blocks: torch.Tensor  # int64 [ceil(ctx_len / block_size)] pool block ids
+
+
+@dataclass
+class StepBatch:
+    """Inputs of one forward step (T tokens, B sequences)."""
+
+    tokens: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    slots: torch.Tensor  # int64 [T] flat cache slots
+    seqs: list[SeqSlice]
+    logits_rows: torch.Tensor  # int64 [R]: rows of T whose logits are returned
+    block_tables: torch.Tensor | None = None  # int32 [B, max_blocks] (decode-only steps)
+    ctx_lens: torch.Tensor | None = None  # int32 [B] (decode-only steps)
+    num_splits: int = 1
+
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence runs one token and the decode kernel's tables are set."""
+        return self.block_tables is not None
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """float32 [D/2] rotary frequencies, with linear or llama3 scaling as HF computes them."""
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = spec.rope_scaling
+    if not sc:
+        return inv
+    kind = sc.get("rope_type", sc.get("type"))
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv / factor
+    # llama3: long wavelengths scaled by factor, short ones kept, a smooth ramp between.
+    low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: float32 statistics, weight applied in the activation dtype. x [T, C]."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """norm -> qkv -> rope -> paged attention -> dense; norm -> gate/up -> SiLU -> proj."""
+
+    def __init__(self, spec: ModelSpec, linears: dict[str, EngineLinear]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.lin = nn.ModuleDict(linears)
+        self.input_norm = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """proj(silu(gate(h)) * up(h)); h [T, C]."""
+        if "gate_up" in self.lin:
+            g, u = self.lin["gate_up"](h).chunk(2, dim=-1)
+        else:
+            g, u = self.lin["gate"](h), self.lin["up"](h)
+        return self.lin["proj"](F.silu(g) * u)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        index: int,
+    ) -> torch.Tensor:
+        """x [T, C] -> [T, C]; writes this layer's K/V of the T tokens into cache."""
+        s = self.spec
+        h = rms_norm(x, self.input_norm, s.norm_epsilon)
+        qkv = self.lin["qkv"](h)
+        nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q = qkv[:, :nq].reshape(-1, s.num_heads, s.head_dim)
+        k = qkv[:, nq : nq + nkv].reshape(-1, s.num_kv_heads, s.head_dim)
+        v = qkv[:, nq + nkv :].reshape(-1, s.num_kv_heads, s.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.write(index, batch.slots, k, v)
+        attn = attention(q, batch, cache, index, s)
+        x = x + self.lin["dense"](attn.reshape(attn.shape[0], -1))
+        h = rms_norm(x, self.post_norm, s.norm_epsilon)
+        return x + self.mlp(h)
+
+
+def attention(
+    q: torch.Tensor, batch: StepBatch, cache: PagedKVCache, layer: int, spec: ModelSpec
+) -> torch.Tensor:
+    """[T, H, D]: each row's attention over its sequence's cached context (itself included)."""
+    sm_scale = 1.0 / math.sqrt(spec.head_dim)
+    if batch.decode_only:
+        assert batch.ctx_lens is not None and batch.block_tables is not None
+        return paged_decode_attention(
+            q,
+            cache.k[layer],
+            cache.v[layer],
+            batch.block_tables,
+            batch.ctx_lens,
+            cache.scales[layer],
+            sm_scale,
+            batch.num_splits,
+        )
+    out = torch.empty_like(q)
+    groups = spec.num_heads // spec.num_kv_heads
+    for sq in batch.seqs:
+        k, v = cache.gather(layer, sq.blocks, sq.ctx_len, q.dtype)
+        qs = q[sq.start : sq.start + sq.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        ks = k.repeat_interleave(groups, dim=1).transpose(0, 1).unsqueeze(0)
+        vs = v.repeat_interleave(groups, dim=1).transpose(0, 1).unsqueeze(0)
+        if sq.n == 1:
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=sm_scale)
+        elif sq.n == sq.ctx_len:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale)
+        else:  # a chunk after a cached prefix: query i sits at position ctx - n + i
+            i = torch.arange(sq.n, device=q.device).view(-1, 1)
+            j = torch.arange(sq.ctx_len, device=q.device).view(1, -1)
+            mask = j <= (sq.ctx_len - sq.n + i)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=sm_scale)
+        out[sq.start : sq.start + sq.n] = o[0].transpose(0, 1)
+    return out
+
+
+class EngineModel(nn.Module):
+    """Embedding, decoder layers, final norm and lm_head; forward(batch, cache) -> logits."""
+
+    def __init__(self, spec: ModelSpec, layers: list[DecoderLayer], lm_head: EngineLinear) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList(layers)
+        self.lm_head = lm_head
+        self.embed = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.final_norm = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] in dtype for int64 positions [T] (HF: float32 tables, then cast)."""
+        inv = self.inv_freq
+        assert isinstance(inv, torch.Tensor)
+        freqs = positions.float().view(-1, 1) * inv.view(1, -1).to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
+        """float32 logits [R, V] for batch.logits_rows."""
+        x = F.embedding(batch.tokens, self.embed)
+        cos, sin = self.rope(batch.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, batch, cache, i)
+        x = rms_norm(x.index_select(0, batch.logits_rows), self.final_norm, self.spec.norm_epsilon)
+        return self.lm_head(x).float()

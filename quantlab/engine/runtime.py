@@ -1,0 +1,328 @@
+"""The engine at run time: load an engine folder, then add requests and step (or generate / score).
+
+On CUDA the linears run quantlab's kernels and decode steps replay CUDA graphs captured per batch
+bucket; on CPU the same code runs the torch reference kernels (slow, exact: what CI tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from quantlab.engine.config import ENGINE_WEIGHTS, EngineConfig
+from quantlab.engine.graphs import DecodeGraphs
+from quantlab.engine.kv_cache import PagedKVCache, kv_bytes_per_block
+from quantlab.engine.linear import EngineLinear
+from quantlab.engine.model import DecoderLayer, EngineModel, SeqSlice, StepBatch
+from quantlab.engine.sampling import SamplingParams, sample
+from quantlab.engine.scheduler import Scheduler, Sequence
+from quantlab.errors import InputError
+from quantlab.kernels.paged_attention import choose_splits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """A finished request: its tokens, why it stopped, and its timings (seconds)."""
+
+    rid: int
+    prompt_len: int
+    token_ids: list[int]
+    finish_reason: str
+    latency: float
+    time_to_first_token: float
+    preemptions: int
+
+
+def load_engine_config(engine_dir: Path) -> EngineConfig:
+    """config.json of an engine folder; InputError when it is not one."""
+    cfile = Path(engine_dir) / "config.json"
+    if not cfile.is_file():
+        raise InputError(
+            f"{engine_dir} is not an engine folder (no config.json); make one with "
+            "`quantlab build CHECKPOINT_DIR --output ENGINE_DIR`."
+        )
+    return EngineConfig.from_dict(json.loads(cfile.read_text()), str(engine_dir))
+
+
+def build_model(cfg: EngineConfig, tensors: dict[str, torch.Tensor]) -> EngineModel:
+    """EngineModel from the engine tensors (names as build.convert_layers writes them)."""
+
+    def linear(name: str) -> EngineLinear:
+        pre = name + "."
+        own = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)}
+        return EngineLinear(cfg.linears[name], own)
+
+    layers = []
+    for i in range(cfg.model.num_layers):
+        names = [n.split(".")[2] for n in cfg.linears if n.startswith(f"layers.{i}.")]
+        layer = DecoderLayer(cfg.model, {n: linear(f"layers.{i}.{n}") for n in names})
+        layer.input_norm.data = tensors[f"layers.{i}.input_norm"]
+        layer.post_norm.data = tensors[f"layers.{i}.post_norm"]
+        layers.append(layer)
+    model = EngineModel(cfg.model, layers, linear("lm_head"))
+    model.embed.data = tensors["embed"]
+    model.final_norm.data = tensors["final_norm"]
+    return model.eval()
+
+
+class Engine:
+    """A loaded engine: model + paged KV cache + scheduler."""
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        device: str | None = None,
+        use_cuda_graphs: bool = True,
+        multi_block: bool = True,
+        kv_cache_mem_gb: float | None = None,
+    ) -> None:
+        self.dir = Path(engine_dir)
+        self.cfg = load_engine_config(self.dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            tensors = load_file(str(self.dir / ENGINE_WEIGHTS), device=str(self.device))
+        except (SafetensorError, OSError, FileNotFoundError) as e:
+            raise InputError(
+                f"Engine {self.dir}: {ENGINE_WEIGHTS} cannot be read ({e}); rebuild the engine."
+            ) from None
+        self.model = build_model(self.cfg, tensors).to(self.device)
+        self.cache = self._make_cache(kv_cache_mem_gb)
+        b = self.cfg.build
+        self.scheduler = Scheduler(
+            self.cache.allocator, b.block_size, b.max_batch_size, b.max_num_tokens
+        )
+        self.max_blocks_per_seq = -(-self.cfg.max_seq_len // b.block_size)
+        self.multi_block = multi_block
+        self.graphs: DecodeGraphs | None = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self)
+        self._next_id = 0
+        self.finished: list[RequestOutput] = []
+        self.tokenizer: Any = None
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def _make_cache(self, mem_gb: float | None) -> PagedKVCache:
+        m, b = self.cfg.model, self.cfg.build
+        per_block = kv_bytes_per_block(
+            m.num_layers, b.block_size, m.num_kv_heads, m.head_dim, self.cfg.kv_storage
+        )
+        want = b.max_batch_size * -(-self.cfg.max_seq_len // b.block_size) + 1
+        budget = mem_gb if mem_gb is not None else b.kv_cache_mem_gb
+        if budget is not None:
+            blocks = min(want, int(budget * (1 << 30)) // per_block)
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # 90 % of what the weights left, minus room for activations and logits.
+            act = b.max_num_tokens * (m.hidden_size * 8 + m.intermediate_size * 6) * 2
+            act += b.max_batch_size * m.vocab_size * 8
+            blocks = min(want, int((free - act) * 0.9) // per_block)
+        else:
+            blocks = want
+        need = -(-self.cfg.max_seq_len // b.block_size) + 1
+        if blocks < need:
+            raise InputError(
+                f"The KV-cache budget ({blocks} blocks of {per_block / 2**20:.1f} MiB) cannot "
+                f"hold one sequence of max_seq_len {self.cfg.max_seq_len} ({need} blocks); rebuild "
+                "with a smaller --max-seq-len, an int8/fp8 KV cache, or a larger --kv-cache-mem-gb."
+            )
+        scales = self.cfg.source.get("kv_scales")
+        return PagedKVCache(
+            m.num_layers,
+            blocks,
+            b.block_size,
+            m.num_kv_heads,
+            m.head_dim,
+            self.cfg.kv_storage,
+            scales,
+            self.device,
+        )
+
+    def load_tokenizer(self, path: Path | None = None) -> Any:
+        """The engine's tokenizer (its tokenizer/ folder) or the one at path."""
+        from transformers import AutoTokenizer
+
+        src = path or (self.dir / self.cfg.tokenizer if self.cfg.tokenizer else None)
+        if src is None:
+            raise InputError(
+                f"Engine {self.dir} holds no tokenizer; pass --tokenizer DIR (a Hugging Face "
+                "tokenizer folder, e.g. the run's quantlab/ folder)."
+            )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(src))
+        except (OSError, ValueError) as e:
+            raise InputError(f"Tokenizer {src} cannot be loaded ({e}).") from None
+        return self.tokenizer
+
+    def kernel_backend(self, backend: str) -> None:
+        """Force the linears' kernel backend ("auto", "reference", ...)."""
+        for mod in self.model.modules():
+            if isinstance(mod, EngineLinear):
+                mod.backend = backend
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: list[int], params: SamplingParams) -> int:
+        """Queue a prompt (token ids); its request id."""
+        params.check()
+        b = self.cfg.build
+        if not prompt:
+            raise InputError("A request needs at least one prompt token.")
+        if len(prompt) > b.max_input_len:
+            raise InputError(
+                f"The prompt has {len(prompt)} tokens; this engine was built with --max-input-len "
+                f"{b.max_input_len}. Shorten it or rebuild with a larger --max-input-len."
+            )
+        if any(t < 0 or t >= self.cfg.model.vocab_size for t in prompt):
+            raise InputError(
+                f"A prompt token lies outside the vocabulary [0, {self.cfg.model.vocab_size})."
+            )
+        rid = self._next_id
+        self._next_id += 1
+        self.scheduler.add(Sequence(rid, list(prompt), params))
+        return rid
+
+    def _batch(self, plan: list[tuple[Sequence, int]]) -> StepBatch:
+        bs = self.cfg.build.block_size
+        toks, pos, slots, seqs, rows = [], [], [], [], []
+        start = 0
+        for seq, n in plan:
+            p = list(range(seq.computed, seq.computed + n))
+            toks += seq.tokens[seq.computed : seq.computed + n]
+            pos += p
+            slots += [seq.blocks[i // bs] * bs + i % bs for i in p]
+            ctx = seq.computed + n
+            blocks = torch.tensor(seq.blocks[: -(-ctx // bs)], dtype=torch.long)
+            seqs.append(SeqSlice(start, n, ctx, blocks.to(self.device)))
+            if ctx == len(seq.tokens):
+                rows.append(start + n - 1)
+            start += n
+        dev = self.device
+
+        def t(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.long).to(dev)
+
+        batch = StepBatch(t(toks), t(pos), t(slots), seqs, t(rows))
+        if all(n == 1 for _, n in plan):
+            bt = torch.zeros((len(plan), self.max_blocks_per_seq), dtype=torch.int32)
+            for i, (seq, _) in enumerate(plan):
+                bt[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+            batch.block_tables = bt.to(dev)
+            batch.ctx_lens = torch.tensor([s.ctx_len for s in seqs], dtype=torch.int32).to(dev)
+            batch.num_splits = self.splits_for(len(plan), max(s.ctx_len for s in seqs))
+        return batch
+
+    def splits_for(self, batch: int, max_ctx: int) -> int:
+        """Multi-block split count for a decode step (1 when multi-block is off or on CPU)."""
+        if not self.multi_block or self.device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return choose_splits(
+            batch, self.cfg.model.num_kv_heads, max_ctx, self.cfg.build.block_size, sms
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise InputError(
+                    "A waiting request does not fit the KV-cache pool even alone; rebuild with a "
+                    "larger --kv-cache-mem-gb or a smaller --max-seq-len."
+                )
+            return []
+        decode = all(n == 1 for _, n in plan)
+        if decode and self.graphs is not None and self.graphs.serves(len(plan)):
+            logits = self.graphs.run(plan)
+        else:
+            logits = self.model(self._batch(plan), self.cache)
+        done = []
+        row = 0
+        greedy = logits.argmax(-1).tolist() if logits.shape[0] else []
+        now = time.perf_counter()
+        for seq, n in plan:
+            seq.computed += n
+            if seq.computed < len(seq.tokens):
+                continue  # prefill chunk: no token yet
+            p = seq.params
+            tok = greedy[row] if p.greedy else sample(logits[row], p, seq.gen)
+            row += 1
+            seq.output.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = None
+            eos = self.eos_ids if not p.ignore_eos else ()
+            if tok in p.stop_token_ids or tok in eos:
+                reason = "stop"
+            elif len(seq.output) >= p.max_new_tokens:
+                reason = "length"
+            elif len(seq.tokens) >= self.cfg.max_seq_len:
+                reason = "max_seq_len"
+            if reason is not None:
+                seq.finish_reason, seq.finish_time = reason, now
+                self.scheduler.release(seq)
+                done.append(
+                    RequestOutput(
+                        seq.rid,
+                        len(seq.prompt),
+                        list(seq.output),
+                        reason,
+                        now - seq.arrival,
+                        (seq.first_token_time or now) - seq.arrival,
+                        seq.preemptions,
+                    )
+                )
+        self.finished += done
+        return done
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids of the tokenizer, when one is loaded."""
+        tok = self.tokenizer
+        if tok is None or tok.eos_token_id is None:
+            return ()
+        return (int(tok.eos_token_id),)
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run prompts to completion with in-flight batching; outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        got: dict[int, RequestOutput] = {}
+        while self.scheduler.has_work():
+            for out in self.step():
+                got[out.rid] = out
+        return [got[i] for i in ids]
+
+    @torch.inference_mode()
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits [L, V] of every position of ids (one prefill, blocks freed after)."""
+        bs = self.cfg.build.block_size
+        if len(ids) > self.cfg.max_seq_len:
+            raise InputError(f"score: {len(ids)} tokens exceed max_seq_len {self.cfg.max_seq_len}.")
+        blocks = self.cache.allocator.allocate(-(-len(ids) // bs))
+        try:
+            n = len(ids)
+            slots = [blocks[i // bs] * bs + i % bs for i in range(n)]
+            dev = self.device
+            batch = StepBatch(
+                torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.arange(n, dtype=torch.long, device=dev),
+                torch.tensor(slots, dtype=torch.long, device=dev),
+                [SeqSlice(0, n, n, torch.tensor(blocks, dtype=torch.long, device=dev))],
+                torch.arange(n, dtype=torch.long, device=dev),
+            )
+            return self.model(batch, self.cache)
+        finally:
+            self.cache.allocator.release(blocks)
