@@ -123,7 +123,9 @@ if triton is not None:
         m_i = tl.full([16], float("-inf"), tl.float32)
         l_i = tl.zeros([16], tl.float32)
         acc = tl.zeros([16, D], tl.float32)
-        for j in range(lo, hi):
+        j = lo
+        # a while loop: the interpreter's range() cannot take these loaded (1-element) bounds
+        while j < hi:
             blk = tl.load(BT + b * stride_bt + j).to(tl.int64)
             off = blk * stride_kb + nn[:, None] * stride_ks + hk * stride_kh + dd[None, :]
             nmask = (j * BS + nn) < ctx
@@ -135,11 +137,13 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k)) * sm_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+            j += 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         obase = Out + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + dd[None, :]
         if NUM_SPLITS == 1:

@@ -153,7 +153,7 @@ def _convert_sq(t: dict[str, torch.Tensor], algo: str, dtype: torch.dtype, where
     n = w.shape[0]
     if algo == "W8A8_SQ_PER_CHANNEL":  # ModelOpt flow
         ws = t["weights_scaling_factor"].float().reshape(-1)
-        xs = t["activation_scaling_factor"].float().reshape(1)
+        xs: torch.Tensor | None = t["activation_scaling_factor"].float().reshape(1)
         extra = _prequant(t, "prequant_scaling_factor", dtype)
     else:  # plugin flow
         ws = t["per_channel_scale"].float().reshape(-1)

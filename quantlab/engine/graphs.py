@@ -10,7 +10,7 @@ tuner pick its plans for that M): `capture_all` moves that cost out of timed reg
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,7 +46,7 @@ class DecodeGraphs:
         self.host = torch.zeros((n, 4 + mb), dtype=torch.long).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self.pool: object | None = None
+        self.pool: Any = None  # the graphs share one memory pool handle
 
     def serves(self, n: int) -> bool:
         """True when a decode step of n sequences has a bucket."""

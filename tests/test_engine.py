@@ -1,0 +1,192 @@
+"""The engine on CPU: exported checkpoint -> `quantlab build` -> runtime, against the simulated model,
+HF transformers, and itself (batched vs alone)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantlab.engine.build import build_engine
+from quantlab.engine.config import BuildSettings
+from quantlab.engine.runtime import Engine
+from quantlab.engine.sampling import SamplingParams
+from quantlab.export.reload import load_quantized
+from quantlab.pipeline import run_recipe
+from quantlab.qmodules import QuantLinear
+from quantlab.recipe import Recipe
+
+SQ = {"calibrator": "smoothquant", "args": {"alpha": 0.5}}
+STEPS: dict[str, list[dict[str, Any]]] = {
+    "W8A16": [{"calibrator": "rtn", "args": {"format": "int8_channel"}}],
+    "W4A16": [{"calibrator": "rtn", "args": {"format": "int4_channel"}}],
+    "W4A16_AWQ": [{"calibrator": "awq", "args": {"format": "int4_g32_sym"}}],
+    "W4A16_GPTQ": [
+        {
+            "calibrator": "gptq",
+            "args": {"format": "int4_g32_asym", "act_order": True, "static_groups": True},
+        }
+    ],
+    "W8A16_GPTQ": [{"calibrator": "gptq", "args": {"format": "int8_g32_sym"}}],
+    "FP8": [{"calibrator": "fp8", "args": {}}],
+    "FP8_PER_CHANNEL_PER_TOKEN": [
+        {"calibrator": "fp8", "args": {"weights": "channel", "activations": "dynamic_token"}}
+    ],
+    "W8A8_SQ_PER_CHANNEL": [SQ],
+    "W8A8_SQ_PER_TENSOR_PLUGIN": [{**SQ, "args": {"alpha": 0.5, "weights": "tensor"}}],
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": [
+        {**SQ, "args": {"alpha": 0.5, "activations": "dynamic_token"}}
+    ],
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN": [
+        {**SQ, "args": {"alpha": 0.5, "weights": "tensor", "activations": "dynamic_token"}}
+    ],
+    "INT8KV": [
+        {"calibrator": "rtn", "args": {"format": "int4_g32_asym"}},
+        {"calibrator": "kv_cache", "args": {"format": "int8"}},
+    ],
+    "FP8KV": [
+        {"calibrator": "fp8", "args": {}},
+        {"calibrator": "kv_cache", "args": {"format": "fp8"}},
+    ],
+    "FLOAT": [{"calibrator": "kv_cache", "args": {"format": "int8"}}],  # quant_algo null
+}
+SETTINGS = BuildSettings(max_batch_size=4, max_input_len=96, max_seq_len=160, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def engine_for(
+    tiny_model: Callable[[str], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    emma: Path,
+    pride: Path,
+) -> Callable[..., tuple[Path, Path]]:
+    """(family, algo, export dtype) -> (run folder, engine folder), cached per module."""
+    made: dict[tuple[str, str, str], tuple[Path, Path]] = {}
+
+    def make(family: str, algo: str, dtype: str = "float16") -> tuple[Path, Path]:
+        key = (family, algo, dtype)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"eng-{family}-{algo}")
+            data = {"source": "file", "num_samples": 4, "seq_len": 64, "bos_id": 0}
+            recipe = Recipe.model_validate(
+                {
+                    "name": f"tiny-{algo}",
+                    "model": {"source": str(tiny_model(family))},
+                    "calibration": {**data, "path": str(emma)},
+                    "steps": STEPS[algo],
+                    "export": {"output_dir": str(root / "run"), "dtype": dtype},
+                    "evaluation": {"enabled": False},
+                }
+            )
+            run_recipe(recipe, root, show_progress=False)
+            kv = "fp32" if dtype == "float32" else "auto"
+            s = BuildSettings(**{**SETTINGS.__dict__, "kv_cache_dtype": kv})
+            build_engine(root / "run", root / "engine", s, show_progress=False)
+            made[key] = (root / "run", root / "engine")
+        return made[key]
+
+    return make
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+
+
+@pytest.mark.parametrize(
+    ("family", "algo"),
+    [("llama", a) for a in STEPS if a != "FLOAT"]
+    + [("qwen2", "W4A16_GPTQ"), ("qwen2", "W8A8_SQ_PER_CHANNEL"), ("mistral", "FP8KV")],
+)
+def test_engine_logits_match_simulated_model(
+    engine_for: Callable[..., tuple[Path, Path]], family: str, algo: str
+) -> None:
+    """The fp16 engine reproduces the simulated QuantLinear model (fp32) of the same QuantState as
+    closely as that simulated model run in fp16 reproduces itself: the only difference allowed is
+    the activation dtype's rounding (a wrong code, scale, zero or layout is far outside it)."""
+    run, eng = engine_for(family, algo)
+    e = Engine(eng)
+    tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
+    ids = [0, *tok(PROMPT, add_special_tokens=False).input_ids]
+    got = e.score(ids)
+    sim, _ = load_quantized(run / "quantlab")
+    sim16, _ = load_quantized(run / "quantlab")
+    scales = {n: m.input_scale for n, m in sim16.named_modules() if isinstance(m, QuantLinear)}
+    sim16.half()
+    for n, m in sim16.named_modules():  # static activation scales stay float32, as exported
+        if isinstance(m, QuantLinear):
+            m.input_scale = scales[n]
+    with torch.no_grad():
+        want = sim(input_ids=torch.tensor([ids])).logits[0].float()
+        half = sim16(input_ids=torch.tensor([ids])).logits[0].float()
+    engine_err, dtype_err = _rel(got, want), _rel(half, want)
+    assert engine_err < 1.5 * dtype_err + 1e-3, (engine_err, dtype_err)
+    assert engine_err < 0.05
+    # random tiny models have near-tied logits: a few top-1 flips are rounding, not a bug
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.8
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_unquantized_engine_reproduces_hf_greedy(
+    engine_for: Callable[..., tuple[Path, Path]], tiny_model: Callable[[str], Path], family: str
+) -> None:
+    run, eng = engine_for(family, "FLOAT", "float32")
+    e = Engine(eng)
+    assert e.cfg.quant_algo is None and e.cfg.kv_storage == "fp32"
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model(family)), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
+    prompts = [tok(t, add_special_tokens=False).input_ids for t in (PROMPT, "Emma Woodhouse")]
+    outs = e.generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    for p, out in zip(prompts, outs, strict=True):
+        ref = hf.generate(
+            torch.tensor([p]), max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0
+        )[0, len(p) :].tolist()
+        assert out.token_ids == ref
+
+
+def test_inflight_batching_gives_each_request_its_alone_tokens(
+    engine_for: Callable[..., tuple[Path, Path]],
+) -> None:
+    """Requests that join and leave a running batch, prefilled in chunks (max_num_tokens 24) and
+    preempted when the pool runs dry, get the tokens they get alone (greedy and seeded sampling)."""
+    run, _ = engine_for("llama", "INT8KV")
+    eng = run.parent / "engine-small"
+    small = BuildSettings(
+        max_batch_size=3,
+        max_input_len=96,
+        max_seq_len=128,
+        max_num_tokens=24,
+        block_size=16,
+        kv_cache_mem_gb=10 * 2 * 2 * 16 * 2 * 32 / 2**30,  # 10 blocks of 16 tokens (int8 KV)
+    )
+    build_engine(run, eng, small, show_progress=False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (50, 7, 30, 12, 70)]
+    params = [
+        SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
+        for n, kw in zip(
+            (40, 12, 25, 30, 8),
+            (
+                {},
+                {"temperature": 0.8, "seed": 1},
+                {},
+                {"temperature": 1.0, "top_k": 5, "seed": 2},
+                {},
+            ),
+            strict=True,
+        )
+    ]
+    batched = Engine(eng)
+    together = batched.generate(prompts, params)
+    assert batched.cache.allocator.num_blocks == 10
+    assert sum(o.preemptions for o in together) > 0  # the pool forced a preemption
+    alone = Engine(eng)
+    for p, sp, out in zip(prompts, params, together, strict=True):
+        assert alone.generate([p], sp)[0].token_ids == out.token_ids
+    assert batched.cache.allocator.free == batched.cache.allocator.num_blocks - 1  # all freed
