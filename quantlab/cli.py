@@ -234,7 +234,9 @@ def _add_engine_verbs(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--output", "-o", required=True, help="engine folder to write")
     b.add_argument("--max-batch-size", type=int, default=8)
-    b.add_argument("--max-input-len", type=int, default=1024)
+    b.add_argument(
+        "--max-input-len", type=int, default=None, help="default: min(1024, max_seq_len / 2)"
+    )
     b.add_argument("--max-seq-len", type=int, default=None, help="default: max_position_embeddings")
     b.add_argument(
         "--max-num-tokens", type=int, default=8192, help="tokens per step (chunked prefill)"

@@ -190,3 +190,105 @@ def test_inflight_batching_gives_each_request_its_alone_tokens(
     for p, sp, out in zip(prompts, params, together, strict=True):
         assert alone.generate([p], sp)[0].token_ids == out.token_ids
     assert batched.cache.allocator.free == batched.cache.allocator.num_blocks - 1  # all freed
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from quantlab.cli import main
+
+    rc = main(["--quiet", *argv])
+    got = capsys.readouterr()
+    return rc, got.out, got.err
+
+
+def test_cli_build_generate_mem_bench(
+    engine_for: Callable[..., tuple[Path, Path]],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """The four verbs from the command line, on a W4 + INT8-KV checkpoint (CPU, eager)."""
+    run, _ = engine_for("llama", "INT8KV")
+    eng = tmp_path / "engine"
+    shape = ["--max-batch-size", "2", "--max-input-len", "32", "--max-seq-len", "48"]
+    rc, out, err = _cli(["build", str(run), "-o", str(eng), *shape, "--block-size", "16"], capsys)
+    assert rc == 0, err
+    assert "quant_algo W4A16_GPTQ" in out and "KV cache int8" in out and "w4a16" in out
+    rc, out, err = _cli(
+        ["generate", str(eng), "--input-text", "Emma", "--input-text", "Mr. Knightley said",
+         "--max-output-len", "5"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert 'Input [Text 1]: "Mr. Knightley said"' in out
+    assert out.count("Output [Text") == 2
+    rc, out, err = _cli(["mem", str(eng)], capsys)
+    assert rc == 0, err
+    assert "int8" in out and "W4A16" in out
+    rc, out, err = _cli(
+        ["bench", str(eng), "--batch-size", "1,2", "--input-output-len", "8,3;40,20",
+         "--trace", "3,4,8,2,4"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    rows = [ln for ln in out.splitlines() if ln.startswith("[BENCHMARK]")]
+    assert len(rows) == 4 and sum("skipped" in r for r in rows) == 2  # 40 + 20 > max_seq_len 48
+    assert "tokensPerSec" in rows[0]
+    assert [ln.split()[2] for ln in out.splitlines() if ln.startswith("[TRACE]")] == [
+        "inflight",
+        "static",
+    ]
+
+
+def _edited(run: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("quantlab"))
+    conf = json.loads((dst / "config.json").read_text())
+    edit(conf)
+    (dst / "config.json").write_text(json.dumps(conf))
+    return dst
+
+
+def test_build_refuses_bad_input_before_any_work(
+    engine_for: Callable[..., tuple[Path, Path]],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Each bad input: exit 2, one message naming the cause and the fix, no engine folder."""
+    w4, _ = engine_for("llama", "INT8KV")
+    w8, _ = engine_for("llama", "W8A16")
+
+    def algo(c: dict[str, Any]) -> None:
+        c["quantization"]["quant_algo"] = "W3A16_MAGIC"
+
+    def tp2(c: dict[str, Any]) -> None:
+        c["mapping"] = {"world_size": 2, "tp_size": 2, "pp_size": 1}
+
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (_edited(w4, tmp_path / "algo", algo), [], "W3A16_MAGIC"),
+        (_edited(w4, tmp_path / "tp2", tp2), [], "tp_size"),
+        (w4, ["--kv-cache-mem-gb", "0.00001"], "--kv-cache-mem-gb"),
+        (w8, ["--kv-cache-dtype", "int8"], "kv_cache step"),
+        (w4, ["--kv-cache-dtype", "int4"], "int4"),
+        (w4, ["--max-input-len", "200", "--max-seq-len", "100"], "max-input-len"),
+        (tmp_path / "empty", [], "config.json"),
+        (tmp_path / "missing", [], "missing"),
+    ]
+    for i, (ckpt, extra, needle) in enumerate(cases):
+        out_dir = tmp_path / f"engine{i}"
+        rc, _, err = _cli(["build", str(ckpt), "-o", str(out_dir), *extra], capsys)
+        assert rc == 2, (extra, err)
+        assert err.startswith("quantlab: error: ") and needle in err, (needle, err)
+        assert "Traceback" not in err
+        assert not out_dir.exists() and not list(tmp_path.glob(f".engine{i}*"))
+
+
+def test_build_never_replaces_an_engine_without_overwrite(
+    engine_for: Callable[..., tuple[Path, Path]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, eng = engine_for("llama", "W8A16")
+    before = (eng / "config.json").read_bytes()
+    rc, _, err = _cli(["build", str(run), "-o", str(eng)], capsys)
+    assert rc == 2 and "--overwrite" in err
+    assert (eng / "config.json").read_bytes() == before

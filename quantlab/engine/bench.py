@@ -64,8 +64,8 @@ def check_row(e: Engine, bs: int, inp: int, out: int) -> str | None:
     b = e.cfg.build
     if bs > b.max_batch_size:
         return f"batch size {bs} > max_batch_size {b.max_batch_size}"
-    if inp > b.max_input_len:
-        return f"input {inp} > max_input_len {b.max_input_len}"
+    if inp > e.cfg.max_input_len:
+        return f"input {inp} > max_input_len {e.cfg.max_input_len}"
     if inp + out > e.cfg.max_seq_len:
         return f"input + output {inp + out} > max_seq_len {e.cfg.max_seq_len}"
     return None

@@ -208,6 +208,9 @@ def build_engine(
     if settings.max_seq_len is None:
         settings = replace(settings, max_seq_len=int(conf.get("max_position_embeddings", 2048)))
     assert settings.max_seq_len is not None
+    if settings.max_input_len is None:
+        settings = replace(settings, max_input_len=min(1024, settings.max_seq_len // 2))
+    assert settings.max_input_len is not None
     if settings.max_input_len >= settings.max_seq_len:
         raise InputError(
             f"--max-input-len {settings.max_input_len} leaves no room to generate within "

@@ -52,7 +52,7 @@ class BuildSettings:
     """`quantlab build` options: the limits the runtime is sized for."""
 
     max_batch_size: int = 8
-    max_input_len: int = 1024
+    max_input_len: int | None = None  # None: min(1024, max_seq_len // 2)
     max_seq_len: int | None = None  # None: max_position_embeddings
     max_num_tokens: int = 8192
     kv_cache_dtype: str = "auto"
@@ -65,17 +65,21 @@ class BuildSettings:
         """InputError naming each option out of range."""
         probs = []
         for name in ("max_batch_size", "max_input_len", "max_num_tokens", "block_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 probs.append(f"--{name.replace('_', '-')} must be >= 1")
-        if self.max_seq_len is not None and self.max_seq_len < self.max_input_len + 1:
+        if None not in (self.max_seq_len, self.max_input_len) and (
+            self.max_seq_len < self.max_input_len + 1  # type: ignore[operator]
+        ):
             probs.append(
                 f"--max-seq-len {self.max_seq_len} must exceed --max-input-len "
                 f"{self.max_input_len} (room for at least one generated token)"
             )
         if self.kv_cache_dtype not in KV_DTYPES:
-            probs.append(f"--kv-cache-dtype must be one of {', '.join(KV_DTYPES)}")
+            probs.append(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is not one of {', '.join(KV_DTYPES)}"
+            )
         if self.w4_layout not in ("auto", "checkpoint", "hopper"):
-            probs.append("--w4-layout must be auto, checkpoint or hopper")
+            probs.append(f"--w4-layout {self.w4_layout} is not auto, checkpoint or hopper")
         if self.backend != "torch":
             probs.append(
                 f"--backend {self.backend!r}: this build stage has the 'torch' backend (quantlab's "
@@ -106,6 +110,11 @@ class EngineConfig:
     def max_seq_len(self) -> int:
         """Longest sequence (prompt + output) the runtime serves."""
         return self.build.max_seq_len or self.model.max_position_embeddings
+
+    @property
+    def max_input_len(self) -> int:
+        """Longest prompt the runtime accepts."""
+        return self.build.max_input_len or min(1024, self.max_seq_len // 2)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for config.json."""

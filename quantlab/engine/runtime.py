@@ -175,13 +175,12 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
         """Queue a prompt (token ids); its request id."""
         params.check()
-        b = self.cfg.build
         if not prompt:
             raise InputError("A request needs at least one prompt token.")
-        if len(prompt) > b.max_input_len:
+        if len(prompt) > self.cfg.max_input_len:
             raise InputError(
                 f"The prompt has {len(prompt)} tokens; this engine was built with --max-input-len "
-                f"{b.max_input_len}. Shorten it or rebuild with a larger --max-input-len."
+                f"{self.cfg.max_input_len}. Shorten it or rebuild with a larger --max-input-len."
             )
         if any(t < 0 or t >= self.cfg.model.vocab_size for t in prompt):
             raise InputError(
