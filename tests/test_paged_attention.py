@@ -71,7 +71,11 @@ def test_triton_decode_kernel_matches_reference(storage: str, splits: int) -> No
     cache, tables, _, _ = _scattered(b, hkv, d, [max(n, 1) for n in lens], bs, storage, 1)
     q = torch.randn(b, h, d).half()
     ctx = torch.tensor(lens, dtype=torch.int32)
-    args = (q, cache.k[0], cache.v[0], tables, ctx, 0.05, 1 / math.sqrt(d))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the real kernel on a GPU
+    args = tuple(
+        a.to(dev) if isinstance(a, torch.Tensor) else a
+        for a in (q, cache.k[0], cache.v[0], tables, ctx, 0.05, 1 / math.sqrt(d))
+    )
     ref = paged_decode_attention(*args, backend="reference")
     got = paged_decode_attention(*args, num_splits=splits, backend="triton")
     assert torch.isfinite(got).all()
