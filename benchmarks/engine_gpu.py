@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import shutil
 import sys
@@ -78,6 +79,7 @@ SMALL = {
 
 
 DEV = "cuda"  # --device cpu: a dry run of the script's logic (slow, no speed meaning)
+HF = True  # --no-hf: skip the transformers baseline
 LAYERS = 32  # --dry-run: the small shape with 2 layers
 ROWS: Path | None = None  # every result row is appended here as it is measured
 
@@ -155,7 +157,7 @@ def _long_check(ckpt: Path, eng: Path, prompt: list[int], tol: float) -> dict[st
     """A 3000-token prompt: decode with multi-block on (splits > 1) vs prefill and vs off."""
     s = BuildSettings(max_batch_size=2, max_input_len=3500, max_seq_len=4096)
     build_engine(ckpt, eng, s, overwrite=True, show_progress=False)
-    e = Engine(eng, device=DEV)
+    e = Engine(eng, device=DEV, kv_cache_mem_gb=2.0)
     long_prompt = (prompt * 20)[:3000]
     bad, toks, _ = _decode_check(e, long_prompt, 1, tol)
     splits = e.splits_for(1, 3048)
@@ -217,6 +219,7 @@ def stage_check(work: Path, modes: list[str]) -> dict[str, Any]:
                 and row["batch_rows_equal"]
             )
             del e, quant
+            gc.collect()
             if mode.startswith(("fp16", "FP8 (")):  # int8 / fp8 KV at 3000 tokens: multi-block
                 row["long"] = _long_check(ckpt, work / "check-long", prompt, tol)
                 row["ok"] = row["ok"] and row["long"]["ok"]
@@ -255,7 +258,7 @@ def stage_speed(
     model = random_llama(shape, LAYERS)
     windows = _windows(16, 512, shape["vocab_size"])
     res: dict[str, Any] = {"speed": [], "hf": []}
-    if "fp16" in modes:
+    if "fp16" in modes and HF:
         for bs in batches:
             try:
                 r = _hf_row(model, bs, *io)
@@ -288,6 +291,7 @@ def stage_speed(
                  "weights_est_gb": est.weights / 1e9, "export_s": t_export, "build_s": t_build,
                  "rows": rows}  # fmt: skip
             del e
+            gc.collect()  # the engine and its CUDA graphs reference each other
             if mode not in ("fp16", "W4A16_AWQ g128 (RTN int4_g128_sym)"):
                 shutil.rmtree(eng)  # disk: only the two engines of the long stage stay
         except Exception as exc:
@@ -332,12 +336,13 @@ def stage_long(work: Path, ctxs: list[int], out_len: int) -> dict[str, Any]:
                 res["long"].append(r)
         if tag == "W4A16AWQ":
             _regraph(e, True)
-            lengths = bench.trace_lengths(128, (32, 1024), (16, 512), 0)
+            lengths = bench.trace_lengths(96, (32, 1024), (16, 384), 0)
             for static in (False, True):
                 t = bench.bench_trace(e, lengths, static).to_dict()
                 record({"stage": "trace", **t})
                 res["trace"].append(t)
         del e
+        gc.collect()
         torch.cuda.empty_cache()
     return res
 
@@ -354,10 +359,12 @@ def main() -> None:
     ap.add_argument("--ctxs", default="8192,16384,32000")
     ap.add_argument("--long-out", type=int, default=34)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--dry-run", action="store_true", help="speed stage on a 2-layer small model")
     ap.add_argument("--check-modes", default="", help="comma-separated mode prefixes (check)")
     args = ap.parse_args()
-    global ROWS, DEV, LAYERS
+    global ROWS, DEV, LAYERS, HF
+    HF = not args.no_hf
     DEV = args.device
     LAYERS = 2 if args.dry_run else 32
     out, work = Path(args.out), Path(args.work)
