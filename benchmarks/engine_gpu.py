@@ -347,10 +347,50 @@ def stage_long(work: Path, ctxs: list[int], out_len: int) -> dict[str, Any]:
     return res
 
 
+def stage_trace(work: Path) -> dict[str, Any]:
+    """W4A16 + INT8 KV on the 7B shape: decode-step breakdown, then in-flight vs static trace."""
+    shape = {**(LLAMA2_7B if LAYERS == 32 else SMALL), "max_position_embeddings": 32768}
+    model = random_llama(shape, LAYERS)
+    ckpt, eng = work / "ckpt-trace", work / "engine-trace"
+    export(model, MODES["W4A16_AWQ g128 (RTN int4_g128_sym)"], _windows(16, 512, 32000), ckpt)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    s = BuildSettings(max_batch_size=32, max_input_len=2048, max_seq_len=4096,
+                      max_num_tokens=8192, kv_cache_mem_gb=40.0)  # fmt: skip
+    build_engine(ckpt, eng, s, overwrite=True, show_progress=False)
+    e = Engine(eng, device=DEV)
+    t0 = time.perf_counter()
+    bench.warm_up(e)
+    res: dict[str, Any] = {"warm_up_s": time.perf_counter() - t0, "trace": [], "breakdown": []}
+    for bs in (1, 32):
+        step = bench.bench_static(e, bs, 128, 66)
+        short = bench.bench_static(e, bs, 128, 2)
+        per_step = (step.latency_ms - short.latency_ms) / 64
+        replay = float("nan")
+        if e.graphs is not None:
+            g = e.graphs.graphs[bs]
+            _sync()
+            t1 = time.perf_counter()
+            for _ in range(50):
+                g.replay()
+            _sync()
+            replay = (time.perf_counter() - t1) / 50 * 1e3
+        r = {"batch_size": bs, "decode_step_ms": per_step, "graph_replay_ms": replay}
+        record({"stage": "breakdown", **r})
+        res["breakdown"].append(r)
+    lengths = bench.trace_lengths(96, (32, 1024), (16, 384), 0)
+    for static in (False, True, False):
+        t = bench.bench_trace(e, lengths, static).to_dict()
+        record({"stage": "trace", **t})
+        res["trace"].append(t)
+    return res
+
+
 def main() -> None:
     """Run the stages given on the command line; JSON per stage under --out."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("stages", nargs="+", choices=["check", "speed", "long"])
+    ap.add_argument("stages", nargs="+", choices=["check", "speed", "long", "trace"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=".gpuwork")
     ap.add_argument("--modes", default="", help="comma-separated mode prefixes (speed)")
@@ -386,6 +426,8 @@ def main() -> None:
             modes = [m for m in MODES if not pick or any(m.startswith(p) for p in pick)]
             io = tuple(int(x) for x in args.io.split(","))
             res = stage_speed(work, modes, [int(b) for b in args.batches.split(",")], io)  # type: ignore[arg-type]
+        elif stage == "trace":
+            res = stage_trace(work)
         else:
             res = stage_long(work, [int(c) for c in args.ctxs.split(",")], args.long_out)
         res.update(meta, seconds=time.perf_counter() - t0, argv=sys.argv)

@@ -53,10 +53,18 @@ def random_prompts(e: Engine, n: int, length: int, seed: int) -> list[list[int]]
 
 
 def warm_up(e: Engine) -> None:
-    """Capture every CUDA-graph bucket and run one short request (tuner picks, allocations)."""
+    """Capture every CUDA-graph bucket, run one short request, and one context phase per M bucket
+    up to max_num_tokens (the tuner's picks and the allocations happen here, untimed)."""
     if e.graphs is not None:
         e.graphs.capture_all()
     e.generate(random_prompts(e, 1, 8, 0), SamplingParams(max_new_tokens=4, ignore_eos=True))
+    # context-phase steps of 16 .. max_num_tokens tokens: the tuner picks a plan per M bucket
+    b, m = e.cfg.build, 16
+    while m <= b.max_num_tokens:
+        n = min(m, e.cfg.max_input_len)
+        k = min(max(1, m // n), b.max_batch_size)
+        e.generate(random_prompts(e, k, n, 0), SamplingParams(max_new_tokens=1, ignore_eos=True))
+        m *= 2
     _sync(e)
 
 

@@ -41,14 +41,17 @@ class StepBatch:
     slots: torch.Tensor  # int64 [T] flat cache slots
     seqs: list[SeqSlice]
     logits_rows: torch.Tensor  # int64 [R]: rows of T whose logits are returned
-    block_tables: torch.Tensor | None = None  # int32 [B, max_blocks] (decode-only steps)
-    ctx_lens: torch.Tensor | None = None  # int32 [B] (decode-only steps)
+    # The paged decode kernel's inputs: for every sequence of a decode-only step, or, in a mixed
+    # step, for the one-token rows listed in decode_rows.
+    block_tables: torch.Tensor | None = None  # int32 [B or Bd, max_blocks]
+    ctx_lens: torch.Tensor | None = None  # int32 [B or Bd]
     num_splits: int = 1
+    decode_rows: torch.Tensor | None = None  # int64 [Bd]: one-token rows of a mixed step
 
     @property
     def decode_only(self) -> bool:
         """Every sequence runs one token and the decode kernel's tables are set."""
-        return self.block_tables is not None
+        return self.block_tables is not None and self.decode_rows is None
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -147,8 +150,23 @@ def attention(
             batch.num_splits,
         )
     out = torch.empty_like(q)
+    rows = batch.decode_rows
+    if rows is not None:  # the mixed step's one-token rows: one kernel call for all of them
+        assert batch.ctx_lens is not None and batch.block_tables is not None
+        out[rows] = paged_decode_attention(
+            q[rows],
+            cache.k[layer],
+            cache.v[layer],
+            batch.block_tables,
+            batch.ctx_lens,
+            cache.scales[layer],
+            sm_scale,
+            batch.num_splits,
+        )
     groups = spec.num_heads // spec.num_kv_heads
     for sq in batch.seqs:
+        if rows is not None and sq.n == 1:
+            continue
         k, v = cache.gather(layer, sq.blocks, sq.ctx_len, q.dtype)
         qs = q[sq.start : sq.start + sq.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         ks = k.repeat_interleave(groups, dim=1).transpose(0, 1).unsqueeze(0)

@@ -212,13 +212,18 @@ class Engine:
             return torch.tensor(v, dtype=torch.long).to(dev)
 
         batch = StepBatch(t(toks), t(pos), t(slots), seqs, t(rows))
-        if all(n == 1 for _, n in plan):
-            bt = torch.zeros((len(plan), self.max_blocks_per_seq), dtype=torch.int32)
-            for i, (seq, _) in enumerate(plan):
-                bt[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        one = [i for i, (_, n) in enumerate(plan) if n == 1]
+        if len(one) == len(plan) or len(one) > 1:  # decode-only, or a mixed step's decode rows
+            bt = torch.zeros((len(one), self.max_blocks_per_seq), dtype=torch.int32)
+            for r, i in enumerate(one):
+                blocks = plan[i][0].blocks
+                bt[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             batch.block_tables = bt.to(dev)
-            batch.ctx_lens = torch.tensor([s.ctx_len for s in seqs], dtype=torch.int32).to(dev)
-            batch.num_splits = self.splits_for(len(plan), max(s.ctx_len for s in seqs))
+            ctx = [seqs[i].ctx_len for i in one]
+            batch.ctx_lens = torch.tensor(ctx, dtype=torch.int32).to(dev)
+            batch.num_splits = self.splits_for(len(one), max(ctx))
+            if len(one) < len(plan):
+                batch.decode_rows = t([seqs[i].start for i in one])
         return batch
 
     def splits_for(self, batch: int, max_ctx: int) -> int:
