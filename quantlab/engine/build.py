@@ -205,16 +205,13 @@ def build_engine(
             f"Engine folder {output_dir} exists and is not empty; choose another --output or pass "
             "--overwrite."
         )
-    if settings.max_seq_len is None:
-        settings = replace(settings, max_seq_len=int(conf.get("max_position_embeddings", 2048)))
-    assert settings.max_seq_len is not None
-    if settings.max_input_len is None:
-        settings = replace(settings, max_input_len=min(1024, settings.max_seq_len // 2))
-    assert settings.max_input_len is not None
-    if settings.max_input_len >= settings.max_seq_len:
+    seq_len = settings.max_seq_len or int(conf.get("max_position_embeddings", 2048))
+    input_len = settings.max_input_len or min(1024, seq_len // 2)
+    settings = replace(settings, max_seq_len=seq_len, max_input_len=input_len)
+    if input_len >= seq_len:
         raise InputError(
-            f"--max-input-len {settings.max_input_len} leaves no room to generate within "
-            f"--max-seq-len {settings.max_seq_len}."
+            f"--max-input-len {input_len} leaves no room to generate within --max-seq-len "
+            f"{seq_len}."
         )
     ckpt = load_checkpoint(checkpoint_dir)
     cfg = EngineConfig(

@@ -216,12 +216,12 @@ class Engine:
         if len(one) == len(plan) or len(one) > 1:  # decode-only, or a mixed step's decode rows
             bt = torch.zeros((len(one), self.max_blocks_per_seq), dtype=torch.int32)
             for r, i in enumerate(one):
-                blocks = plan[i][0].blocks
-                bt[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                owned = plan[i][0].blocks
+                bt[r, : len(owned)] = torch.tensor(owned, dtype=torch.int32)
             batch.block_tables = bt.to(dev)
-            ctx = [seqs[i].ctx_len for i in one]
-            batch.ctx_lens = torch.tensor(ctx, dtype=torch.int32).to(dev)
-            batch.num_splits = self.splits_for(len(one), max(ctx))
+            lens = [seqs[i].ctx_len for i in one]
+            batch.ctx_lens = torch.tensor(lens, dtype=torch.int32).to(dev)
+            batch.num_splits = self.splits_for(len(one), max(lens))
             if len(one) < len(plan):
                 batch.decode_rows = t([seqs[i].start for i in one])
         return batch
