@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh "$(VENV)" "$(PYTHON)"
 	touch $(STAMP)
 
+DEMO_OUT := $(if $(QUANTLAB_OUT),$(QUANTLAB_OUT),out)
+DEMO_PROMPT := It is a truth universally acknowledged, that a single man in possession of a good fortune
+
+# run (calibrate + export + accuracy) -> build (engine from the INT4 checkpoint) -> generate.
 demo: setup
 	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
+	$(BIN)/quantlab build $(DEMO_OUT)/smollm2_int4_g64_sym -o $(DEMO_OUT)/engine_int4_g64_sym \
+	  --max-batch-size 2 --max-seq-len 256 --overwrite
+	$(BIN)/quantlab generate $(DEMO_OUT)/engine_int4_g64_sym --max-output-len 32 \
+	  --input-text "$(DEMO_PROMPT)" --input-text "Emma Woodhouse, handsome, clever, and rich,"
 
 # Tools run as `python -m`: with --system-site-packages a tool the system already has (pytest,
 # say) is not reinstalled into .venv, so .venv/bin may lack its script.

@@ -60,6 +60,7 @@ SETTINGS = BuildSettings(max_batch_size=4, max_input_len=96, max_seq_len=160, bl
 @pytest.fixture(scope="module")
 def engine_for(
     tiny_model: Callable[[str], Path],
+    embedded_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
     emma: Path,
     pride: Path,
@@ -75,7 +76,9 @@ def engine_for(
             recipe = Recipe.model_validate(
                 {
                     "name": f"tiny-{algo}",
-                    "model": {"source": str(tiny_model(family))},
+                    "model": {
+                        "source": str(embedded_dir if family == "smollm2" else tiny_model(family))
+                    },
                     "calibration": {**data, "path": str(emma)},
                     "steps": STEPS[algo],
                     "export": {"output_dir": str(root / "run"), "dtype": dtype},
@@ -102,7 +105,8 @@ PROMPT = "It is a truth universally acknowledged, that a single man in possessio
 @pytest.mark.parametrize(
     ("family", "algo"),
     [("llama", a) for a in STEPS if a != "FLOAT"]
-    + [("qwen2", "W4A16_GPTQ"), ("qwen2", "W8A8_SQ_PER_CHANNEL"), ("mistral", "FP8KV")],
+    + [("qwen2", "W4A16_GPTQ"), ("qwen2", "W8A8_SQ_PER_CHANNEL"), ("mistral", "FP8KV")]
+    + [("smollm2", "INT8KV")],  # the real embedded model: W4 g32 asym + INT8 KV
 )
 def test_engine_logits_match_simulated_model(
     engine_for: Callable[..., tuple[Path, Path]], family: str, algo: str
