@@ -137,10 +137,11 @@ def attention(
 ) -> torch.Tensor:
     """[T, H, D]: each row's attention over its sequence's cached context (itself included)."""
     sm_scale = 1.0 / math.sqrt(spec.head_dim)
-    if batch.decode_only:
+
+    def paged(qd: torch.Tensor) -> torch.Tensor:  # the decode kernel over the batch's tables
         assert batch.ctx_lens is not None and batch.block_tables is not None
         return paged_decode_attention(
-            q,
+            qd,
             cache.k[layer],
             cache.v[layer],
             batch.block_tables,
@@ -149,20 +150,13 @@ def attention(
             sm_scale,
             batch.num_splits,
         )
+
+    if batch.decode_only:
+        return paged(q)
     out = torch.empty_like(q)
     rows = batch.decode_rows
     if rows is not None:  # the mixed step's one-token rows: one kernel call for all of them
-        assert batch.ctx_lens is not None and batch.block_tables is not None
-        out[rows] = paged_decode_attention(
-            q[rows],
-            cache.k[layer],
-            cache.v[layer],
-            batch.block_tables,
-            batch.ctx_lens,
-            cache.scales[layer],
-            sm_scale,
-            batch.num_splits,
-        )
+        out[rows] = paged(q[rows])
     groups = spec.num_heads // spec.num_kv_heads
     for sq in batch.seqs:
         if rows is not None and sq.n == 1:
