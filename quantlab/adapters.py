@@ -63,12 +63,15 @@ ADAPTERS: dict[str, ModelAdapter] = {
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter registered for model.config.architectures[0]; InputError if there is none."""
     archs = list(getattr(getattr(model, "config", None), "architectures", None) or [])
-    if not archs:
-        archs = [type(model).__name__]
+    return adapter_for_architectures(archs or [type(model).__name__])
+
+
+def adapter_for_architectures(archs: list[str]) -> ModelAdapter:
+    """The adapter of the first registered name in archs (config.json's architectures)."""
     for a in archs:
         if a in ADAPTERS:
             return ADAPTERS[a]
     raise InputError(
-        f"quantlab has no model adapter for architecture {archs[0]!r}. Supported: "
+        f"quantlab has no model adapter for architecture {(archs or ['(none)'])[0]!r}. Supported: "
         f"{', '.join(sorted(ADAPTERS))}. Add a ModelAdapter entry in quantlab/adapters.py for it."
     )

@@ -6,10 +6,17 @@ import argparse
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import (
+    EXIT_BUG,
+    EXIT_ENVIRONMENT,
+    EXIT_INTERRUPTED,
+    QuantlabError,
+    environment_failure,
+)
 
 if TYPE_CHECKING:
     from quantlab.engine.runtime import Engine
@@ -17,12 +24,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("quantlab")
 
 
+class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes to whatever sys.stderr is now (main() may run again)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     root = logging.getLogger("quantlab")
     root.setLevel(logging.DEBUG)
     if not any(getattr(h, "_quantlab_console", False) for h in root.handlers):
-        h: logging.Handler = logging.StreamHandler(sys.stderr)
+        h: logging.Handler = _Console()
         h.setFormatter(logging.Formatter("quantlab: %(message)s"))
         h._quantlab_console = True  # type: ignore[attr-defined]
         root.addHandler(h)
@@ -58,11 +77,58 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from quantlab.errors import InputError
     from quantlab.recipe import load_recipe
 
+    failed: list[str] = []
     for p in args.recipes:
-        recipe, _ = load_recipe(p, args.set)
-        print(f"{p}: ok ({recipe.name}, {len(recipe.steps)} step(s))")
+        try:
+            recipe, base = load_recipe(p, args.set)
+        except QuantlabError as e:
+            print(f"{p}: {e}", file=sys.stderr)
+            failed.append(p)
+            continue
+        if args.deep:
+            from quantlab.preflight import check_recipe
+
+            found = check_recipe(recipe, base, fetch=False, tokenize=True)
+            for note in found.notes:
+                print(f"{p}: {note}")
+            if found.problems:
+                print(f"{p}: {len(found.problems)} problem(s):", file=sys.stderr)
+                for prob in found.problems:
+                    print(f"  {prob}", file=sys.stderr)
+                failed.append(p)
+                continue
+        what = "checked against its files" if args.deep else "schema ok"
+        print(f"{p}: ok ({recipe.name}, {len(recipe.steps)} step(s), {what})")
+    if failed:
+        raise InputError(
+            f"{len(failed)} of {len(args.recipes)} recipe(s) failed: {', '.join(failed)}."
+        )
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from quantlab.outdir import folder_bytes, leftovers, remove
+
+    folders = [Path(f) for f in (args.folders or ["."])]
+    found = [item for f in folders for item in leftovers(f)]
+    if not found:
+        print(f"nothing to clean in {', '.join(map(str, folders))}")
+        return 0
+    total = 0
+    for item in found:
+        state = "" if item.removable else " (in use by a live run: kept)"
+        print(f"{item.kind:<11} {item.size / 1e6:9.1f} MB  {item.path}{state}")
+    for item in found:
+        if args.yes and item.removable:
+            total += folder_bytes(item.path)
+            remove(item)
+    if args.yes:
+        print(f"removed {total / 1e6:.1f} MB")
+    else:
+        print("(nothing removed: pass --yes to delete what is listed)")
     return 0
 
 
@@ -77,17 +143,20 @@ def _cmd_import_gguf(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
-    from quantlab.models import embedded_model_dir
+    from quantlab.embedded import embedded_model_dir
 
     print(embedded_model_dir())
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from quantlab.calibrator import available_calibrators
+    from importlib.metadata import entry_points
+
     from quantlab.formats import PRESETS
 
-    print("calibrators:", ", ".join(sorted(available_calibrators())))
+    # The entry points themselves, not quantlab.calibrator: listing them must not import torch.
+    names = {ep.name for ep in entry_points(group="quantlab.calibrators")}
+    print("calibrators:", ", ".join(sorted(names)))
     print("format presets:")
     for name, f in sorted(PRESETS.items()):
         print(f"  {name:<16} {f.describe()}")
@@ -306,7 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate recipe(s) without running them")
     v.add_argument("recipes", nargs="+")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument(
+        "--deep",
+        action="store_true",
+        help="also check the model, data and output folder the recipe names (what run checks)",
+    )
     v.set_defaults(func=_cmd_validate)
+    c = sub.add_parser(
+        "clean", help="list (and with --yes remove) resume folders and leftovers of failed runs"
+    )
+    c.add_argument("folders", nargs="*", help="folders holding output folders (default: .)")
+    c.add_argument("--yes", action="store_true", help="remove what is listed")
+    c.set_defaults(func=_cmd_clean)
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face model folder")
     g.add_argument("file")
     g.add_argument("out_dir")
@@ -339,11 +419,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except QuantlabError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"quantlab: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
-        print("quantlab: interrupted", file=sys.stderr)
-        return 130
+        print(
+            "quantlab: interrupted (SIGINT or SIGTERM); nothing was published. Any resume "
+            "state and the log are kept where the lines above say.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print(
+            "quantlab: error: the machine ran out of host memory. Close other programs, use a "
+            "smaller model or fewer calibration samples, or a machine with more memory.",
+            file=sys.stderr,
+        )
+        return EXIT_ENVIRONMENT
+    except OSError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"quantlab: error: {environment_failure(e, args.command)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except Exception:
+        traceback.print_exc()
+        print(
+            "quantlab: internal error: this is a bug in quantlab, not in your input. Please "
+            "report it with the traceback above and the command you ran.",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

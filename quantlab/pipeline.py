@@ -18,12 +18,13 @@ from torch import nn
 from quantlab.adapters import adapter_for
 from quantlab.calibrator import Calibrator, build_calibrator
 from quantlab.data import DataSpec, load_windows
-from quantlab.errors import InputError
+from quantlab.errors import EnvironmentFailure, InputError, environment_failure
 from quantlab.evaluate import AccuracyReport, ReferenceCache, compare_models
 from quantlab.export.reload import save_reloadable
 from quantlab.export.trtllm import DTYPES, ExportConfig, plan_export, write_trtllm_checkpoint
 from quantlab.formats import QuantFormat
-from quantlab.models import load_model, model_info
+from quantlab.models import check_tokenizer, load_model, model_info
+from quantlab.outdir import failure_hint, keep_failed_log, output_lock, publish, resume_dir
 from quantlab.recipe import Recipe, resolve_path
 from quantlab.resume import fingerprint
 from quantlab.runner import LayerProfile, RunnerConfig, quantizable_linears, quantize_model
@@ -68,7 +69,7 @@ def _data(spec: DataSpec, base: Path) -> DataSpec:
     return spec
 
 
-def _trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int) -> list[str]:
+def trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int) -> list[str]:
     """exclude_modules (TensorRT-LLM names) for lm_head and any layer linear the runner excludes."""
     excluded = {
         n
@@ -87,17 +88,15 @@ def _trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int) -> list[str]:
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:
-    """Delete temporary folders of earlier runs for out_dir whose process is gone (killed with SIGKILL)."""
+    """Delete unfinished temporary folders of killed runs for out_dir (a finished one is kept)."""
     for old in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = old.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if (old / "accuracy.json").is_file():  # complete: only its final rename was missed
+                log.warning("%s holds a finished checkpoint of a killed run; keeping it", old)
+                continue
             log.warning("removing %s left by a killed run", old)
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _resume_dir(out_dir: Path) -> Path:
-    """Where finished layers of an interrupted run for out_dir are kept (removed on success)."""
-    return out_dir.parent / f".{out_dir.name}.resume"
 
 
 def _fingerprint(recipe: Recipe, model: dict[str, Any], windows: list[torch.Tensor]) -> str:
@@ -128,13 +127,64 @@ def _profile_summary(profile: list[LayerProfile], device: str, offload: bool) ->
 def run_recipe(
     recipe: Recipe, base: Path, show_progress: bool = True, ref_cache: ReferenceCache | None = None
 ) -> RunResult:
-    """Run one validated recipe; the output directory appears only when everything succeeded."""
+    """Run one validated recipe; the output directory appears only when everything succeeded.
+
+    Before any weight is loaded the recipe is checked against its files (quantlab.preflight) and
+    the output folder's lock is taken; a failure keeps the resume state and the log and says where.
+    """
+    from quantlab.preflight import check_recipe
+
     out_dir = resolve_path(base, recipe.export.output_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not recipe.export.overwrite:
-        raise InputError(
-            f"Output directory {out_dir} exists and is not empty. Remove it, choose another "
-            "export.output_dir, or set export.overwrite: true (e.g. --set export.overwrite=true)."
-        )
+    check_recipe(recipe, base, fetch=True, tokenize=False, check_lock=False).raise_if_any(
+        recipe.name
+    )
+    with output_lock(out_dir):
+        if out_dir.exists() and any(out_dir.iterdir()) and not recipe.export.overwrite:
+            raise InputError(
+                f"Output directory {out_dir} exists and is not empty. Remove it, choose another "
+                "export.output_dir, or set export.overwrite: true (--set export.overwrite=true)."
+            )
+        return _run_locked(recipe, base, out_dir, show_progress, ref_cache)
+
+
+class _Stage:
+    """What the run is doing now, for the message of an environment failure."""
+
+    def __init__(self) -> None:
+        self.now = "loading the model"
+
+
+def _run_locked(
+    recipe: Recipe,
+    base: Path,
+    out_dir: Path,
+    show_progress: bool,
+    ref_cache: ReferenceCache | None,
+) -> RunResult:
+    stage = _Stage()
+    try:
+        return _run_stages(recipe, base, out_dir, show_progress, ref_cache, stage)
+    except OSError as exc:
+        raise environment_failure(exc, f"run '{recipe.name}' while {stage.now}") from exc
+    except torch.OutOfMemoryError as exc:
+        raise EnvironmentFailure(
+            f"run '{recipe.name}' ran out of GPU memory while {stage.now} ({_first(exc)}). Set "
+            "runner.offload: true, lower calibration.num_samples or seq_len, or use a larger GPU."
+        ) from exc
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _run_stages(
+    recipe: Recipe,
+    base: Path,
+    out_dir: Path,
+    show_progress: bool,
+    ref_cache: ReferenceCache | None,
+    stage: _Stage,
+) -> RunResult:
     steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
     wf, af = planned_formats(steps)
     # With offload the weights stay in host memory and the Runner moves one layer at a time.
@@ -149,27 +199,20 @@ def run_recipe(
     plan = plan_export(
         model.config, adapter, wf, af, ecfg
     )  # refuses bad tp/pp/group before calibrating
-    excludes = _trtllm_excludes(recipe, adapter, plan.dims["layers"])
+    excludes = trtllm_excludes(recipe, adapter, plan.dims["layers"])
     needs_data = any(c.needs_data for c in steps)
-    if needs_data and recipe.calibration is None:
-        raise InputError(
-            f"Recipe '{recipe.name}': step(s) {', '.join(s.calibrator for s in recipe.steps)} need "
-            "calibration data; add a `calibration:` section (source: file | hf | model)."
-        )
+    check_tokenizer(tok, model)
+    stage.now = "reading the data"
     windows = (
         load_windows(_data(recipe.calibration, base), tok, model)
         if needs_data and recipe.calibration
         else []
     )
     eval_windows = []
-    if recipe.evaluation.enabled:
-        if recipe.evaluation.data is None:
-            raise InputError(
-                f"Recipe '{recipe.name}': evaluation is enabled but evaluation.data is not set."
-            )
+    if recipe.evaluation.enabled and recipe.evaluation.data is not None:
         eval_windows = load_windows(_data(recipe.evaluation.data, base), tok, model)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage.now = "creating the temporary output folder"
     _remove_stale_tmp(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -195,14 +238,16 @@ def run_recipe(
             scale_dtype=DTYPES[recipe.export.dtype],
             device=recipe.model.device,
             offload=offload,
-            checkpoint_dir=_resume_dir(out_dir) if recipe.runner.resume else None,
+            checkpoint_dir=resume_dir(out_dir) if recipe.runner.resume else None,
             fingerprint=_fingerprint(recipe, state.model, windows),
         )
         profile: list[LayerProfile] = []
+        stage.now = f"calibrating (resume state in {rcfg.checkpoint_dir})"
         t0 = time.perf_counter()
         quantize_model(quant, adapter, windows, steps, rcfg, state, profile)
         seconds = time.perf_counter() - t0
         log.info("calibration took %.1f s", seconds)
+        stage.now = f"writing the checkpoint into {tmp}"
         write_trtllm_checkpoint(quant, state, adapter, plan, ecfg, tmp, excludes)
         save_reloadable(quant, tok, state, tmp / "quantlab")
         key = json.dumps(
@@ -216,6 +261,7 @@ def run_recipe(
         if offload and eval_windows:  # evaluation runs the whole models on the recipe's device
             for m in (model, quant):
                 cast(nn.Module, m).to(recipe.model.device)
+        stage.now = "evaluating"
         report = (
             compare_models(model, quant, eval_windows, show_progress, ref_cache, key)
             if eval_windows
@@ -233,16 +279,21 @@ def run_recipe(
             if recipe.evaluation.data
             else None,
         }
+        stage.now = f"writing {tmp / 'accuracy.json'}"
         (tmp / "accuracy.json").write_text(json.dumps(summary, indent=2))
         logging.getLogger("quantlab").removeHandler(handler)
         handler.close()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        shutil.rmtree(_resume_dir(out_dir), ignore_errors=True)
+        stage.now = "publishing the checkpoint"
+        publish(tmp, out_dir, recipe.export.overwrite)
+        shutil.rmtree(resume_dir(out_dir), ignore_errors=True)
     except BaseException:
         logging.getLogger("quantlab").removeHandler(handler)
         handler.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        log_copy = keep_failed_log(tmp / "quantlab.log", out_dir)
+        if not (tmp / "accuracy.json").is_file():  # a finished checkpoint is never deleted
+            shutil.rmtree(tmp, ignore_errors=True)
+        hint = failure_hint(out_dir, log_copy)
+        if hint:
+            log.warning("run '%s' did not finish. %s", recipe.name, hint)
         raise
     return RunResult(recipe.name, out_dir, plan.quant_algo, seconds, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -101,7 +102,9 @@ def _line_map(text: str) -> dict[Loc, int]:
 
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is not None:
-        walk(root, ())
+        # A non-scalar mapping key (unhashable path): the schema check reports it without lines.
+        with contextlib.suppress(TypeError):
+            walk(root, ())
     return lines
 
 
@@ -127,13 +130,17 @@ def _expand_env(value: Any, where: str) -> Any:
 
 
 def _apply_override(doc: dict[str, Any], assignment: str) -> None:
+    """Set path.to.key=value (YAML value) in doc; InputError naming the --set on any mismatch."""
     key, sep, raw = assignment.partition("=")
-    if not sep or not key:
+    parts = key.split(".")
+    if not sep or not key or any(not p for p in parts):
         raise InputError(
             f"--set {assignment!r}: expected path.to.key=value, e.g. --set export.tp_size=2."
         )
-    value = yaml.safe_load(raw) if raw else ""
-    parts = key.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise InputError(f"--set {key}: the value {raw!r} is not valid YAML ({e}).") from None
     cur: Any = doc
     for i, p in enumerate(parts[:-1]):
         nxt_is_index = parts[i + 1].isdigit()
@@ -143,10 +150,12 @@ def _apply_override(doc: dict[str, Any], assignment: str) -> None:
                     f"--set {key}: '{p}' is not an index of a list of {len(cur)} item(s)."
                 )
             cur = cur[int(p)]
-        else:
+        elif isinstance(cur, dict):
             if p not in cur or cur[p] is None:
                 cur[p] = [] if nxt_is_index else {}
             cur = cur[p]
+        else:
+            break
     last = parts[-1]
     if isinstance(cur, list):
         if not last.isdigit() or int(last) > len(cur):
@@ -213,7 +222,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
         raise InputError(
             f"Recipe file {path} does not exist. Pass the path of a YAML recipe, e.g. recipes/smollm2_int8_wo.yaml."
         )
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text ({e}); save the recipe as UTF-8.") from None
     try:
         doc = yaml.safe_load(text)
         lines = _line_map(text)
@@ -224,11 +236,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
             f"{path}: a recipe is a YAML mapping with keys {', '.join(sorted(Recipe.model_fields))}."
         )
     overrides = overrides or []
-    for o in overrides:
-        _apply_override(doc, o)
+    problems: list[str] = []
+    for o in overrides:  # every bad --set is reported, together with the schema's findings
+        try:
+            _apply_override(doc, o)
+        except InputError as e:
+            problems.append(str(e))
     set_keys = {o.partition("=")[0] for o in overrides}
     doc = _expand_env(doc, str(path))
-    problems: list[str] = []
     try:
         recipe = Recipe.model_validate(doc)
     except ValidationError as e:
@@ -240,6 +255,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
                 f"{path}:{where}: {'.'.join(map(str, loc))}: {_describe(err, loc, _fields_at(parent))}"
             )
         raise RecipeError("Invalid recipe:\n  " + "\n  ".join(problems)) from None
+    if problems:
+        raise RecipeError("Invalid recipe:\n  " + "\n  ".join(problems))
     for i, step in enumerate(recipe.steps):
         try:
             cls = get_calibrator(step.calibrator)

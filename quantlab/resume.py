@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import quantlab
 from quantlab.state import ModuleState, QuantState
+from quantlab.tensorio import load_tensors
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
+_RESUME_FIX = "Delete the resume folder (quantlab clean) and run again from the start."
 
 
 def fingerprint(
@@ -92,12 +94,12 @@ class LayerCheckpoint:
         for i in range(n):
             d = self.dir / f"layer_{i:04d}"
             layer = layers[i]
-            tensors = load_file(str(d / "float.safetensors"))
+            tensors = load_tensors(d / "float.safetensors", _RESUME_FIX)
             layer.load_state_dict(tensors, strict=True)
             sub = QuantState.load(d)
             apply_module_states(layer, sub.modules)
             state.update(f"{prefix}.{i}", sub.modules)
-        flat = load_file(str(self.dir / f"inputs_{n:04d}.safetensors"), device=str(device))
+        flat = load_tensors(self.dir / f"inputs_{n:04d}.safetensors", _RESUME_FIX, str(device))
         hidden = [flat[f"{j}"] for j in range(len(flat))]
         log.info("resuming after layer %d of %d from %s", n - 1, len(layers), self.dir)
         return Resumed(n, hidden)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from quantlab.adapters import ModelAdapter
 from quantlab.calibrator import Calibrator, LayerContext
 from quantlab.memory import device_peak_mb, host_peak_mb, reset_peaks
+from quantlab.primitives import check_finite
 from quantlab.qmodules import apply_module_states
 from quantlab.resume import LayerCheckpoint
 from quantlab.state import ModuleState, QuantState
@@ -28,7 +29,8 @@ from quantlab.state import ModuleState, QuantState
 log = logging.getLogger(__name__)
 
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
-# Test hook: the process SIGKILLs itself right after recording this layer in the resume folder.
+# Test hook: "N" makes the process SIGKILL itself right after recording layer N in the resume
+# folder; "N:TERM" / "N:INT" send SIGTERM / SIGINT instead.
 KILL_AFTER_LAYER_ENV = "QUANTLAB_KILL_AFTER_LAYER"
 
 
@@ -151,6 +153,8 @@ def quantize_model(
     if needs_data:
         with _on_device(_prologue(model, adapter), dev, offload):
             inputs = capture_layer_inputs(model, adapter, windows)
+        for j, (h, _) in enumerate(inputs):
+            check_finite(h, f"the hidden states entering {adapter.layers}.0 for window {j}")
     ckpt = (
         LayerCheckpoint(config.checkpoint_dir, config.fingerprint)
         if config.checkpoint_dir is not None
@@ -187,8 +191,7 @@ def quantize_model(
         profile.append(prof)
         if ckpt is not None:
             ckpt.save_layer(i, float_tensors, layer_states, [h for h, _ in inputs])
-            if os.environ.get(KILL_AFTER_LAYER_ENV) == str(i):  # fault injection for resume tests
-                os.kill(os.getpid(), signal.SIGKILL)
+            _fault_injection(i)
         log.info(
             "layer %d: %d module(s) quantized in %.2f s; peak host RSS %s MiB, peak device %s MiB",
             i,
@@ -198,6 +201,13 @@ def quantize_model(
             _mb(prof.peak_device_mb),
         )
     return state
+
+
+def _fault_injection(index: int) -> None:
+    """Signal this process after layer `index` when KILL_AFTER_LAYER_ENV asks for it (tests)."""
+    layer, _, sig = os.environ.get(KILL_AFTER_LAYER_ENV, "").partition(":")
+    if layer == str(index):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
 def _calibrate_layer(
@@ -221,6 +231,8 @@ def _calibrate_layer(
         run=lambda layer=layer, inputs=inputs: run_layer(layer, inputs),  # type: ignore[misc]
         scale_dtype=config.scale_dtype,
     )
+    for n in ctx.linears:
+        check_finite(ctx.weight(n), f"the weight of {prefix}.{n} (decoder layer {index})")
     layer_states: dict[str, ModuleState] = {}
     for cal in steps:
         _observe(cal, ctx, inputs)
@@ -243,6 +255,8 @@ def _calibrate_layer(
     else:
         apply_module_states(layer, layer_states)
         outputs = run_layer(layer, inputs) if inputs else []
+    for j, out in enumerate(outputs):
+        check_finite(out, f"the output of {prefix} (decoder layer {index}) for window {j}")
     return layer_states, outputs, float_tensors
 
 
@@ -293,6 +307,7 @@ def _observe(cal: Calibrator, ctx: LayerContext, inputs: Sequence[LayerInput]) -
     for name in names:
 
         def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            check_finite(args[0], f"the input of {ctx.prefix}.{name} (decoder layer {ctx.index})")
             cal.observe(name, args[0])
 
         handles.append(ctx.module(name).register_forward_pre_hook(hook))

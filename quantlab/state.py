@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from quantlab.errors import InputError
+from quantlab.errors import InputError, corrupt_file
 from quantlab.formats import QuantFormat
+from quantlab.tensorio import load_tensors
 
 STATE_VERSION = 1
 _SEP = "::"
@@ -103,12 +104,15 @@ class QuantState:
             raise InputError(
                 f"No QuantState in {directory}: expected quant_state.json and quant_state.safetensors there."
             )
-        doc = json.loads(jpath.read_text())
+        try:
+            doc = json.loads(jpath.read_text())
+        except ValueError as exc:
+            raise corrupt_file(jpath, exc, "Re-run the recipe that wrote it.") from None
         if doc.get("version") != STATE_VERSION:
             raise InputError(
                 f"QuantState in {directory} has version {doc.get('version')}; this quantlab reads version {STATE_VERSION}."
             )
-        flat = load_file(str(tpath))
+        flat = load_tensors(tpath, "Re-run the recipe that wrote it.")
         state = cls(recipe=doc["recipe"], model=doc["model"], version=doc["version"])
         for m, d in doc["modules"].items():
             state.modules[m] = ModuleState(

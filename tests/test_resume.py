@@ -79,9 +79,9 @@ def test_sigkill_then_restart_gives_a_bit_identical_checkpoint(
     killed = _run(tmp_path / "b" / "r.yaml", {KILL_AFTER_LAYER_ENV: "0"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not resumed.exists()
-    progress = json.loads((tmp_path / "b" / ".out.resume" / "progress.json").read_text())
+    progress = json.loads((tmp_path / "b" / "out.resume" / "progress.json").read_text())
     assert progress["done"] == 1
-    assert (tmp_path / "b" / ".out.resume" / "layer_0000" / "float.safetensors").is_file()
+    assert (tmp_path / "b" / "out.resume" / "layer_0000" / "float.safetensors").is_file()
 
     again = _run(tmp_path / "b" / "r.yaml")
     assert again.returncode == 0, again.stderr
@@ -89,7 +89,7 @@ def test_sigkill_then_restart_gives_a_bit_identical_checkpoint(
     assert "resuming after layer 0 of 2" in log
     prof = json.loads((resumed / "accuracy.json").read_text())["calibration_profile"]["layers"]
     assert [p["resumed"] for p in prof] == [True, False]
-    assert not (tmp_path / "b" / ".out.resume").exists()
+    assert not (tmp_path / "b" / "out.resume").exists()
     assert not list((tmp_path / "b").glob(".out.tmp-*"))  # the killed run's temp folder was removed
 
     a, b = _files(straight), _files(resumed)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from quantlab.errors import InputError
 from quantlab.qmodules import QuantLinear, apply_state
 from quantlab.state import QuantState
+from quantlab.tensorio import load_tensors
 
 FLOAT_FILE = "float_weights.safetensors"
 
@@ -51,7 +52,9 @@ def load_quantized(
         )
     config = AutoConfig.from_pretrained(str(directory))
     state = QuantState.load(directory)
-    float_tensors = load_file(str(directory / FLOAT_FILE))
+    float_tensors = load_tensors(
+        directory / FLOAT_FILE, "Re-run the recipe that wrote this folder to export it again."
+    )
     dtype = next(iter(float_tensors.values())).dtype
     # Built on a real device (not meta) so non-persistent buffers such as rotary inv_freq are computed.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
