@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv first (idempotent).
+# The README's commands: `make demo`, `make test` (and `make test-slow`, which CI also runs). Both set up .venv first (idempotent).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ export QUANTLAB_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 DEMO_RECIPES := recipes/smollm2_int8_wo.yaml recipes/smollm2_int4_g64_sym.yaml \
                 recipes/smollm2_int4_g64_asym.yaml recipes/smollm2_fp8.yaml
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -35,8 +35,13 @@ lint: setup
 	$(BIN)/python -m ruff format --check .
 	MYPY="$(abspath $(BIN))/python -m mypy" bash scripts/typecheck.sh
 
+# The quick tier (everything but `slow`) on both cores: under 10 minutes from a fresh clone.
 test: lint
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" -n 2
+
+# The accuracy-of-record runs on the real SmolLM2 model and the GGUF round trips (`slow`).
+test-slow: setup
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m slow -n 2
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
