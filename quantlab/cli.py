@@ -442,7 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"quantlab: error: {environment_failure(e, args.command)}", file=sys.stderr)
         return EXIT_ENVIRONMENT
-    except Exception:
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's; cli.py does not import torch
+            print(
+                f"quantlab: error: out of GPU memory in `{args.command}` ({str(e).splitlines()[0]}). "
+                "Lower the batch size, sequence lengths or KV-cache budget, or free the GPU.",
+                file=sys.stderr,
+            )
+            return EXIT_ENVIRONMENT
         traceback.print_exc()
         print(
             "quantlab: internal error: this is a bug in quantlab, not in your input. Please "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import torch
 
 from quantlab.adapters import adapter_for
 from quantlab.calibrator import build_calibrator
+from quantlab.cli import main
 from quantlab.data import DataSpec, load_windows
 from quantlab.models import load_model
 from quantlab.runner import KILL_AFTER_LAYER_ENV, LayerProfile, RunnerConfig, quantize_model
@@ -74,17 +77,22 @@ def test_sigkill_then_restart_gives_a_bit_identical_checkpoint(
         (tmp_path / d / "r.yaml").write_text(RECIPE.format(model=model, emma=emma, out="out"))
     straight, resumed = tmp_path / "a" / "out", tmp_path / "b" / "out"
 
-    assert _run(tmp_path / "a" / "r.yaml").returncode == 0
+    # The straight and the resumed run go in process (no interpreter start), on one thread like
+    # the killed subprocess (OMP_NUM_THREADS=1): float sums must see the same reduction order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["--quiet", "run", str(tmp_path / "a" / "r.yaml")]) == 0
+        killed = _run(tmp_path / "b" / "r.yaml", {KILL_AFTER_LAYER_ENV: "0"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not resumed.exists()
+        progress = json.loads((tmp_path / "b" / "out.resume" / "progress.json").read_text())
+        assert progress["done"] == 1
+        assert (tmp_path / "b" / "out.resume" / "layer_0000" / "float.safetensors").is_file()
+        assert main(["--quiet", "run", str(tmp_path / "b" / "r.yaml")]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
-    killed = _run(tmp_path / "b" / "r.yaml", {KILL_AFTER_LAYER_ENV: "0"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert not resumed.exists()
-    progress = json.loads((tmp_path / "b" / "out.resume" / "progress.json").read_text())
-    assert progress["done"] == 1
-    assert (tmp_path / "b" / "out.resume" / "layer_0000" / "float.safetensors").is_file()
-
-    again = _run(tmp_path / "b" / "r.yaml")
-    assert again.returncode == 0, again.stderr
     log = (resumed / "quantlab.log").read_text()
     assert "resuming after layer 0 of 2" in log
     prof = json.loads((resumed / "accuracy.json").read_text())["calibration_profile"]["layers"]
@@ -99,18 +107,31 @@ def test_sigkill_then_restart_gives_a_bit_identical_checkpoint(
 
 
 def test_resume_folder_of_another_recipe_is_discarded(
-    tmp_path: Path, tiny_model: Callable[[str], Path], emma: Path
+    tmp_path: Path,
+    tiny_model: Callable[[str], Path],
+    emma: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    model = tiny_model("llama")
-    out = tmp_path / "out"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.format(model=model, emma=emma, out=out))
-    assert _run(recipe, {KILL_AFTER_LAYER_ENV: "0"}).returncode == -signal.SIGKILL
-    recipe.write_text(RECIPE.format(model=model, emma=emma, out=out).replace("grid: 4", "grid: 5"))
-    res = _run(recipe)
-    assert res.returncode == 0, res.stderr
-    log = (out / "quantlab.log").read_text()
-    assert "belongs to a different recipe" in log and "resuming" not in log
+    model, tok = load_model(str(tiny_model("llama")))
+    windows = load_windows(
+        DataSpec(source="file", path=str(emma), num_samples=2, seq_len=32, bos_id=0), tok
+    )
+    ckpt = tmp_path / "out.resume"
+
+    def calibrate(fp: str) -> None:
+        cfg = RunnerConfig(show_progress=False, checkpoint_dir=ckpt, fingerprint=fp)
+        steps = [build_calibrator("gptq", {"format": "int4_g32_asym"})]
+        quantize_model(copy.deepcopy(model), adapter_for(model), windows, steps, cfg)
+
+    calibrate("recipe-a")
+    assert json.loads((ckpt / "progress.json").read_text()) == {
+        "fingerprint": "recipe-a",
+        "done": 2,
+    }
+    with caplog.at_level(logging.INFO, logger="quantlab"):
+        calibrate("recipe-b")
+    assert "belongs to a different recipe" in caplog.text and "resuming" not in caplog.text
+    assert json.loads((ckpt / "progress.json").read_text())["fingerprint"] == "recipe-b"
 
 
 def test_profile_has_one_entry_per_layer(tiny_model: Callable[[str], Path], emma: Path) -> None:

@@ -22,7 +22,8 @@ from quantlab.engine.checkpoint import Checkpoint, load_checkpoint, read_config
 from quantlab.engine.config import ENGINE_WEIGHTS, BuildSettings, EngineConfig
 from quantlab.engine.convert import Linear, convert_linear, fuse, to_layout
 from quantlab.engine.kv_cache import kv_bytes_per_block
-from quantlab.errors import InputError
+from quantlab.errors import InputError, environment_failure
+from quantlab.outdir import check_writable, output_lock, publish
 
 log = logging.getLogger(__name__)
 
@@ -234,24 +235,29 @@ def build_engine(
     cfg.linears = metas
     cfg.source["kv_scales"] = kv_scales(ckpt, kv)
     tok_src = tokenizer_dir if tokenizer_dir is not None else default_tokenizer(checkpoint_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        cfg.tokenizer = _save_tokenizer(tok_src, tmp / "tokenizer")
-        cfg.source["kernels_built"] = prebuild_kernels(metas, show_progress)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ENGINE_WEIGHTS))
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-            output_dir.rename(old)
-            tmp.rename(output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output_dir)
-    except BaseException:
+    problems = check_writable(
+        output_dir, sum(t.numel() * t.element_size() for t in tensors.values())
+    )
+    if problems:
+        raise InputError("Cannot write the engine: " + " ".join(problems))
+    with output_lock(output_dir):
+        tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        try:
+            cfg.tokenizer = _save_tokenizer(tok_src, tmp / "tokenizer")
+            cfg.source["kernels_built"] = prebuild_kernels(metas, show_progress)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ENGINE_WEIGHTS))
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            publish(tmp, output_dir, overwrite)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise environment_failure(exc, f"writing the engine {output_dir}") from None
+        except BaseException:
+            if not (
+                tmp / "config.json"
+            ).is_file():  # a complete engine is kept (publish says where)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("built %s: %s, KV cache %s, W4 layout %s", output_dir, cfg.quant_algo, kv, layout)
     return cfg
