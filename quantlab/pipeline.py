@@ -21,7 +21,7 @@ from quantlab.data import DataSpec, load_windows
 from quantlab.errors import EnvironmentFailure, InputError, environment_failure
 from quantlab.evaluate import AccuracyReport, ReferenceCache, compare_models
 from quantlab.export.reload import save_reloadable
-from quantlab.export.trtllm import DTYPES, ExportConfig, plan_export, write_trtllm_checkpoint
+from quantlab.export.trtllm import DTYPES, QKV, ExportConfig, plan_export, write_trtllm_checkpoint
 from quantlab.formats import QuantFormat
 from quantlab.models import check_tokenizer, load_model, model_info
 from quantlab.outdir import failure_hint, keep_failed_log, output_lock, publish, resume_dir
@@ -69,22 +69,53 @@ def _data(spec: DataSpec, base: Path) -> DataSpec:
     return spec
 
 
-def trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int) -> list[str]:
-    """exclude_modules (TensorRT-LLM names) for lm_head and any layer linear the runner excludes."""
-    excluded = {
-        n
-        for i in range(n_layers)
-        for n in adapter.linears
-        if n not in quantizable_linears(adapter, f"{adapter.layers}.{i}", recipe.runner.exclude)
-    }
+# TensorRT-LLM's own exclude list (quantize_layers in tensorrt_llm/quantization/quantize.py, the
+# 2025 main line): a config.json list replaces it, so ours starts with it. Without
+# *vocab_embedding, W8A16/W4A16 would turn the embedding into a weight-only quantized one.
+TRTLLM_DEFAULT_EXCLUDES = (
+    "*lm_head",
+    "*router",
+    "*vocab_embedding",
+    "*position_embedding",
+    "*block_embedding",
+    "*shared_expert_gate",
+    "*fused_a",
+)
+
+
+def trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int, pp_size: int = 1) -> list[str]:
+    """exclude_modules: TensorRT-LLM's defaults plus each layer linear the runner leaves unquantized.
+
+    Each excluded linear is written twice: as a module name (matched when the network is built)
+    and as its weight's tensor name (matched by the weight-only preprocessing of the checkpoint).
+    """
+    layers_of: dict[str, set[int]] = {}
     fused = set(adapter.fused_groups[0])
-    if excluded & fused and not fused <= excluded:
-        raise InputError(
-            "runner.exclude leaves part of q/k/v quantized; TensorRT-LLM fuses them into one "
-            "qkv GEMM, so exclude all three or none."
-        )
-    names = {adapter.trtllm_layer_names["self_attn.qkv" if n in fused else n] for n in excluded}
-    return ["lm_head", *sorted(f"transformer.layers.*.{n}" for n in names)]
+    for i in range(n_layers):
+        kept = set(quantizable_linears(adapter, f"{adapter.layers}.{i}", recipe.runner.exclude))
+        off = [n for n in adapter.linears if n not in kept]
+        if set(off) & fused and not fused <= set(off):
+            raise InputError(
+                f"runner.exclude leaves part of q/k/v of layer {i} quantized; TensorRT-LLM fuses "
+                "them into one qkv GEMM, so exclude all three or none."
+            )
+        for n in off:
+            layers_of.setdefault(adapter.trtllm_layer_names[QKV if n in fused else n], set()).add(i)
+    patterns: list[str] = []
+    for name, idx in sorted(layers_of.items()):
+        if len(idx) == n_layers:
+            where = ["*"]
+        elif pp_size > 1:
+            raise InputError(
+                f"runner.exclude leaves {name} unquantized in layers {sorted(idx)} only; with "
+                "pp_size > 1 TensorRT-LLM numbers layers per pipeline rank under one config, so "
+                "a per-layer exclude cannot be expressed. Exclude it in every layer or use pp 1."
+            )
+        else:
+            where = [str(i) for i in sorted(idx)]
+        for w in where:
+            patterns += [f"transformer.layers.{w}.{name}", f"transformer.layers.{w}.{name}.weight"]
+    return ["lm_head", *TRTLLM_DEFAULT_EXCLUDES, *patterns]
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:
@@ -199,7 +230,7 @@ def _run_stages(
     plan = plan_export(
         model.config, adapter, wf, af, ecfg
     )  # refuses bad tp/pp/group before calibrating
-    excludes = trtllm_excludes(recipe, adapter, plan.dims["layers"])
+    excludes = trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)
     needs_data = any(c.needs_data for c in steps)
     check_tokenizer(tok, model)
     stage.now = "reading the data"

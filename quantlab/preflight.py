@@ -141,7 +141,7 @@ def _export_checks(recipe: Recipe, cfg: _Config, findings: Findings) -> None:
             Path("."), recipe.export.dtype, recipe.export.tp_size, recipe.export.pp_size
         )
         plan = plan_export(cfg, adapter, wf, af, ecfg)
-        trtllm_excludes(recipe, adapter, plan.dims["layers"])
+        trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)
     except InputError as exc:
         findings.problems.append(f"steps/export: {exc}")
 

@@ -16,7 +16,7 @@ from quantlab.data import DataSpec, load_windows
 from quantlab.evaluate import compare_models
 from quantlab.export.reload import load_quantized
 from quantlab.models import load_model
-from quantlab.pipeline import run_recipe
+from quantlab.pipeline import TRTLLM_DEFAULT_EXCLUDES, run_recipe
 from quantlab.recipe import Recipe
 from quantlab.state import QuantState
 
@@ -164,7 +164,7 @@ def test_llama_every_algo_bit_exact_and_reloadable(
     assert res.quant_algo == algo
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"]["quant_algo"] == algo
-    assert cfg["quantization"]["exclude_modules"] == ["lm_head"]
+    assert cfg["quantization"]["exclude_modules"] == ["lm_head", *TRTLLM_DEFAULT_EXCLUDES]
     assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1}
     assert cfg["architecture"] == "LlamaForCausalLM" and cfg["num_key_value_heads"] == 2
     if algo.startswith(("W4A16_", "W8A16_")):

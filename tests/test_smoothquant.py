@@ -31,7 +31,7 @@ from quantlab.evaluate import compare_models
 from quantlab.export.reload import load_quantized
 from quantlab.formats import PRESETS
 from quantlab.models import load_model
-from quantlab.pipeline import run_recipe
+from quantlab.pipeline import TRTLLM_DEFAULT_EXCLUDES, run_recipe
 from quantlab.primitives import dequantize, fake_quant, fake_quant_static, sqnr
 from quantlab.recipe import Recipe, load_recipe
 from quantlab.state import QuantState
@@ -408,7 +408,8 @@ def test_tiny_recipe_every_granularity_bit_exact(
     assert res.accuracy.kl_mean > 0 and res.accuracy.ppl_quant < 1.5 * res.accuracy.ppl_ref
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"]["quant_algo"] == algo and cfg["quantization"]["exclude_modules"] == [
-        "lm_head"
+        "lm_head",
+        *TRTLLM_DEFAULT_EXCLUDES,
     ]
     state = QuantState.load(out / "quantlab")
     assert len(state.modules) == 14

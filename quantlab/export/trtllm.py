@@ -137,22 +137,66 @@ def linear_shapes(d: dict[str, int]) -> dict[str, tuple[int, int]]:
     }
 
 
+WEIGHT_ONLY_ALGOS = ("W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
+
+
+def weight_only_multiple(algo: str | None, wf: QuantFormat | None, tp: int) -> int | None:
+    """The multiple TensorRT-LLM pads a weight-only linear's global N and K to (None: no padding).
+
+    From its WeightOnlyQuantLinear (64 * tp) and WeightOnlyGroupwiseQuantLinear
+    (max(64, group) * tp) in tensorrt_llm/quantization/layers.py.
+    """
+    if algo not in WEIGHT_ONLY_ALGOS or wf is None:
+        return None
+    g = wf.group_size if wf.granularity == "group" and wf.group_size else 0
+    return max(64, g) * tp
+
+
+def kv_head_copies(d: dict[str, int], tp: int) -> int:
+    """How many times each KV head is repeated for tp (TensorRT-LLM's dup_kv_weight): 1 if tp <= KV heads."""
+    return tp // d["kv_heads"] if tp > d["kv_heads"] else 1
+
+
 def _shard_problems(
-    d: dict[str, int], tp: int, pp: int, wf: QuantFormat | None, adapter: ModelAdapter
+    d: dict[str, int],
+    tp: int,
+    pp: int,
+    wf: QuantFormat | None,
+    adapter: ModelAdapter,
+    algo: str | None = None,
 ) -> list[str]:
     probs = []
     for key, label in (
         ("heads", "num_attention_heads"),
-        ("kv_heads", "num_key_value_heads"),
         ("intermediate", "intermediate_size"),
         ("vocab", "vocab_size (lm_head rows)"),
     ):
         if d[key] % tp:
             probs.append(f"tp_size {tp} does not divide {label} = {d[key]}")
+    # Fewer KV heads than ranks: TensorRT-LLM repeats each KV head tp / kv_heads times.
+    if tp <= d["kv_heads"] and d["kv_heads"] % tp:
+        probs.append(f"tp_size {tp} does not divide num_key_value_heads = {d['kv_heads']}")
+    elif tp > d["kv_heads"] and tp % d["kv_heads"]:
+        probs.append(
+            f"tp_size {tp} is above num_key_value_heads = {d['kv_heads']} and not a multiple of "
+            "it, so the KV heads cannot be repeated evenly across ranks"
+        )
     if d["layers"] % pp:
         probs.append(f"pp_size {pp} does not divide num_hidden_layers = {d['layers']}")
     if wf is None:
         return probs
+    mult = weight_only_multiple(algo, wf, tp)
+    if mult is not None:
+        fused_n = (d["heads"] + 2 * d["kv_heads"] * kv_head_copies(d, tp)) * d["head_dim"]
+        shapes = {**linear_shapes(d), "self_attn.qkv": (fused_n, d["hidden"])}
+        for name in ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            n, k = shapes[name]
+            if n % mult or k % mult:
+                probs.append(
+                    f"TensorRT-LLM pads the weight-only layers.*.{name} (N = {n}, K = {k}) to "
+                    f"multiples of {mult} at tp_size {tp}, and quantlab writes unpadded shards, "
+                    "which its loader refuses"
+                )
     g = wf.group_size if wf.granularity == "group" else None
     for name, (n, k) in linear_shapes(d).items():
         row = name in adapter.row_parallel
@@ -188,9 +232,9 @@ def plan_export(
         raise InputError("export.tp_size and export.pp_size must be >= 1.")
     algo = quant_algo_for(wf, af)
     d = model_dims(hf_config)
-    probs = _shard_problems(d, cfg.tp_size, cfg.pp_size, wf, adapter)
+    probs = _shard_problems(d, cfg.tp_size, cfg.pp_size, wf, adapter, algo)
     if probs:
-        valid_tp = [t for t in range(1, 65) if not _shard_problems(d, t, 1, wf, adapter)]
+        valid_tp = [t for t in range(1, 65) if not _shard_problems(d, t, 1, wf, adapter, algo)]
         valid_pp = [p for p in range(1, d["layers"] + 1) if d["layers"] % p == 0]
         hint = f"Valid tp_size values for this model and format: {', '.join(map(str, valid_tp)) or 'none'}; valid pp_size values: {', '.join(map(str, valid_pp))}."
         if wf is not None and wf.granularity == "group":
@@ -432,8 +476,13 @@ def layer_tensors(
     dtype: torch.dtype,
     tp_rank: int,
     tp: int,
+    kv_heads: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One decoder layer's tensors for one tp rank, under TensorRT-LLM names relative to the layer."""
+    """One decoder layer's tensors for one tp rank, under TensorRT-LLM names relative to the layer.
+
+    kv_heads: the model's KV head count; with tp above it each K/V head is repeated for the ranks.
+    """
+    kv_heads = kv_heads or tp
     names = adapter.trtllm_layer_names
     out: dict[str, torch.Tensor] = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -443,6 +492,9 @@ def layer_tensors(
         return linear_parts(layer.get_submodule(n), state.modules.get(f"{prefix}.{n}"), algo, dtype)
 
     qkv = [parts_of(n) for n in adapter.fused_groups[0]]
+    copies = tp // kv_heads if tp > kv_heads else 1
+    if copies > 1:  # K and V: each head repeated `copies` times, then split (dup_kv_weight)
+        qkv = [qkv[0], *(_dup_kv(p, kv_heads, copies) for p in qkv[1:])]
     if algo == "FP8":
         qkv = fuse_fp8_qkv(qkv)
     if algo is not None and algo.startswith("W8A8_SQ"):
@@ -468,6 +520,18 @@ def layer_tensors(
         # same value (heads are split across ranks, the scale is not).
         attn_name = names[QKV].rpartition(".")[0]
         out[f"{attn_name}.{KV_SCALE_KEY}"] = kv.tensors[KV_SCALE_KEY].float().reshape(1)
+    return out
+
+
+def _dup_kv(parts: dict[str, Part], heads: int, copies: int) -> dict[str, Part]:
+    """K or V tensors with each of `heads` blocks along the column axis repeated `copies` times."""
+    out: dict[str, Part] = {}
+    for key, (t, col, row) in parts.items():
+        if col is None:
+            out[key] = (t, col, row)
+            continue
+        blocks = t.chunk(heads, dim=col)
+        out[key] = (torch.cat([b for b in blocks for _ in range(copies)], dim=col), col, row)
     return out
 
 
@@ -574,6 +638,7 @@ def write_trtllm_checkpoint(
                     dtype,
                     tp_rank,
                     tp,
+                    plan.dims["kv_heads"],
                 )
                 t.update({f"transformer.layers.{local}.{k}": v for k, v in lt.items()})
             path = out_dir / f"rank{tp_rank + pp_rank * tp}.safetensors"
