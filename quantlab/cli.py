@@ -109,6 +109,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_export(args: argparse.Namespace) -> int:
+    from quantlab.export.check import check_export
+
+    problems = check_export(Path(args.folder))
+    for prob in problems:
+        print(prob)
+    print(f"{args.folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
 def _cmd_clean(args: argparse.Namespace) -> int:
     from quantlab.outdir import folder_bytes, leftovers, remove
 
@@ -381,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check the model, data and output folder the recipe names (what run checks)",
     )
     v.set_defaults(func=_cmd_validate)
+    x = sub.add_parser(
+        "check-export",
+        help="check a TensorRT-LLM checkpoint folder against the loader's rules and its manifest",
+    )
+    x.add_argument("folder")
+    x.set_defaults(func=_cmd_check_export)
     c = sub.add_parser(
         "clean", help="list (and with --yes remove) resume folders and leftovers of failed runs"
     )

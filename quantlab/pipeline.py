@@ -18,8 +18,16 @@ from torch import nn
 from quantlab.adapters import adapter_for
 from quantlab.calibrator import Calibrator, build_calibrator
 from quantlab.data import DataSpec, load_windows
-from quantlab.errors import EnvironmentFailure, InputError, environment_failure
+from quantlab.embedded import embedded_model_dir
+from quantlab.errors import (
+    EXIT_BUG,
+    EnvironmentFailure,
+    InputError,
+    QuantlabError,
+    environment_failure,
+)
 from quantlab.evaluate import AccuracyReport, ReferenceCache, compare_models
+from quantlab.export.manifest import write_manifest
 from quantlab.export.reload import save_reloadable
 from quantlab.export.trtllm import DTYPES, QKV, ExportConfig, plan_export, write_trtllm_checkpoint
 from quantlab.formats import QuantFormat
@@ -31,6 +39,12 @@ from quantlab.runner import LayerProfile, RunnerConfig, quantizable_linears, qua
 from quantlab.state import QuantState
 
 log = logging.getLogger(__name__)
+
+
+class ExportCheckFailed(QuantlabError):
+    """quantlab's own output breaks a consumer rule: a bug, reported as such."""
+
+    exit_code = EXIT_BUG
 
 
 @dataclass
@@ -61,6 +75,39 @@ def _model_source(source: str, base: Path) -> str:
     if local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         return str(local)
     return source  # looks like a hub id: "org/name"
+
+
+def _check_own_export(tmp: Path) -> None:
+    """Refuse to publish a folder that quantlab check-export finds problems in (a quantlab bug)."""
+    from quantlab.export.check import check_export
+
+    problems = check_export(tmp)
+    if problems:
+        raise ExportCheckFailed(
+            f"The checkpoint written in {tmp} breaks {len(problems)} rule(s) of its consumer "
+            "(kept there, not published):\n  " + "\n  ".join(problems[:20]) + "\nThis is a "
+            "quantlab bug; please report it with this message."
+        )
+
+
+def _model_folder(recipe: Recipe, base: Path) -> Path | None:
+    """The local folder the model was loaded from (None for a Hub id)."""
+    src = _model_source(recipe.model.source, base)
+    if src.startswith("embedded"):
+        return embedded_model_dir()
+    return Path(src) if Path(src).is_dir() else None
+
+
+def _data_files(recipe: Recipe, base: Path) -> dict[str, Path]:
+    """Local data files of the recipe by key (calibration, evaluation.data)."""
+    out: dict[str, Path] = {}
+    for key, spec in (
+        ("calibration", recipe.calibration),
+        ("evaluation.data", recipe.evaluation.data),
+    ):
+        if spec is not None and spec.source == "file" and spec.path:
+            out[key] = resolve_path(base, spec.path)
+    return out
 
 
 def _data(spec: DataSpec, base: Path) -> DataSpec:
@@ -314,6 +361,17 @@ def _run_stages(
         (tmp / "accuracy.json").write_text(json.dumps(summary, indent=2))
         logging.getLogger("quantlab").removeHandler(handler)
         handler.close()
+        stage.now = f"writing {tmp / 'manifest.json'}"
+        write_manifest(
+            tmp,
+            recipe.model_dump(mode="json"),
+            _model_folder(recipe, base),
+            _data_files(recipe, base),
+            recipe.model.device,
+            summary,
+        )
+        stage.now = "checking the checkpoint against TensorRT-LLM's rules"
+        _check_own_export(tmp)
         stage.now = "publishing the checkpoint"
         publish(tmp, out_dir, recipe.export.overwrite)
         shutil.rmtree(resume_dir(out_dir), ignore_errors=True)

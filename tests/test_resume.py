@@ -62,7 +62,7 @@ def _files(d: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(d)): p.read_bytes()
         for p in sorted(d.rglob("*"))
-        if p.is_file() and p.name not in ("accuracy.json", "quantlab.log")
+        if p.is_file() and p.name not in ("accuracy.json", "quantlab.log", "manifest.json")
     }
 
 
