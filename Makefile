@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 DEMO_OUT := $(if $(QUANTLAB_OUT),$(QUANTLAB_OUT),out)
 DEMO_PROMPT := It is a truth universally acknowledged, that a single man in possession of a good fortune
 
-# run (calibrate + export + accuracy) -> build (engine from the INT4 checkpoint) -> generate.
+# run (calibrate + export + accuracy) -> check-export (loader rules, manifest) -> build (engine from the INT4 checkpoint) -> generate.
 demo: setup
 	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
+	$(BIN)/quantlab check-export $(DEMO_OUT)/smollm2_int4_g64_sym
 	$(BIN)/quantlab build $(DEMO_OUT)/smollm2_int4_g64_sym -o $(DEMO_OUT)/engine_int4_g64_sym \
 	  --max-batch-size 2 --max-seq-len 256 --overwrite
 	$(BIN)/quantlab generate $(DEMO_OUT)/engine_int4_g64_sym --max-output-len 32 \

@@ -23,8 +23,9 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model("embedded:smollm2")[0]
+def model(tiny_model):  # type: ignore[no-untyped-def]
+    """A tiny random Llama with SmolLM2's tokenizer: sampling mechanics need no real weights."""
+    return load_model(str(tiny_model("llama")))[0]
 
 
 @pytest.fixture(scope="module")
