@@ -326,8 +326,16 @@ def _run_stages(
         seconds = time.perf_counter() - t0
         log.info("calibration took %.1f s", seconds)
         stage.now = f"writing the checkpoint into {tmp}"
-        write_trtllm_checkpoint(quant, state, adapter, plan, ecfg, tmp, excludes)
+        formats = recipe.export.formats
+        if "trtllm" in formats:
+            write_trtllm_checkpoint(quant, state, adapter, plan, ecfg, tmp, excludes)
         save_reloadable(quant, tok, state, tmp / "quantlab")
+        if "compressed_tensors" in formats:
+            from quantlab.export.compressed import float_model_from_run, write_compressed_tensors
+
+            stage.now = f"writing the compressed-tensors folder into {tmp}"
+            hf_model, hf_tok = float_model_from_run(tmp / "quantlab")
+            write_compressed_tensors(hf_model, state, tmp / "compressed_tensors", hf_tok)
         key = json.dumps(
             [
                 recipe.model.model_dump(),
@@ -371,7 +379,8 @@ def _run_stages(
             summary,
         )
         stage.now = "checking the checkpoint against TensorRT-LLM's rules"
-        _check_own_export(tmp)
+        if "trtllm" in formats:
+            _check_own_export(tmp)
         stage.now = "publishing the checkpoint"
         publish(tmp, out_dir, recipe.export.overwrite)
         shutil.rmtree(resume_dir(out_dir), ignore_errors=True)

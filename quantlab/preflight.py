@@ -144,6 +144,14 @@ def _export_checks(recipe: Recipe, cfg: _Config, findings: Findings) -> None:
         trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)
     except InputError as exc:
         findings.problems.append(f"steps/export: {exc}")
+        return
+    if "compressed_tensors" in recipe.export.formats:
+        from quantlab.export.compressed import planned_problem
+
+        kv = any(s.calibrator in ("kv_cache", "kv_equalize") for s in recipe.steps)
+        why = planned_problem(wf, af, kv)
+        if why:
+            findings.problems.append(f"export.format: compressed_tensors cannot be written: {why}")
 
 
 def _data_checks(

@@ -15,6 +15,8 @@ from quantlab.calibrator import get_calibrator
 from quantlab.data import DataSpec
 from quantlab.errors import InputError
 
+ExportFormat = Literal["trtllm", "compressed_tensors"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,12 +51,19 @@ class RunnerSection(_Strict):
 class ExportSection(_Strict):
     """TensorRT-LLM checkpoint output (output_dir relative to the recipe file)."""
 
-    format: Literal["trtllm"] = "trtllm"
+    # One format or a list: the TensorRT-LLM checkpoint and/or the compressed-tensors HF folder
+    # (written into <output_dir>/compressed_tensors/).
+    format: ExportFormat | list[ExportFormat] = "trtllm"
     output_dir: str
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     tp_size: PositiveInt = 1
     pp_size: PositiveInt = 1
     overwrite: bool = False
+
+    @property
+    def formats(self) -> list[str]:
+        """The export formats as a list, without repeats."""
+        return list(dict.fromkeys([self.format] if isinstance(self.format, str) else self.format))
 
 
 class EvaluationSection(_Strict):

@@ -1,0 +1,110 @@
+"""compressed-tensors export, proven by its consumer: transformers + compressed-tensors load the folder.
+
+The folder is written by compressed-tensors' ModelCompressor from quantlab's QuantState; the test
+loads it with `AutoModelForCausalLM.from_pretrained` (which decompresses on the CPU) and checks
+that its perplexity on the run's evaluation windows equals the number quantlab reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantlab.cli import main
+from quantlab.data import DataSpec, load_windows
+
+RECIPE = """\
+name: ct
+model:
+  source: {model}
+steps:
+  - calibrator: {cal}
+    args: {{format: {fmt}}}
+export:
+  format: [trtllm, compressed_tensors]
+  output_dir: {out}
+  dtype: float32
+evaluation:
+  data: {{source: file, path: {pride}, num_samples: 2, seq_len: 64, bos_id: 0}}
+"""
+
+
+def _ppl(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w.view(1, -1)).logits[0, :-1].float()
+            nll -= float(F.log_softmax(logits, -1).gather(-1, w[1:, None]).sum())
+            n += w.numel() - 1
+    return math.exp(nll / n)
+
+
+@pytest.mark.parametrize(
+    ("cal", "fmt", "bits"),
+    [("rtn", "int4_g32_sym", 4), ("gptq", "int4_g32_sym", 4), ("rtn", "int8_channel", 8)],
+)
+def test_transformers_loads_it_with_quantlabs_perplexity(
+    tmp_path: Path,
+    tiny_model: Callable[[str], Path],
+    emma: Path,
+    pride: Path,
+    cal: str,
+    fmt: str,
+    bits: int,
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_model("qwen2")
+    recipe = RECIPE.format(model=model_dir, cal=cal, fmt=fmt, out=tmp_path / "out", pride=pride)
+    if cal == "gptq":
+        recipe = recipe.replace(
+            "steps:",
+            f"calibration: {{source: file, path: {emma}, num_samples: 2, seq_len: 64}}\nsteps:",
+        )
+    (tmp_path / "r.yaml").write_text(recipe)
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
+    folder = tmp_path / "out" / "compressed_tensors"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    assert qc["ignore"] == ["lm_head"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    windows = load_windows(
+        DataSpec(source="file", path=str(pride), num_samples=2, seq_len=64, bos_id=0), tok
+    )
+    reported = json.loads((tmp_path / "out" / "accuracy.json").read_text())["accuracy"]
+    assert _ppl(loaded, windows) == pytest.approx(reported["ppl_quant"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "why"),
+    [("int4_g32_asym", "asymmetric weights"), ("fp8_tensor", "activations are quantized")],
+)
+def test_formats_it_cannot_express_are_refused_before_calibration(
+    tmp_path: Path,
+    tiny_model: Callable[[str], Path],
+    pride: Path,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+    why: str,
+) -> None:
+    cal = "fp8" if fmt.startswith("fp8") else "rtn"
+    args = (
+        "{activations: dynamic_token, weights: channel}" if cal == "fp8" else f"{{format: {fmt}}}"
+    )
+    text = RECIPE.format(
+        model=tiny_model("llama"), cal=cal, fmt=fmt, out=tmp_path / "out", pride=pride
+    )
+    text = text.replace(f"{{format: {fmt}}}", args)
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "compressed_tensors cannot be written" in err and why in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
