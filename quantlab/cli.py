@@ -119,6 +119,13 @@ def _cmd_check_export(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from quantlab.export.compressed import reexport
+
+    print(reexport(Path(args.run_dir), overwrite=args.overwrite))
+    return 0
+
+
 def _cmd_clean(args: argparse.Namespace) -> int:
     from quantlab.outdir import folder_bytes, leftovers, remove
 
@@ -391,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check the model, data and output folder the recipe names (what run checks)",
     )
     v.set_defaults(func=_cmd_validate)
+    e = sub.add_parser(
+        "export", help="re-export a finished run in another format, without recalibrating"
+    )
+    e.add_argument("run_dir")
+    e.add_argument("--format", required=True, choices=["compressed_tensors"])
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=_cmd_export)
     x = sub.add_parser(
         "check-export",
         help="check a TensorRT-LLM checkpoint folder against the loader's rules and its manifest",

@@ -108,3 +108,35 @@ def test_formats_it_cannot_express_are_refused_before_calibration(
     err = capsys.readouterr().err
     assert "compressed_tensors cannot be written" in err and why in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_quantlab_export_rewrites_a_finished_run_without_calibrating(
+    tmp_path: Path,
+    tiny_model: Callable[[str], Path],
+    pride: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    text = RECIPE.format(
+        model=tiny_model("llama"), cal="rtn", fmt="int8_channel", out=tmp_path / "out", pride=pride
+    ).replace("format: [trtllm, compressed_tensors]", "format: trtllm")
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
+    run = tmp_path / "out"
+    assert not (run / "compressed_tensors").exists()
+    assert main(["export", str(run), "--format", "compressed_tensors"]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(str(run / "compressed_tensors")).eval()
+    ids = torch.tensor([[0, 11, 400, 7, 90]])
+    from quantlab.export.reload import load_quantized
+
+    sim, _ = load_quantized(run / "quantlab")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, sim(ids).logits)
+    capsys.readouterr()
+    assert main(["check-export", str(run)]) == 0  # the manifest records the re-export
+    assert json.loads((run / "manifest.json").read_text())["added_later"][0]["what"] == (
+        "compressed_tensors"
+    )
+    assert main(["export", str(run), "--format", "compressed_tensors"]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err

@@ -136,6 +136,23 @@ def write_manifest(
     return path
 
 
+def add_to_manifest(folder: Path, sub: Path, what: str) -> None:
+    """Record the files of sub (written into folder after the run) in folder's manifest, if any."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    doc = json.loads(path.read_text())
+    prefix = str(sub.relative_to(folder))
+    doc["files"] = {k: v for k, v in doc["files"].items() if not k.startswith(prefix + "/")}
+    doc["files"].update({f"{prefix}/{k}": v for k, v in folder_files(sub).items()})
+    doc.setdefault("added_later", []).append(
+        {"what": what, "folder": prefix, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+
+
 def verify_manifest(folder: Path) -> list[str]:
     """One line per file that is missing, changed or not listed in folder's manifest."""
     path = folder / MANIFEST
