@@ -47,7 +47,11 @@ def _ppl(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize(
     ("cal", "fmt", "bits"),
-    [("rtn", "int4_g32_sym", 4), ("gptq", "int4_g32_sym", 4), ("rtn", "int8_channel", 8)],
+    [
+        ("rtn", "int4_g32_sym", 4),
+        pytest.param("gptq", "int4_g32_sym", 4, marks=pytest.mark.slow),
+        ("rtn", "int8_channel", 8),
+    ],
 )
 def test_transformers_loads_it_with_quantlabs_perplexity(
     tmp_path: Path,

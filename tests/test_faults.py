@@ -156,13 +156,13 @@ def _load(text: str, sets: list[str]) -> None:
             assert str(e).strip()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(doc=st.dictionaries(KEYS, VALUES, max_size=6), merge=st.booleans())
 def test_random_recipe_documents(doc: dict[str, Any], merge: bool) -> None:
     _load(yaml.safe_dump({**BASE, **doc} if merge else doc), [])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!|>'\"#%@ \n\t0.$")), max_size=60))
 def test_random_recipe_text(text: str) -> None:
     _load(text, [])
@@ -171,7 +171,7 @@ def test_random_recipe_text(text: str) -> None:
 SET_CHARS = st.sampled_from(list("abcdefgnmos_.=0123[]{}: -'\"!&*"))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     sets=st.lists(
         st.one_of(

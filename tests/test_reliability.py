@@ -218,6 +218,7 @@ def _cli(recipe: Path, env_extra: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # the quick tier refuses a live lock holder in-process (test above)
 def test_second_concurrent_run_is_refused_and_the_first_finishes(
     tmp_path: Path,
     tiny_model: Callable[[str], Path],
