@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from quantlab.errors import InputError
+from quantlab.errors import InputError, first_line
 
 if TYPE_CHECKING:  # transformers costs seconds to import; recipes only need DataSpec
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -146,7 +146,7 @@ def _dataset_documents(spec: DataSpec, builder: str, path: Path) -> list[str]:
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
         cause = exc.__cause__ or exc  # datasets wraps the parser's own, more precise error
         raise InputError(
-            f"Could not read {path} as {builder} records ({_first_line(cause)}). Check that "
+            f"Could not read {path} as {builder} records ({first_line(cause)}). Check that "
             "the file is valid: one JSON object per line for .jsonl, a parquet table for "
             ".parquet."
         ) from exc
@@ -161,16 +161,11 @@ def _hf_documents(spec: DataSpec) -> list[str]:
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise InputError(
             f"Could not load Hugging Face dataset {spec.path!r} split {spec.split!r} "
-            f"({_first_line(exc)}). Check the name and split, and that the Hub (or the local "
+            f"({first_line(exc)}). Check the name and split, and that the Hub (or the local "
             "datasets cache) is reachable; or export the text to a local .jsonl/.txt and use "
             "source='file'."
         ) from exc
     return _column(ds, spec, f"dataset {spec.path!r}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _column(ds: Any, spec: DataSpec, where: str) -> list[str]:

@@ -68,9 +68,14 @@ def environment_failure(exc: OSError, doing: str) -> EnvironmentFailure:
     return EnvironmentFailure(f"{doing} failed at {where}: {reason}. Fix: {hint}.")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def corrupt_file(path: Path | str, exc: BaseException, fix: str) -> InputError:
     """An InputError for a safetensors/JSON file that cannot be parsed (truncated or corrupt)."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first_line(exc)
     size = Path(path).stat().st_size if Path(path).is_file() else 0
     return InputError(
         f"{path} ({size} bytes) cannot be read: {first}. The file is truncated or corrupt "

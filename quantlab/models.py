@@ -33,7 +33,7 @@ from quantlab.embedded import (  # noqa: F401  (re-exported: the public names of
     embedded_gguf_path,
     embedded_model_dir,
 )
-from quantlab.errors import InputError, QuantlabError
+from quantlab.errors import InputError, QuantlabError, first_line
 from quantlab.tensorio import check_safetensors
 
 log = logging.getLogger(__name__)
@@ -101,19 +101,19 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dt, use_safetensors=True)
     except SafetensorError as exc:
         raise InputError(
-            f"The weights in {folder} cannot be read ({_first_line(exc)}): a truncated or "
+            f"The weights in {folder} cannot be read ({first_line(exc)}): a truncated or "
             "corrupt *.safetensors file. Copy or download the model again."
         ) from exc
     except (OSError, ValueError) as exc:
         if folder == source and not Path(source).exists():
             raise InputError(
                 f"Model {source!r}: no such local folder, and loading it as a Hugging Face Hub "
-                f"id failed ({_first_line(exc)}). The Hub is probably unreachable from here or "
+                f"id failed ({first_line(exc)}). The Hub is probably unreachable from here or "
                 "the id is wrong; download the model on a connected machine and pass its "
                 "folder, or use 'embedded:smollm2'."
             ) from exc
         raise InputError(
-            f"Could not load the model in {folder} ({_first_line(exc)}). The folder needs "
+            f"Could not load the model in {folder} ({first_line(exc)}). The folder needs "
             "config.json, a tokenizer (tokenizer.json) and safetensors weights; quantlab never "
             "reads pickled .bin weights. Re-save it with safetensors."
         ) from exc
@@ -122,11 +122,6 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s, %s) in %.1f s", folder, dtype, dev, time.perf_counter() - t0)
     return model, tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_hf_folder(path: Path) -> None:
@@ -191,7 +186,7 @@ def _write_hf_folder(gguf_file: Path, folder: Path, torch_dt: torch.dtype) -> No
         model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
         raise InputError(
-            f"transformers could not read {gguf_file} ({_first_line(exc)}). Check that it is a "
+            f"transformers could not read {gguf_file} ({first_line(exc)}). Check that it is a "
             "GGUF file of an architecture transformers supports (llama, mistral, qwen2, ...)."
         ) from exc
 

@@ -57,7 +57,7 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int, start: str | None = None) -> bool:
     """Whether pid is a live process that is the one recorded (its start time matches)."""
     if sys.platform == "linux":
         now = _proc_start(pid)
@@ -83,7 +83,7 @@ class LockInfo:
 
     def live(self) -> bool:
         """False only when the holder is certainly gone (same host, dead or reused pid)."""
-        return self.host != socket.gethostname() or _alive(self.pid, self.start)
+        return self.host != socket.gethostname() or process_alive(self.pid, self.start)
 
     def describe(self) -> str:
         """One line naming the holder."""
@@ -273,7 +273,7 @@ def leftovers(folder: Path) -> list[Leftover]:
             found.append(Leftover(p, "resume", folder_bytes(p), True))
         elif n.startswith(".") and ".tmp-" in n:
             pid = n.rsplit("-", 1)[-1]
-            dead = not pid.isdigit() or not _alive(int(pid), None)
+            dead = not pid.isdigit() or not process_alive(int(pid), None)
             found.append(Leftover(p, "temporary", folder_bytes(p), dead))
         elif n.startswith(".") and ".old-" in n:
             found.append(Leftover(p, "replaced", folder_bytes(p), True))

@@ -18,13 +18,13 @@ from torch import nn
 from quantlab.adapters import adapter_for
 from quantlab.calibrator import Calibrator, build_calibrator
 from quantlab.data import DataSpec, load_windows
-from quantlab.embedded import embedded_model_dir
 from quantlab.errors import (
     EXIT_BUG,
     EnvironmentFailure,
     InputError,
     QuantlabError,
     environment_failure,
+    first_line,
 )
 from quantlab.evaluate import AccuracyReport, ReferenceCache, compare_models
 from quantlab.export.manifest import write_manifest
@@ -32,7 +32,14 @@ from quantlab.export.reload import save_reloadable
 from quantlab.export.trtllm import DTYPES, QKV, ExportConfig, plan_export, write_trtllm_checkpoint
 from quantlab.formats import QuantFormat
 from quantlab.models import check_tokenizer, load_model, model_info
-from quantlab.outdir import failure_hint, keep_failed_log, output_lock, publish, resume_dir
+from quantlab.outdir import (
+    failure_hint,
+    keep_failed_log,
+    output_lock,
+    process_alive,
+    publish,
+    resume_dir,
+)
 from quantlab.recipe import Recipe, resolve_path
 from quantlab.resume import fingerprint
 from quantlab.runner import LayerProfile, RunnerConfig, quantizable_linears, quantize_model
@@ -92,10 +99,10 @@ def _check_own_export(tmp: Path) -> None:
 
 def _model_folder(recipe: Recipe, base: Path) -> Path | None:
     """The local folder the model was loaded from (None for a Hub id)."""
-    src = _model_source(recipe.model.source, base)
-    if src.startswith("embedded"):
-        return embedded_model_dir()
-    return Path(src) if Path(src).is_dir() else None
+    from quantlab.preflight import model_folder
+
+    folder, _ = model_folder(recipe, base, fetch=True)
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _data_files(recipe: Recipe, base: Path) -> dict[str, Path]:
@@ -169,7 +176,7 @@ def _remove_stale_tmp(out_dir: Path) -> None:
     """Delete unfinished temporary folders of killed runs for out_dir (a finished one is kept)."""
     for old in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and not process_alive(int(pid)):
             if (old / "accuracy.json").is_file():  # complete: only its final rename was missed
                 log.warning("%s holds a finished checkpoint of a killed run; keeping it", old)
                 continue
@@ -246,13 +253,9 @@ def _run_locked(
         raise environment_failure(exc, f"run '{recipe.name}' while {stage.now}") from exc
     except torch.OutOfMemoryError as exc:
         raise EnvironmentFailure(
-            f"run '{recipe.name}' ran out of GPU memory while {stage.now} ({_first(exc)}). Set "
+            f"run '{recipe.name}' ran out of GPU memory while {stage.now} ({first_line(exc)}). Set "
             "runner.offload: true, lower calibration.num_samples or seq_len, or use a larger GPU."
         ) from exc
-
-
-def _first(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _run_stages(

@@ -45,7 +45,7 @@ class Findings:
             raise InputError(f"Recipe '{recipe}' cannot run:\n  " + "\n  ".join(self.problems))
 
 
-class _Config(dict[str, Any]):
+class ConfigView(dict[str, Any]):
     """config.json as a dict whose keys also read as attributes (what the export planner reads)."""
 
     def __getattr__(self, name: str) -> Any:
@@ -81,7 +81,7 @@ def model_folder(recipe: Recipe, base: Path, fetch: bool) -> tuple[Path | None, 
     )
 
 
-def read_model_config(folder: Path, findings: Findings) -> _Config | None:
+def read_model_config(folder: Path, findings: Findings) -> ConfigView | None:
     """config.json of a model folder, with a problem for each missing piece; None if unreadable."""
     from quantlab.tensorio import check_safetensors
 
@@ -95,7 +95,7 @@ def read_model_config(folder: Path, findings: Findings) -> _Config | None:
         )
         return None
     try:
-        cfg = _Config(json.loads(cfg_path.read_text()))
+        cfg = ConfigView(json.loads(cfg_path.read_text()))
     except (OSError, ValueError) as exc:
         findings.problems.append(f"model.source: {cfg_path} is not valid JSON ({exc}).")
         return None
@@ -127,7 +127,7 @@ def read_model_config(folder: Path, findings: Findings) -> _Config | None:
     return None if missing else cfg
 
 
-def _export_checks(recipe: Recipe, cfg: _Config, findings: Findings) -> None:
+def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     from quantlab.adapters import adapter_for_architectures
     from quantlab.calibrator import build_calibrator
     from quantlab.export.trtllm import ExportConfig, plan_export
@@ -191,7 +191,7 @@ def _data_checks(
         )
 
 
-def estimate_output_bytes(recipe: Recipe, folder: Path | None, cfg: _Config | None) -> int:
+def estimate_output_bytes(recipe: Recipe, folder: Path | None, cfg: ConfigView | None) -> int:
     """About how many bytes the run writes: checkpoint + reloadable copy + resume state."""
     if folder is None:
         return 0

@@ -26,6 +26,7 @@ from quantlab.cli import main
 from quantlab.errors import InputError
 from quantlab.export.trtllm import ExportConfig, plan_export
 from quantlab.formats import preset
+from quantlab.preflight import ConfigView
 
 RECIPE = """\
 name: rules
@@ -109,21 +110,8 @@ def test_per_layer_exclude_with_pp_is_refused(
     assert "numbers layers per pipeline rank" in capsys.readouterr().err
 
 
-class _Cfg(dict):  # type: ignore[type-arg]
-    """config.json fields read as attributes, as transformers' config objects read them."""
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to_dict(self) -> dict[str, int]:
-        return dict(self)
-
-
-def _dims(hidden: int, inter: int, heads: int, kv: int) -> _Cfg:
-    return _Cfg(
+def _dims(hidden: int, inter: int, heads: int, kv: int) -> ConfigView:
+    return ConfigView(
         hidden_size=hidden,
         intermediate_size=inter,
         num_attention_heads=heads,

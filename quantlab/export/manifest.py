@@ -9,7 +9,6 @@ accuracy summary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -17,22 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quantlab.embedded import sha256_file
+
 MANIFEST = "manifest.json"
 SCHEMA = "quantlab-manifest/1"
 _MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file (1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def folder_files(folder: Path) -> dict[str, dict[str, Any]]:
@@ -168,7 +160,7 @@ def verify_manifest(folder: Path) -> list[str]:
         p = folder / rel
         if not p.is_file():
             problems.append(f"{rel}: listed in the manifest but missing")
-        elif p.stat().st_size != entry["bytes"] or sha256(p) != entry["sha256"]:
+        elif p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
             problems.append(f"{rel}: changed since it was written (sha256 differs)")
     for rel in sorted(have - set(want)):
         problems.append(f"{rel}: not listed in the manifest (added later)")
