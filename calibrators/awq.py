@@ -17,12 +17,13 @@ from typing import ClassVar
 
 import torch
 from pydantic import Field, field_validator
+from torch import nn
 
-from quantlab.calibrator import CalibratorArgs, LayerContext, param
+from quantlab.calibrator import CalibratorArgs, LayerContext, param, record_fold
 from quantlab.errors import InputError
 from quantlab.formats import PRESETS, QuantFormat
 from quantlab.primitives import compute_qparams, dequantize, qparams_from_range, quantize
-from quantlab.state import ModuleState
+from quantlab.state import FOLD_IN, FOLD_OUT, ModuleState
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def fold_scale(
     each consumer's input columns [N, C] by s [C] (float32); the layer's float output is unchanged.
     """
     prod = ctx.module(producer) if producer is not None else None
+    if isinstance(prod, nn.Linear) and producer is not None:
+        record_fold(ctx, producer, FOLD_OUT, s)
     for attr in ("weight", "bias") if prod is not None else ():
         t = getattr(prod, attr, None)
         if isinstance(t, torch.Tensor):
@@ -211,6 +214,7 @@ def fold_scale(
     for c in consumers:
         w = param(ctx.module(c), "weight")
         w.copy_((w.float() * s[None, :]).to(w.dtype))
+        record_fold(ctx, c, FOLD_IN, s)
 
 
 def gqa_index(n_in: int, n_kv: int, head_dim: int) -> torch.Tensor:

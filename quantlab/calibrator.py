@@ -7,7 +7,7 @@ declared in the `quantlab.calibrators` entry-point group and loaded by name on f
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -18,7 +18,7 @@ from torch import nn
 from quantlab.adapters import ModelAdapter
 from quantlab.errors import InputError
 from quantlab.formats import QuantFormat
-from quantlab.state import ModuleState
+from quantlab.state import FOLD_IN, FOLD_OUT, ModuleState
 
 ENTRY_POINT_GROUP = "quantlab.calibrators"
 
@@ -40,6 +40,9 @@ class LayerContext:
     adapter: ModelAdapter
     run: Callable[[], list[torch.Tensor]]  # runs the layer on every cached input, returns outputs
     scale_dtype: torch.dtype = torch.float32  # dtype the checkpoint stores integer weight scales in
+    # Linear -> {FOLD_IN: [K], FOLD_OUT: [N]} (float32): the scale folds applied to its float
+    # weight so far (record_fold); the Runner stores them in the QuantState.
+    folds: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def module(self, name: str) -> nn.Module:
         """The submodule `name` (layer-relative) of this layer."""
@@ -48,6 +51,16 @@ class LayerContext:
     def weight(self, name: str) -> torch.Tensor:
         """The current float weight [N, K] of linear `name` (layer-relative), detached."""
         return param(self.layer.get_submodule(name), "weight")
+
+
+def record_fold(ctx: LayerContext, name: str, key: str, s: torch.Tensor) -> None:
+    """Note that linear `name`'s columns (key FOLD_IN, s [K]) were multiplied or its rows (FOLD_OUT,
+    s [N]) divided by s; records of one linear multiply, so several folding steps compose."""
+    assert key in (FOLD_IN, FOLD_OUT), key
+    rec = ctx.folds.setdefault(name, {})
+    prev = rec.get(key)
+    s32 = s.detach().float().cpu()
+    rec[key] = s32 if prev is None else prev * s32
 
 
 def param(module: nn.Module, attr: str) -> torch.Tensor:

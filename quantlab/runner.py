@@ -242,6 +242,11 @@ def _calibrate_layer(
         for name, ms in results.items():
             layer_states.setdefault(name, ModuleState()).merge(ms)
         state.update(prefix, results)
+    if ctx.folds:  # cumulative over the steps, so they replace what an earlier step recorded
+        folds = {n: ModuleState(tensors=dict(t)) for n, t in ctx.folds.items()}
+        for name, ms in folds.items():
+            layer_states.setdefault(name, ModuleState()).merge(ms)
+        state.update(prefix, folds)
     # The float tensors after every edit, before QuantLinear replaces the linears: what a resumed
     # run loads before re-applying the same ModuleStates.
     float_tensors = (

@@ -17,6 +17,11 @@ from quantlab.tensorio import load_tensors
 STATE_VERSION = 1
 _SEP = "::"
 WEIGHT_TENSORS = ("qweight", "weight_scale", "weight_zero")
+# Scale folds a calibrator applied to a linear's float weight (SmoothQuant, AWQ), float32:
+# W_folded = W * FOLD_IN[None, :] / FOLD_OUT[:, None], so x_folded = x / FOLD_IN and
+# y_folded = y / FOLD_OUT. The report uses them to compare a linear with its reference.
+FOLD_IN = "fold_in_scale"
+FOLD_OUT = "fold_out_scale"
 
 
 @dataclass

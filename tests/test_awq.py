@@ -27,7 +27,7 @@ from quantlab.formats import PRESETS
 from quantlab.pipeline import run_recipe
 from quantlab.primitives import compute_qparams, dequantize, qparams_from_range, quantize, sqnr
 from quantlab.recipe import Recipe
-from quantlab.state import QuantState
+from quantlab.state import FOLD_IN, FOLD_OUT, QuantState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,9 @@ def test_folding_scales_leaves_float_output_unchanged(family: str) -> None:
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = adapter_for(model)
+    contexts = []
     g = torch.Generator().manual_seed(1)
     for i, layer in enumerate(model.get_submodule(adapter.layers)):
         ctx = LayerContext(i, f"model.layers.{i}", layer, list(adapter.linears), adapter, list)
@@ -118,9 +120,19 @@ def test_folding_scales_leaves_float_output_unchanged(family: str) -> None:
         fold_scale(ctx, None, ("self_attn.o_proj",), s[gqa_index(128, 64, 32)])
         s = torch.rand(256, generator=g) * 4 + 0.1
         fold_scale(ctx, "mlp.up_proj", ("mlp.down_proj",), s)
+        contexts.append(ctx)
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert (after - before).abs().max() < 1e-5
+    # The recorded folds rebuild every folded weight from the original one.
+    for ctx in contexts:
+        assert set(ctx.folds) == set(adapter.linears)
+        for name, rec in ctx.folds.items():
+            w0 = original[f"{ctx.prefix}.{name}.weight"]
+            rebuilt = w0 * rec.get(FOLD_IN, torch.ones(w0.shape[1]))[None, :]
+            rebuilt = rebuilt / rec.get(FOLD_OUT, torch.ones(w0.shape[0]))[:, None]
+            torch.testing.assert_close(rebuilt, ctx.weight(name), rtol=1e-6, atol=1e-7)
+    assert FOLD_OUT in contexts[0].folds["self_attn.v_proj"]
     # A v -> o scale that ignores GQA (different per query head) does change the output.
     ctx = LayerContext(0, "model.layers.0", model.model.layers[0], [], adapter, list)
     s = torch.rand(64, generator=g) * 4 + 0.1
