@@ -59,7 +59,7 @@ def record_fold(ctx: LayerContext, name: str, key: str, s: torch.Tensor) -> None
     assert key in (FOLD_IN, FOLD_OUT), key
     rec = ctx.folds.setdefault(name, {})
     prev = rec.get(key)
-    s32 = s.detach().float().cpu()
+    s32 = s.detach().float().cpu().clone()  # each linear owns its copy (safetensors refuses shared)
     rec[key] = s32 if prev is None else prev * s32
 
 

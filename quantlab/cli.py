@@ -429,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_fetch_model)
     sub.add_parser("list", help="list calibrators and format presets").set_defaults(func=_cmd_list)
     _add_engine_verbs(sub)
+    from quantlab.report.cli import add_report_verb
+
+    add_report_verb(sub)
     return p
 
 
