@@ -15,12 +15,19 @@ def add_report_verb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", help="the float model: a Hugging Face folder or 'embedded:smollm2'")
     p.add_argument("quant", nargs="+", help="`quantlab run` output folder(s)")
     p.add_argument("--output", "-o", required=True, help="report folder (created)")
-    p.add_argument("--data", help="text file to measure on (default: the first run's evaluation data)")
+    p.add_argument(
+        "--data", help="text file to measure on (default: the first run's evaluation data)"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="window length with --data")
     p.add_argument("--bos-id", type=int, default=None, help="BOS id prepended with --data")
-    p.add_argument("--windows", type=int, help="number of evaluation windows (default: the recipe's)")
     p.add_argument(
-        "--layer-windows", type=int, default=4, help="windows of the per-layer analysis (0: skip it)"
+        "--windows", type=int, help="number of evaluation windows (default: the recipe's)"
+    )
+    p.add_argument(
+        "--layer-windows",
+        type=int,
+        default=4,
+        help="windows of the per-layer analysis (0: skip it)",
     )
     p.add_argument(
         "--no-sensitivity", action="store_true", help="skip the only-this-layer-quantized passes"
