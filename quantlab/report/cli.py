@@ -53,12 +53,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     data = None
     if args.data:
-        data = DataSpec(
-            source="file",
-            path=str(Path(args.data).resolve()),
-            num_samples=args.windows or 16,
-            seq_len=args.seq_len,
-            bos_id=args.bos_id,
+        data = DataSpec.model_validate(
+            {
+                "source": "file",
+                "path": str(Path(args.data).resolve()),
+                "num_samples": args.windows or 16,
+                "seq_len": args.seq_len,
+                "bos_id": args.bos_id,
+            }
         )
     opts = ReportOptions(
         data=data,
