@@ -229,7 +229,31 @@ def run_recipe(
                 f"Output directory {out_dir} exists and is not empty. Remove it, choose another "
                 "export.output_dir, or set export.overwrite: true (--set export.overwrite=true)."
             )
-        return _run_locked(recipe, base, out_dir, show_progress, ref_cache)
+        result = _run_locked(recipe, base, out_dir, show_progress, ref_cache)
+    if recipe.report.enabled:
+        run_report(recipe, base, out_dir, show_progress)
+    return result
+
+
+def run_report(recipe: Recipe, base: Path, out_dir: Path, show_progress: bool) -> Path:
+    """The recipe's `report:` section: the float model against the finished run in out_dir."""
+    from quantlab.report.make import ReportOptions, make_report
+
+    rep = recipe.report
+    target = resolve_path(base, rep.output_dir) if rep.output_dir else None
+    target = target or out_dir.parent / f"{out_dir.name}-report"
+    opts = ReportOptions(
+        layer_windows=rep.layer_windows,
+        sensitivity=rep.sensitivity,
+        tasks=[resolve_path(base, t) for t in rep.tasks],
+        device=recipe.model.device,
+        show_progress=show_progress,
+    )
+    make_report(
+        _model_source(recipe.model.source, base), [out_dir], target, opts, recipe.export.overwrite
+    )
+    log.info("run '%s': report in %s", recipe.name, target / "report.html")
+    return target
 
 
 class _Stage:

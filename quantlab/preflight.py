@@ -262,6 +262,22 @@ def check_recipe(
             _data_checks(
                 "evaluation.data", recipe.evaluation.data, base, folder, findings, tokenize
             )
+    if recipe.report.enabled:
+        _report_checks(recipe, base, findings)
     need = estimate_output_bytes(recipe, folder, cfg)
     _output_checks(recipe, base, need, findings, check_lock)
     return findings
+
+
+def _report_checks(recipe: Recipe, base: Path, findings: Findings) -> None:
+    if recipe.evaluation.data is None:
+        findings.problems.append(
+            "report: the report measures on evaluation.data; add it (or set report.enabled: false)."
+        )
+    for i, t in enumerate(recipe.report.tasks):
+        path = resolve_path(base, t)
+        if not path.exists():
+            findings.problems.append(
+                f"report.tasks[{i}]: {t!r} does not exist (resolved against the recipe's folder "
+                f"{base}, giving {path}). Pass a BIG-bench .json, an MMLU .csv or a folder of them."
+            )

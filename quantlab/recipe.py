@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from quantlab.calibrator import get_calibrator
 from quantlab.data import DataSpec
@@ -73,6 +73,16 @@ class EvaluationSection(_Strict):
     data: DataSpec | None = None
 
 
+class ReportSection(_Strict):
+    """`quantlab report` at the end of the run: the float model against this run's output."""
+
+    enabled: bool = False
+    output_dir: str | None = None  # default: <export.output_dir>-report (relative to the recipe)
+    layer_windows: NonNegativeInt = 4  # windows of the per-layer analysis (0: skip it)
+    sensitivity: bool = True  # the only-this-layer-quantized passes
+    tasks: list[str] = Field(default_factory=list)  # BIG-bench .json, MMLU .csv or folders
+
+
 class Recipe(_Strict):
     """A whole recipe: model, calibration data, ordered steps, runner, export, evaluation."""
 
@@ -84,6 +94,7 @@ class Recipe(_Strict):
     runner: RunnerSection = Field(default_factory=RunnerSection)
     export: ExportSection
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    report: ReportSection = Field(default_factory=ReportSection)
 
 
 class RecipeError(InputError):

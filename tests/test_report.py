@@ -224,7 +224,13 @@ class _Cells(HTMLParser):
 
 
 def _tiny_run(
-    name: str, steps: list[dict[str, Any]], model: Path, out: Path, emma: Path, pride: Path
+    name: str,
+    steps: list[dict[str, Any]],
+    model: Path,
+    out: Path,
+    emma: Path,
+    pride: Path,
+    report: dict[str, Any] | None = None,
 ) -> Path:
     from quantlab.pipeline import run_recipe
     from quantlab.recipe import Recipe
@@ -238,12 +244,14 @@ def _tiny_run(
             "steps": steps,
             "export": {"output_dir": str(out / name)},
             "evaluation": {"data": {**data, "path": str(pride)}},
+            "report": report or {},
         }
     )
     run_recipe(recipe, out, show_progress=False)
     return out / name
 
 
+@pytest.mark.slow
 def test_report_cli_end_to_end(
     tiny_model: Callable[[str], Path],
     tmp_path: Path,
@@ -261,7 +269,15 @@ def test_report_cli_end_to_end(
         pride,
     )
     awq_args = {"format": "int4_g32_sym", "grid": 4, "max_tokens": 64}
-    awq = _tiny_run("awq", [{"calibrator": "awq", "args": awq_args}], model, tmp_path, emma, pride)
+    own = {"enabled": True, "layer_windows": 1, "sensitivity": False}
+    awq_steps = [{"calibrator": "awq", "args": awq_args}]
+    awq = _tiny_run("awq", awq_steps, model, tmp_path, emma, pride, own)
+    # The recipe's report: section wrote its own report beside the run.
+    own_doc = json.loads((tmp_path / "awq-report" / "report.json").read_text())
+    assert (
+        own_doc["variants"][0]["name"] == "awq"
+        and "sensitivity_kl" not in own_doc["variants"][0]["layers"][0]
+    )
     mmlu = tmp_path / "mmlu"
     mmlu.mkdir()
     (mmlu / "colours_test.csv").write_text(
