@@ -208,6 +208,7 @@ def _measure(
     bos: int | None,
     opts: ReportOptions,
 ) -> dict[str, Any]:
+    t0 = time.perf_counter()
     tokens = compare_tokens(ref, quant, windows, cache, "ref", opts.show_progress)
     entry: dict[str, Any] = {
         "name": v.name,
@@ -226,6 +227,7 @@ def _measure(
     entry["tasks"] = [
         task_diff(t, s, score_task(quant, tok, t, bos, opts.show_progress)) for t, s in ref_tasks
     ]
+    entry["seconds"] = time.perf_counter() - t0
     return entry
 
 
