@@ -27,15 +27,25 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _top(legend: dict[str, str]) -> float:
+    """The top of the plotting area below a legend of 4 entries per row."""
+    return MT + 14 * math.ceil(len(legend) / 4) + (6 if legend else 0)
+
+
 def _frame(
-    title: str, xlabel: str, ylabel: str, body: list[str], yt: list[tuple[float, str]]
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    body: list[str],
+    yt: list[tuple[float, str]],
+    top: float = MT,
 ) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
         f'role="img" aria-label="{escape(title)}">',
         f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>',
         f'<line x1="{ML}" y1="{H - MB}" x2="{W - MR}" y2="{H - MB}" stroke="#444"/>',
-        f'<line x1="{ML}" y1="{MT}" x2="{ML}" y2="{H - MB}" stroke="#444"/>',
+        f'<line x1="{ML}" y1="{top}" x2="{ML}" y2="{H - MB}" stroke="#444"/>',
         f'<text x="{W / 2}" y="{H - 6}" text-anchor="middle" font-size="11">{escape(xlabel)}</text>',
         f'<text x="12" y="{H / 2}" font-size="11" transform="rotate(-90 12 {H / 2})" '
         f'text-anchor="middle">{escape(ylabel)}</text>',
@@ -72,7 +82,8 @@ def bars(
     """Vertical bars, one per value (None: left empty); legend maps label -> colour."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     lo, hi = min([0.0, *finite]), max([0.0, *finite]) or 1.0
-    ys = _scale(lo, hi, H - MB, MT)
+    top = _top(legend or {})
+    ys = _scale(lo, hi, H - MB, top)
     n = max(1, len(values))
     bw = (W - ML - MR) / n
     body = []
@@ -90,7 +101,7 @@ def bars(
             f'font-size="10">{escape(label)}</text>'
         )
     body += _legend(legend or {})
-    return _frame(title, xlabel, ylabel, body, [(ys(t), _fmt(t)) for t in _ticks(lo, hi)])
+    return _frame(title, xlabel, ylabel, body, [(ys(t), _fmt(t)) for t in _ticks(lo, hi)], top)
 
 
 def lines(
@@ -111,7 +122,8 @@ def lines(
     else:
         lo = min(lo, 0.0)
         yt = _ticks(lo, hi)
-    ys = _scale(lo, hi if hi > lo else lo + 1, H - MB, MT, log_y)
+    top = _top(dict.fromkeys(series, ""))
+    ys = _scale(lo, hi if hi > lo else lo + 1, H - MB, top, log_y)
     n = max((len(s) for s in series.values()), default=1)
     xs = _scale(0, max(n - 1, 1), ML + 6, W - MR - 6)
     body = []
@@ -130,7 +142,7 @@ def lines(
             f'<text x="{xs(t):.1f}" y="{H - MB + 14}" text-anchor="middle" font-size="10">{int(t)}</text>'
         )
     body += _legend(legend)
-    return _frame(title, xlabel, ylabel, body, [(ys(t), _fmt(t)) for t in yt])
+    return _frame(title, xlabel, ylabel, body, [(ys(t), _fmt(t)) for t in yt], top)
 
 
 def histogram(edges: Sequence[float], counts: Sequence[int], title: str, xlabel: str) -> str:
@@ -156,7 +168,7 @@ def _legend(items: dict[str, str]) -> list[str]:
     out = []
     for k, (label, color) in enumerate(items.items()):
         x = ML + 10 + (k % 4) * 170
-        y = MT + 4 + (k // 4) * 14
+        y = MT - 4 + (k // 4) * 14
         out.append(
             f'<rect x="{x}" y="{y}" width="10" height="10" fill="{color}"/>'
             f'<text x="{x + 14}" y="{y + 9}" font-size="10">{escape(label)}</text>'
