@@ -380,7 +380,14 @@ def kv_recipe(
     )
 
 
-@pytest.mark.parametrize("combo", list(COMBOS))
+# Covered in the quick tier by the combinations that contain them; run in the slow tier.
+_SLOW_COMBOS = ("int8kv", "fp8kv", "eq_int8wo_int8kv")
+
+
+@pytest.mark.parametrize(
+    "combo",
+    [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_COMBOS else c for c in COMBOS],
+)
 def test_recipe_exports_and_reloads_kv_cache(
     combo: str, tiny_model: Callable[[str], Path], tmp_path: Path, emma: Path, pride: Path
 ) -> None:
