@@ -16,7 +16,8 @@ for name in ("kernels", "calibrators"):
         continue
     # Another distribution may own the name (PyPI's `kernels` does); ours must not provide it.
     places = list(spec.submodule_search_locations or []) + [spec.origin or ""]
-    ours = [p for p in places if p and os.path.abspath(p).startswith(root + os.sep)]
+    own = os.path.join(root, name)  # the checkout's folder that quantlab maps as quantlab.<name>
+    ours = [p for p in places if p and (os.path.abspath(p) + os.sep).startswith(own + os.sep)]
     assert not ours, f"a top-level {name!r} module resolves into the checkout: {ours}"
 print(quantlab.kernels.__name__, quantlab.calibrators.rtn.__name__)
 """
