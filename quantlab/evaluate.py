@@ -31,7 +31,8 @@ class AccuracyReport:
 
 
 @torch.no_grad()
-def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def window_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [L-1, V] (float32, CPU) of the next token at each position of ids [L]."""
     device = next(model.parameters()).device
     logits = model(input_ids=ids.view(1, -1).to(device), use_cache=False).logits[0, :-1]
     return F.log_softmax(logits.float(), dim=-1).cpu()
@@ -79,11 +80,11 @@ def compare_models(
     ):
         target = w[1:].view(-1, 1)
         lp_r = (
-            cache.get(cache_key, i, partial(_logprobs, reference, w))
+            cache.get(cache_key, i, partial(window_logprobs, reference, w))
             if cache
-            else _logprobs(reference, w)
+            else window_logprobs(reference, w)
         )
-        lp_q = _logprobs(quantized, w)
+        lp_q = window_logprobs(quantized, w)
         nll_ref -= float(lp_r.gather(1, target).sum())
         nll_q -= float(lp_q.gather(1, target).sum())
         kl += float((lp_r.exp() * (lp_r - lp_q)).sum())

@@ -9,6 +9,7 @@ from html import escape
 from typing import Any
 
 from quantlab.report import svg
+from quantlab.report.metrics import excludes_zero
 
 MODULE_COLORS = {
     "self_attn.q_proj": "#1f77b4",
@@ -70,6 +71,10 @@ class _Cells:
             f"data-value='{escape(json.dumps(v))}'>{escape(fmt_value(v, kind))}</td>"
         )
 
+    def nums(self, prefix: str, fields: list[tuple[str, str]]) -> str:
+        """Cells for (field, kind) pairs under one path prefix."""
+        return "".join(self.num(f"{prefix}.{f}", kind) for f, kind in fields)
+
 
 def _table(head: list[str], rows: list[str]) -> str:
     return (
@@ -129,9 +134,7 @@ def _variants_table(c: _Cells, variants: list[dict[str, Any]]) -> str:
     rows = []
     for k, v in enumerate(variants):
         p = f"variants.{k}.model"
-        sig = (
-            " sig" if v["model"]["ppl_delta_ci"][0] > 0 or v["model"]["ppl_delta_ci"][1] < 0 else ""
-        )
+        sig = " sig" if excludes_zero(v["model"]["ppl_delta_ci"]) else ""
         rows.append(
             _txt(v["name"])
             + _txt(v["quant_algo"])
@@ -189,6 +192,20 @@ def _tasks_section(c: _Cells, doc: dict[str, Any]) -> list[str]:
     ]
 
 
+_LINEAR_FIELDS = [
+    ("sqnr_db", "db"),
+    ("rel_error", "f4"),
+    ("cosine", "f4"),
+    ("weight_sqnr_db", "db"),
+]
+_LAYER_FIELDS = [
+    ("sensitivity_kl", "e"),
+    ("sensitivity_nll_delta", "e"),
+    ("local_rel_error", "f4"),
+    ("growth_rel_error", "f4"),
+]
+
+
 def _variant_section(c: _Cells, k: int, v: dict[str, Any]) -> list[str]:
     out = [f"<h2>Variant {escape(v['name'])}</h2>", f"<p class='note'>{escape(v['path'])}</p>"]
     m = v["model"]
@@ -218,10 +235,7 @@ def _variant_section(c: _Cells, k: int, v: dict[str, Any]) -> list[str]:
         rows = [
             _txt(lin[i]["name"])
             + _txt(lin[i]["weight_format"] + " / " + lin[i]["input_format"])
-            + c.num(f"variants.{k}.linears.{i}.sqnr_db", "db")
-            + c.num(f"variants.{k}.linears.{i}.rel_error", "f4")
-            + c.num(f"variants.{k}.linears.{i}.cosine", "f4")
-            + c.num(f"variants.{k}.linears.{i}.weight_sqnr_db", "db")
+            + c.nums(f"variants.{k}.linears.{i}", _LINEAR_FIELDS)
             for i in worst
         ]
         out += [
@@ -246,14 +260,7 @@ def _variant_section(c: _Cells, k: int, v: dict[str, Any]) -> list[str]:
             )
         )
         rank = sorted(range(len(lay)), key=lambda i: -lay[i]["sensitivity_kl"])[:8]
-        rows = [
-            _txt(i)
-            + c.num(f"variants.{k}.layers.{i}.sensitivity_kl", "e")
-            + c.num(f"variants.{k}.layers.{i}.sensitivity_nll_delta", "e")
-            + c.num(f"variants.{k}.layers.{i}.local_rel_error", "f4")
-            + c.num(f"variants.{k}.layers.{i}.growth_rel_error", "f4")
-            for i in rank
-        ]
+        rows = [_txt(i) + c.nums(f"variants.{k}.layers.{i}", _LAYER_FIELDS) for i in rank]
         out += [
             "<h3>Most sensitive layers</h3>",
             _table(

@@ -45,11 +45,19 @@ def reference_passes(
     current = capture_layer_inputs(model, adapter, windows)
     inputs = [current]
     for layer in decoder_layers(model, adapter):
-        outs = run_layer(layer, current)
-        current = [(o, kw) for o, (_, kw) in zip(outs, current, strict=True)]
+        current = _advance(layer, current)
         inputs.append(current)
     lps = [_head_logprobs(model, adapter, h) for h, _ in current]
     return RefPasses(inputs, lps, [w[1:].cpu() for w in windows])
+
+
+def _advance(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
+    """The next layer's inputs: this layer's outputs with the same keyword arguments."""
+    return _with_kwargs(run_layer(layer, inputs), inputs)
+
+
+def _with_kwargs(hidden: list[torch.Tensor], like: list[LayerInput]) -> list[LayerInput]:
+    return [(h, kw) for h, (_, kw) in zip(hidden, like, strict=True)]
 
 
 def _head_logprobs(model: nn.Module, adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
@@ -155,8 +163,7 @@ def analyse_layers(
         local_out = run_layer(q_layers[i], ref.inputs[i])
         for t, o in zip(target, local_out, strict=True):
             local.add(t[:, 1:], o[:, 1:])
-        stream_out = run_layer(q_layers[i], stream)
-        stream = [(o, kw) for o, (_, kw) in zip(stream_out, stream, strict=True)]
+        stream = _advance(q_layers[i], stream)
         for t, (o, _) in zip(target, stream, strict=True):
             growth.add(t[:, 1:], o[:, 1:])
         row: dict[str, Any] = {
@@ -193,10 +200,9 @@ def _only_layer(
 ) -> dict[str, float]:
     """KL(ref || model with only layer `index` quantized) and its mean NLL change, per predicted token."""
     layers = decoder_layers(reference, adapter)
-    current = [(o, kw) for o, (_, kw) in zip(first_out, ref.inputs[index], strict=True)]
+    current = _with_kwargs(first_out, ref.inputs[index])
     for j in range(index + 1, len(layers)):
-        outs = run_layer(layers[j], current)
-        current = [(o, kw) for o, (_, kw) in zip(outs, current, strict=True)]
+        current = _advance(layers[j], current)
     kl = nll = 0.0
     tokens = 0
     for (h, _), lp_r, target in zip(current, ref.logprobs, ref.targets, strict=True):

@@ -74,8 +74,10 @@ def find_variant(path: Path) -> Variant:
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a folder. Pass the output folder of a `quantlab run`.")
-    reload_dir = path / "quantlab" if (path / "quantlab").is_dir() else path
-    run_dir = reload_dir.parent if reload_dir.name == "quantlab" and reload_dir != path else path
+    if (path / "quantlab").is_dir():
+        run_dir, reload_dir = path, path / "quantlab"
+    else:  # the quantlab/ subfolder itself, or a bare reloadable folder
+        run_dir, reload_dir = (path.parent if path.name == "quantlab" else path), path
     if not (reload_dir / "quant_state.json").is_file():
         raise InputError(
             f"{path} holds no QuantState (no quantlab/quant_state.json): it is not the output "

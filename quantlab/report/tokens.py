@@ -9,25 +9,16 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from quantlab.evaluate import ReferenceCache
+from quantlab.evaluate import ReferenceCache, window_logprobs
 from quantlab.report.metrics import block_ids, ppl_diff_interval
 
 TOP_TOKENS = 20
 CONTEXT_TOKENS = 12
 KL_QUANTILES = (0.5, 0.9, 0.99, 0.999)
-
-
-@torch.no_grad()
-def window_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities [L-1, V] (float32, CPU) of the next token at each position of ids [L]."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids.view(1, -1).to(device), use_cache=False).logits[0, :-1]
-    return F.log_softmax(logits.float(), dim=-1).cpu()
 
 
 @dataclass
