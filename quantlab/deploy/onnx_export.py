@@ -74,7 +74,7 @@ class _Decoder:
         self.kv = kv_storage
         self.g = GraphBuilder(f"quantlab_{self.spec.architecture}")
         self.lin = LinearEmitter(self.g, dtype, w4_gemm)
-        metas, tensors = convert_layers(ckpt, "checkpoint", show_progress=False)
+        metas, tensors = convert_layers(ckpt, "checkpoint", show_progress=False, int8_groups=True)
         self.linears = _by_linear(metas, tensors)
         self.tensors = tensors
         self.scales = kv_scales(ckpt, kv_storage)
@@ -115,10 +115,17 @@ class _Decoder:
             ["batch", s.num_kv_heads, "past", s.head_dim],
         )
         if self.scales is not None:
-            sc = g.init(f"layers.{i}.kv_scale", torch.tensor(self.scales[i], dtype=self.dtype))
+            sc = f"layers.{i}.kv_scale"  # one scale for K and V (kv_cache_scaling_factor)
+            if which == "key":
+                g.init(sc, torch.tensor(self.scales[i], dtype=self.dtype))
             zero = g.scalar(0, np.int8) if self.kv == "int8" else g.scalar(0.0, _fp8())
             code = g.op("QuantizeLinear", [new, sc, zero], f"{which}_q")
-            present = g.op("Concat", [past, code], axis=2)
+            if self.kv == "fp8":  # Concat has no float8 type: join in fp16 (exact for e4m3)
+                f16, f8 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT8E4M3FN
+                joined = g.op("Concat", [self.cast(past, f16), self.cast(code, f16)], axis=2)
+                present = self.cast(joined, f8)
+            else:
+                present = g.op("Concat", [past, code], axis=2)
             values = g.op("DequantizeLinear", [present, sc], f"{which}_dq")
         else:
             kv_elem = self._kv_elem()

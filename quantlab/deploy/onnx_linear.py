@@ -5,6 +5,8 @@ pattern TensorRT fuses with the DequantizeLinear (DQ) in front of it:
 
 - float: W in the compute dtype.
 - w8a16: INT8 codes, DQ per output channel (axis 1, scale [N]).
+- w8a16_group (W8A16_GPTQ): INT8 codes, blocked DQ (axis 0, block_size = group), INT8 zero
+  points when asymmetric.
 - w4a16: INT4 codes, blocked DQ (axis 0, block_size = group, scale [K/G, N]); asymmetric groups add
   an INT4 zero point (z - 8, so that the stored signed codes dequantize as (u - z) * s). With
   w4_gemm="plugin" the linear is one `quantlab::W4A16Gemm` node instead (see plugin.py).
@@ -63,6 +65,8 @@ class LinearEmitter:
             codes = g.init(f"{name}.qweight", t["qweight"].t())
             s = self._t(f"{name}.scales", t["scales"].reshape(-1))
             w = g.op("DequantizeLinear", [codes, s], f"{name}.w", axis=1)
+        elif kind == "w8a16_group":
+            w = self._w8_groups(name, meta, t)
         elif kind == "w4a16":
             if self.w4_gemm == "plugin":
                 return self._bias(self._w4_plugin(x, name, meta, t), name, t)
@@ -96,6 +100,19 @@ class LinearEmitter:
         ]
         if zp is not None:
             ins.append(g.init(f"{name}.zeros", zp, "int4"))
+        return g.op(
+            "DequantizeLinear", ins, f"{name}.w", axis=0, block_size=int(meta["group_size"])
+        )
+
+    def _w8_groups(self, name: str, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> str:
+        """W8A16_GPTQ: INT8 codes [K, N], blocked DQ along K (scales [K/G, N], zero points)."""
+        g = self.g
+        ins = [
+            g.init(f"{name}.qweight", t["qweight"].t()),
+            self._t(f"{name}.scales", t["scales"].t()),
+        ]
+        if "zeros" in t:
+            ins.append(g.init(f"{name}.zeros", t["zeros"].t()))
         return g.op(
             "DequantizeLinear", ins, f"{name}.w", axis=0, block_size=int(meta["group_size"])
         )

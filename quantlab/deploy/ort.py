@@ -14,7 +14,21 @@ import numpy as np
 
 from quantlab.errors import InputError
 
-_NP_KV = {"int8": np.int8, "fp16": np.float16, "fp32": np.float32}
+# onnxruntime type string -> ONNX element type, and the numpy dtype holding its bytes
+_ONNX_ELEM = {
+    "tensor(float)": 1,
+    "tensor(int8)": 3,
+    "tensor(float16)": 10,
+    "tensor(bfloat16)": 16,
+    "tensor(float8e4m3fn)": 17,
+}
+_STORAGE_NP: dict[int, Any] = {
+    1: np.float32,
+    3: np.int8,
+    10: np.float16,
+    16: np.uint16,
+    17: np.uint8,
+}
 
 
 def _session(path: Path) -> Any:
@@ -45,48 +59,46 @@ class OrtDecoder:
         self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.kv_type = past.type
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length past K/V for every layer."""
-        dt = self._kv_np()
+    def empty_cache(self, batch: int) -> dict[str, Any]:
+        """Zero-length past K/V (OrtValues, so fp8 caches need no numpy float8) for every layer."""
+        import onnxruntime as ort
+
         shape = (batch, self.kv_heads, 0, self.head_dim)
+        elem = _ONNX_ELEM[self.kv_type]
         return {
-            f"past_key_values.{i}.{w}": np.zeros(shape, dt)
+            f"past_key_values.{i}.{w}": ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.zeros(shape, _STORAGE_NP[elem]), elem
+            )
             for i in range(self.layers)
             for w in ("key", "value")
         }
 
-    def _kv_np(self) -> Any:
-        t = self.kv_type
-        if "float8" in t:
-            import ml_dtypes
-
-            return ml_dtypes.float8_e4m3fn
-        if "bfloat16" in t:
-            import ml_dtypes
-
-            return ml_dtypes.bfloat16
-        return {"tensor(int8)": np.int8, "tensor(float16)": np.float16}.get(t, np.float32)
-
     def step(
-        self, ids: np.ndarray, past: dict[str, np.ndarray], start: int
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run tokens ids int64 [B, S] at positions start.. after past; (logits [B, S, V], cache)."""
+        self, ids: np.ndarray, past: dict[str, Any], start: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Run tokens ids int64 [B, S] at positions start.. after past; (logits [B, S, V], cache).
+
+        The cache stays in onnxruntime (OrtValues): present outputs are fed back as the next past."""
+        import onnxruntime as ort
+
         b, s = ids.shape
-        feed = {
+        arrays = {
             "input_ids": ids.astype(np.int64),
-            "position_ids": np.broadcast_to(np.arange(start, start + s), (b, s)).astype(np.int64),
+            "position_ids": np.ascontiguousarray(
+                np.broadcast_to(np.arange(start, start + s), (b, s)).astype(np.int64)
+            ),
             "attention_mask": np.ones((b, start + s), np.int64),
-            **past,
         }
-        outs = self.sess.run(None, feed)
+        feed = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
         names = [o.name for o in self.sess.get_outputs()]
+        outs = self.sess.run_with_ort_values(names, {**feed, **past})
         res = dict(zip(names, outs, strict=True))
         cache = {
             k.replace("present.", "past_key_values."): v
             for k, v in res.items()
             if k.startswith("present.")
         }
-        return res["logits"], cache
+        return res["logits"].numpy(), cache
 
     def score(self, ids: list[int], split: int | None = None) -> np.ndarray:
         """float32 logits [S, V] of one sequence; with split, tokens [split:] run one at a time

@@ -83,9 +83,10 @@ def _w4_layout(settings: BuildSettings) -> str:
 
 
 def convert_layers(
-    ckpt: Checkpoint, layout: str, show_progress: bool
+    ckpt: Checkpoint, layout: str, show_progress: bool, int8_groups: bool = False
 ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """(linear metas by engine name, engine tensors by name) for every layer and lm_head."""
+    """(linear metas by engine name, engine tensors by name) for every layer and lm_head
+    (int8_groups: see convert_linear)."""
     spec, q = ckpt.spec, ckpt.quant
     algo, group = q.get("quant_algo"), int(q.get("group_size") or 128)
     dtype = spec.torch_dtype
@@ -99,7 +100,7 @@ def convert_layers(
 
     for i in tqdm(range(spec.num_layers), desc="build", unit="layer", disable=not show_progress):
         lins = {
-            n: convert_linear(ckpt.layer(i, t), algo, group, dtype, f"layer {i} {t}")
+            n: convert_linear(ckpt.layer(i, t), algo, group, dtype, f"layer {i} {t}", int8_groups)
             for n, t in LAYER_LINEARS.items()
         }
         fused = fuse([lins["gate"], lins["up"]])

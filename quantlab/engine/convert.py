@@ -63,14 +63,36 @@ def to_layout(lin: Linear, layout: str) -> Linear:
     }
 
 
+def _int8_groups(t: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> Linear:
+    """W8A16_GPTQ as codes int8 [N, K], scales [N, K/G] and (asymmetric) zero points int8
+    [N, K/G] with w = (q - zp) * s; the checkpoint's float zero (128 - z) * s gives zp = z - 128."""
+    s = t["weights_scaling_factor"].float()  # [K/G, N]
+    meta = {"kind": "w8a16_group", "group_size": t["weight"].shape[1] // s.shape[0]}
+    out = {"qweight": t["weight"].contiguous(), "scales": s.t().to(dtype).contiguous()}
+    if "zero" in t:
+        z = 128.0 - t["zero"].float() / s
+        zr = torch.round(z)
+        if float((z - zr).abs().max()) > 0.25:
+            raise InputError(
+                f"{where}: the W8A16_GPTQ zero is not (128 - z) * scale for an integer z; the "
+                "checkpoint was not written by quantlab's export."
+            )
+        out["zeros"] = (zr - 128).to(torch.int8).t().contiguous()
+    return meta, {**out, **_bias(t, dtype)}
+
+
 def convert_linear(
     t: dict[str, torch.Tensor],
     algo: str | None,
     group_size: int,
     dtype: torch.dtype,
     where: str,
+    int8_groups: bool = False,
 ) -> Linear:
-    """Engine linear from one checkpoint linear's tensors (weight, scales, ...; see docs/export.md)."""
+    """Engine linear from one checkpoint linear's tensors (weight, scales, ...; see docs/export.md).
+
+    int8_groups: W8A16_GPTQ stays int8 codes (kind w8a16_group, for the ONNX export's blocked
+    DequantizeLinear) instead of being dequantized for the float GEMM."""
     w = t["weight"]
     quantized = any(
         k in t for k in ("per_channel_scale", "weights_scaling_factor", "act_scale", "zero")
@@ -115,6 +137,8 @@ def convert_linear(
             **_bias(t, dtype),
         }
         return meta, tensors
+    if algo == "W8A16_GPTQ" and int8_groups:
+        return _int8_groups(t, dtype, where)
     if algo == "W8A16_GPTQ":
         # No group-wise int8 kernel exists in quantlab.kernels: dequantize once at build time and
         # run the float GEMM (correct, no weight-memory saving; said in config.json and the docs).
