@@ -19,6 +19,7 @@ from quantlab.errors import (
 )
 
 if TYPE_CHECKING:
+    from quantlab.engine.config import BuildSettings
     from quantlab.engine.runtime import Engine
 
 log = logging.getLogger("quantlab")
@@ -205,6 +206,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         w4_layout=args.w4_layout,
         backend=args.backend,
     )
+    if args.backend == "tensorrt":
+        return _build_tensorrt(args, settings)
     tok = Path(args.tokenizer) if args.tokenizer else None
     cfg = build_engine(
         Path(args.checkpoint), Path(args.output), settings, tok, args.overwrite, not args.quiet
@@ -215,6 +218,32 @@ def _cmd_build(args: argparse.Namespace) -> int:
         f"{', '.join(kinds)}, max_seq_len {cfg.max_seq_len}"
     )
     return 0
+
+
+def _build_tensorrt(args: argparse.Namespace, settings: BuildSettings) -> int:
+    from quantlab.deploy.build import TrtSettings, build_trt_engine
+
+    trt = TrtSettings(
+        w4_gemm=args.w4_gemm, target_sm=args.target_sm, keep_onnx=args.keep_onnx, builder=None
+    )
+    cfg = build_trt_engine(
+        Path(args.checkpoint), Path(args.output), settings, trt, args.overwrite, not args.quiet
+    )
+    e = cfg["engine"]
+    print(
+        f"{args.output}: quant_algo {cfg['quant_algo']}, KV cache {cfg['kv_storage']}, "
+        f"{cfg['builder']['name']} {cfg['builder']['version']} for SM{cfg['target_sm']}, "
+        f"{_size(e['bytes'])} {e['file']} in {e['build_seconds']:.1f} s, plugins "
+        f"{', '.join(cfg['plugins']) or 'none'}"
+    )
+    for w in cfg["builder_warnings"]:
+        print(f"  builder warning: {w}")
+    return 0
+
+
+def _size(n: int) -> str:
+    """n bytes the way the seed reports engine sizes (M / G)."""
+    return f"{n / 2**30:.2f} G" if n >= 2**30 else f"{n / 2**20:.1f} M"
 
 
 def _engine(args: argparse.Namespace) -> Engine:
@@ -336,7 +365,16 @@ def _add_engine_verbs(sub: argparse._SubParsersAction) -> None:
         help="KV pool budget (default: 90%% of free GPU memory)",
     )
     b.add_argument("--w4-layout", default="auto", help="auto|checkpoint|hopper")
-    b.add_argument("--backend", default="torch", help="torch (quantlab's engine)")
+    b.add_argument(
+        "--backend", default="torch", help="torch (quantlab's engine) | tensorrt (ONNX -> engine)"
+    )
+    b.add_argument(
+        "--w4-gemm", default="native", help="tensorrt: native (INT4 DQ + MatMul) | plugin"
+    )
+    b.add_argument(
+        "--target-sm", default=None, help="tensorrt: compute capability, e.g. 89 (default: local)"
+    )
+    b.add_argument("--keep-onnx", action="store_true", help="tensorrt: keep onnx/ in the folder")
     b.add_argument(
         "--tokenizer", default=None, help="tokenizer folder (default: CHECKPOINT/quantlab)"
     )

@@ -5,16 +5,16 @@ pattern TensorRT fuses with the DequantizeLinear (DQ) in front of it:
 
 - float: W in the compute dtype.
 - w8a16: INT8 codes, DQ per output channel (axis 1, scale [N]).
-- w8a16_group (W8A16_GPTQ): INT8 codes, blocked DQ (axis 0, block_size = group), INT8 zero
-  points when asymmetric.
-- w4a16: INT4 codes, blocked DQ (axis 0, block_size = group, scale [K/G, N]); asymmetric groups add
-  an INT4 zero point (z - 8, so that the stored signed codes dequantize as (u - z) * s). With
+- w8a16_group (W8A16_GPTQ): INT8 codes, blocked DQ (axis 0, block_size = group).
+- w4a16: INT4 codes, blocked DQ (axis 0, block_size = group, scale [K/G, N]). With
   w4_gemm="plugin" the linear is one `quantlab::W4A16Gemm` node instead (see plugin.py).
 - fp8: activations through QuantizeLinear/DQ pairs in FLOAT8E4M3FN with the checkpoint's static
   scale, weights DQ per tensor or per channel. Per-token activation scales have no constant
   Q/DQ form: they are computed in the graph (amax / 448) and applied by a saturating Cast.
 - w8a8 (SmoothQuant): INT8 Q/DQ on the activations with the static scale (per-token: amax / 127,
   Round, Clip), INT8 weights with DQ per channel.
+Asymmetric groups: TensorRT's DequantizeLinear refuses non-zero zero points, so
+y = x @ DQ(q) - GroupSum(x) @ (zp * s), the second GEMM 1/G the size (see _zero_term).
 Scales become the compute dtype (DequantizeLinear's output dtype is its scale's).
 """
 
@@ -49,6 +49,7 @@ class LinearEmitter:
         self.dtype = dtype
         self.w4_gemm = w4_gemm
         self.kinds: dict[str, int] = {}
+        self._zp: torch.Tensor | None = None  # zero points [K/G, N] of the linear being written
 
     def _t(self, name: str, t: torch.Tensor) -> str:
         return self.g.init(name, t.to(self.dtype))
@@ -65,12 +66,14 @@ class LinearEmitter:
             codes = g.init(f"{name}.qweight", t["qweight"].t())
             s = self._t(f"{name}.scales", t["scales"].reshape(-1))
             w = g.op("DequantizeLinear", [codes, s], f"{name}.w", axis=1)
-        elif kind == "w8a16_group":
-            w = self._w8_groups(name, meta, t)
-        elif kind == "w4a16":
-            if self.w4_gemm == "plugin":
+        elif kind in ("w8a16_group", "w4a16"):
+            if kind == "w4a16" and self.w4_gemm == "plugin":
                 return self._bias(self._w4_plugin(x, name, meta, t), name, t)
-            w = self._w4_dq(name, meta, t)
+            w = (self._w8_groups if kind == "w8a16_group" else self._w4_dq)(name, meta, t)
+            y = g.op("MatMul", [x, w], name)
+            if self._zp is not None:
+                y = g.op("Sub", [y, self._zero_term(x, name, meta, t["scales"].t())])
+            return self._bias(y, name, t)
         elif kind == "fp8":
             x, w = self._fp8(x, name, meta, t)
         elif kind == "w8a8":
@@ -94,45 +97,59 @@ class LinearEmitter:
     def _w4_dq(self, name: str, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> str:
         g = self.g
         q, zp = self._w4_codes(t)
+        self._zp = zp
         ins = [
             g.init(f"{name}.qweight", q, "int4"),
             self._t(f"{name}.scales", t["scales"].t()),
         ]
-        if zp is not None:
-            ins.append(g.init(f"{name}.zeros", zp, "int4"))
         return g.op(
             "DequantizeLinear", ins, f"{name}.w", axis=0, block_size=int(meta["group_size"])
         )
 
     def _w8_groups(self, name: str, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> str:
-        """W8A16_GPTQ: INT8 codes [K, N], blocked DQ along K (scales [K/G, N], zero points)."""
+        """W8A16_GPTQ: INT8 codes [K, N], blocked DQ along K (scales [K/G, N])."""
         g = self.g
+        z = t.get("zeros")
+        self._zp = None if z is None else z.t()
         ins = [
             g.init(f"{name}.qweight", t["qweight"].t()),
             self._t(f"{name}.scales", t["scales"].t()),
         ]
-        if "zeros" in t:
-            ins.append(g.init(f"{name}.zeros", t["zeros"].t()))
         return g.op(
             "DequantizeLinear", ins, f"{name}.w", axis=0, block_size=int(meta["group_size"])
         )
 
+    def _zero_term(self, x: str, name: str, meta: dict[str, Any], scales: torch.Tensor) -> str:
+        """x @ Z for Z [K, N] = zp * s repeated over each group, as GroupSum(x) [.., K/G] @ (zp * s)
+        [K/G, N] in float32: TensorRT's DequantizeLinear takes no zero point, so an asymmetric
+        weight is DQ(codes) minus this term (exact: (q - zp) * s = q * s - zp * s)."""
+        g, zp = self.g, self._zp
+        assert zp is not None
+        grp = int(meta["group_size"])
+        m = g.init(f"{name}.zero_scale", (zp.float() * scales.float()).contiguous())
+        xf = g.op("Cast", [x], f"{name}.xf", to=1)
+        xg = g.op("Reshape", [xf, g.const([0, 0, -1, grp])])
+        sums = g.op("ReduceSum", [xg, g.const([-1])], f"{name}.gsum", keepdims=0)
+        corr = g.op("MatMul", [sums, m], f"{name}.zero_term")
+        return g.op("Cast", [corr], to=ONNX_FLOAT[self.dtype])
+
     def _w4_plugin(
         self, x: str, name: str, meta: dict[str, Any], t: dict[str, torch.Tensor]
     ) -> str:
-        """One quantlab::W4A16Gemm node: x, INT4 codes [K, N], scales [K/G, N] (, zero points)."""
+        """One quantlab::W4A16Gemm node over the kernels' own layout (see plugin.py)."""
         g = self.g
-        q, zp = self._w4_codes(t)
-        ins = [x, g.init(f"{name}.qweight", q, "int4"), self._t(f"{name}.scales", t["scales"].t())]
-        if zp is not None:
-            ins.append(g.init(f"{name}.zeros", zp, "int4"))
+        ins = [x, g.init(f"{name}.qweight", t["qweight"]), self._t(f"{name}.scales", t["scales"])]
+        if "zeros" in t:
+            ins.append(g.init(f"{name}.zeros", t["zeros"].to(torch.uint8)))
         return g.op(
             W4_PLUGIN_OP,
             ins,
             name,
             domain=CUSTOM_DOMAIN,
             group_size=int(meta["group_size"]),
-            has_zeros=int(zp is not None),
+            has_zeros=int("zeros" in t),
+            plugin_namespace=CUSTOM_DOMAIN,
+            plugin_version="1",
         )
 
     def _fp8(

@@ -18,7 +18,12 @@ from quantlab.errors import InputError
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
 PIP_PACKAGE = {"tensorrt": "tensorrt-cu13", "tensorrt_rtx": "tensorrt-rtx-cu13"}
-DEFAULT_SM = "89"  # on a machine without a GPU (the newest RTX target before Blackwell)
+DEFAULT_SM = "89"
+# Builder warnings that are expected for quantlab's graphs (not fallbacks): int64 token/position
+# inputs, which the caller binds as int64.
+EXPECTED_WARNINGS = (
+    "has Int64 binding",
+)  # on a machine without a GPU (the newest RTX target before Blackwell)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,10 @@ class BuiltEngine:
     def warnings(self) -> list[str]:
         """The builder's WARNING and ERROR lines."""
         return [m for sev, m in self.log if sev in ("WARNING", "ERROR", "INTERNAL_ERROR")]
+
+    def unexpected_warnings(self) -> list[str]:
+        """warnings() less the EXPECTED_WARNINGS: fallbacks and conversions nobody asked for."""
+        return [m for m in self.warnings() if not any(e in m for e in EXPECTED_WARNINGS)]
 
 
 def _target(trt: ModuleType, config: Any, sm: str) -> None:

@@ -80,10 +80,10 @@ class BuildSettings:
             )
         if self.w4_layout not in ("auto", "checkpoint", "hopper"):
             probs.append(f"--w4-layout {self.w4_layout} is not auto, checkpoint or hopper")
-        if self.backend != "torch":
+        if self.backend not in ("torch", "tensorrt"):
             probs.append(
-                f"--backend {self.backend!r}: this build stage has the 'torch' backend (quantlab's "
-                "own engine on its kernels)"
+                f"--backend {self.backend!r} is not 'torch' (quantlab's own engine on its kernels) "
+                "or 'tensorrt' (an ONNX graph built into a TensorRT engine)"
             )
         if self.block_size & (self.block_size - 1) or self.block_size < 16:
             probs.append("--block-size must be a power of two >= 16 (the attention kernel's tile)")
@@ -134,6 +134,12 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> EngineConfig:
         """Inverse of to_dict; InputError for another format or version."""
+        if d.get("format") == "quantlab-tensorrt-engine":
+            raise InputError(
+                f"{where} is a TensorRT engine (built with --backend tensorrt for SM"
+                f"{d.get('target_sm')}): run it with TensorRT on such a GPU. quantlab's own runtime "
+                "(generate, bench) runs engines built with --backend torch."
+            )
         if d.get("format") != ENGINE_FORMAT or d.get("version") != ENGINE_VERSION:
             raise InputError(
                 f"{where} is not a quantlab engine of version {ENGINE_VERSION} (format "

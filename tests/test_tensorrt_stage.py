@@ -1,0 +1,340 @@
+"""The TensorRT stage on tiny models: its ONNX graph run by onnxruntime against the simulated model
+of the same QuantState (every quant_algo, prefill and cached decode), real engines built by
+TensorRT-RTX from the command line, the W4 plugin graph, and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from quantlab.deploy.onnx_export import export_decoder
+from quantlab.deploy.ort import OrtDecoder
+from quantlab.engine.checkpoint import load_checkpoint
+from quantlab.export.reload import load_quantized
+from quantlab.pipeline import run_recipe
+from quantlab.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+SQ = {"calibrator": "smoothquant", "args": {"alpha": 0.5}}
+STEPS: dict[str, list[dict[str, Any]]] = {
+    "W8A16": [{"calibrator": "rtn", "args": {"format": "int8_channel"}}],
+    "W4A16": [{"calibrator": "rtn", "args": {"format": "int4_channel"}}],
+    "W4A16_AWQ": [{"calibrator": "awq", "args": {"format": "int4_g32_sym"}}],
+    "W4A16_GPTQ": [
+        {
+            "calibrator": "gptq",
+            "args": {"format": "int4_g32_asym", "act_order": True, "static_groups": True},
+        }
+    ],
+    "W8A16_GPTQ": [{"calibrator": "gptq", "args": {"format": "int8_g32_sym"}}],
+    "W8A16_GPTQ_ASYM": [{"calibrator": "gptq", "args": {"format": "int8_g32_asym"}}],
+    "FP8": [{"calibrator": "fp8", "args": {}}],
+    "FP8_PER_CHANNEL_PER_TOKEN": [
+        {"calibrator": "fp8", "args": {"weights": "channel", "activations": "dynamic_token"}}
+    ],
+    "W8A8_SQ_PER_CHANNEL": [SQ],
+    "W8A8_SQ_PER_TENSOR_PLUGIN": [{**SQ, "args": {"alpha": 0.5, "weights": "tensor"}}],
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": [
+        {**SQ, "args": {"alpha": 0.5, "activations": "dynamic_token"}}
+    ],
+    "INT8KV": [
+        {"calibrator": "rtn", "args": {"format": "int4_g32_asym"}},
+        {"calibrator": "kv_cache", "args": {"format": "int8"}},
+    ],
+    "FP8KV": [
+        {"calibrator": "fp8", "args": {}},
+        {"calibrator": "kv_cache", "args": {"format": "fp8"}},
+    ],
+    "FLOAT": [{"calibrator": "kv_cache", "args": {"format": "int8"}}],  # quant_algo null
+}
+# the ONNX form of each algo's linears (onnx_linear.py)
+KIND = {"W8A16": "w8a16", "W8A16_GPTQ": "w8a16_group", "W8A16_GPTQ_ASYM": "w8a16_group"}
+KIND |= {a: "w4a16" for a in ("W4A16", "W4A16_AWQ", "W4A16_GPTQ", "INT8KV")}
+KIND |= {a: "fp8" for a in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8KV")}
+KIND |= {a: "w8a8" for a in STEPS if a.startswith("W8A8")} | {"FLOAT": "float"}
+PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+
+
+@pytest.fixture(scope="module")
+def run_for(
+    tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory, emma: Path
+) -> Callable[..., Path]:
+    """(family, algo, export dtype) -> a finished `quantlab run` folder of the tiny model, cached."""
+    made: dict[tuple[str, str, str], Path] = {}
+
+    def make(family: str, algo: str, dtype: str = "float32") -> Path:
+        if (family, algo, dtype) not in made:
+            root = tmp_path_factory.mktemp(f"trt-{family}-{algo}-{dtype}")
+            data = {"source": "file", "num_samples": 4, "seq_len": 64, "bos_id": 0}
+            recipe = Recipe.model_validate(
+                {
+                    "name": f"tiny-{algo}",
+                    "model": {"source": str(tiny_model(family))},
+                    "calibration": {**data, "path": str(emma)},
+                    "steps": STEPS[algo],
+                    "export": {"output_dir": str(root / "run"), "dtype": dtype},
+                    "evaluation": {"enabled": False},
+                }
+            )
+            run_recipe(recipe, root, show_progress=False)
+            made[(family, algo, dtype)] = root / "run"
+        return made[(family, algo, dtype)]
+
+    return make
+
+
+def _ids(run: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
+    return [0, *tok(PROMPT, add_special_tokens=False).input_ids]
+
+
+def _export(run: Path, tmp: Path, **kw: Any) -> tuple[OrtDecoder, Any]:
+    ckpt = load_checkpoint(run)
+    kv = {"INT8": "int8", "FP8": "fp8"}.get(ckpt.quant.get("kv_cache_quant_algo") or "", "fp32")
+    dec = export_decoder(ckpt, torch.float32, kv, **kw)
+    onnx.checker.check_model(dec.model, full_check=True)
+    path = tmp / "model.onnx"
+    onnx.save(dec.model, str(path))
+    return OrtDecoder(path), dec
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    ("family", "algo"),
+    [("llama", a) for a in STEPS]
+    + [
+        ("llama", "W8A16_GPTQ_ASYM"),
+        ("qwen2", "W4A16_GPTQ"),
+        ("mistral", "W8A8_SQ_PER_CHANNEL"),
+        ("qwen2", "FP8KV"),
+    ],
+)
+def test_onnx_logits_match_simulated_model(
+    run_for: Callable[..., Path], tmp_path: Path, family: str, algo: str
+) -> None:
+    """onnxruntime on the fp32 graph reproduces the fp32 simulated model at (almost) every
+    position: a wrong code, scale, zero point, layout or KV scale moves every position's logits by
+    far more than the 1e-4 allowed. Quantized activations may land on the other side of a rounding
+    boundary when the graph sums in another order: such a flip moves one position, not all."""
+    run = run_for(family, algo)
+    sess, dec = _export(run, tmp_path)
+    assert dec.linear_kinds.get(KIND[algo]) == 8, (
+        dec.linear_kinds
+    )  # 2 layers x qkv, dense, gate_up, proj
+    ids = _ids(run)
+    sim, _ = load_quantized(run / "quantlab")
+    with torch.no_grad():
+        want = sim(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    got = sess.score(ids)
+    cached = sess.score(ids, split=len(ids) - 4)  # prefill, then 4 decode steps through the cache
+    for logits in (got, cached):
+        per_pos = np.linalg.norm(logits - want, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert float((per_pos < 1e-4).mean()) >= 0.85, per_pos
+        assert _rel(logits, want) < 2e-2
+    assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.9
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from quantlab.cli import main
+
+    rc = main(["--quiet", *argv])
+    got = capsys.readouterr()
+    return rc, got.out, got.err
+
+
+SHAPE = ["--max-batch-size", "2", "--max-input-len", "32", "--max-seq-len", "64"]
+
+
+def _build(run: Path, out: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, Any]:
+    rc, stdout, err = _cli(
+        ["build", str(run), "-o", str(out), "--backend", "tensorrt", *SHAPE, *extra], capsys
+    )
+    assert rc == 0, err
+    assert "rank0.engine" in stdout
+    return dict(json.loads((out / "config.json").read_text()))
+
+
+def test_tensorrt_engines_store_8_and_4_bit_weights(
+    run_for: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Real engines built by TensorRT-RTX for fp16, W8A16 and W4A16 checkpoints of one model: the
+    engines differ by what the linear weights save (2 -> 1 -> 0.5 bytes per weight), so neither
+    quantized mode was dequantized to fp16 inside the builder; the builder log has no warning
+    beyond the expected int64-input notes."""
+    sizes = {}
+    for algo in ("FLOAT", "W8A16", "W4A16"):
+        cfg = _build(run_for("llama", algo, "float16"), tmp_path / algo, capsys, "--keep-onnx")
+        assert cfg["format"] == "quantlab-tensorrt-engine" and cfg["builder"]["name"]
+        assert cfg["builder_warnings"] == [], cfg["builder_warnings"]
+        assert (tmp_path / algo / "onnx" / "model.onnx").is_file()
+        assert [p["name"] for p in cfg["profiles"]] == ["prefill", "decode"]
+        data = (tmp_path / algo / "rank0.engine").read_bytes()
+        assert len(data) == cfg["engine"]["bytes"] > 0
+        sizes[algo] = len(data)
+    weights = 2 * (128 * 256 + 128 * 128 + 128 * 512 + 256 * 128)  # qkv, dense, gate_up, proj
+    saved_8, saved_4 = sizes["FLOAT"] - sizes["W8A16"], sizes["W8A16"] - sizes["W4A16"]
+    assert 0.75 * weights < saved_8 < 1.25 * weights, (sizes, weights)  # 1 byte per weight
+    assert 0.35 * weights < saved_4 < 0.65 * weights, (sizes, weights)  # half a byte more
+
+
+def test_w4_plugin_graph_lowers_to_the_native_graph(
+    run_for: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The quantlab::W4A16Gemm graph carries the kernels' own layout; lowered back to DQ + MatMul it
+    computes exactly what the native graph computes. TensorRT-RTX cannot host the plugin, so
+    `--w4-gemm plugin` builds the native path and says why in config.json."""
+    from quantlab.deploy.plugin import lower_plugins
+
+    run = run_for("llama", "W4A16_GPTQ")
+    ckpt = load_checkpoint(run)
+    plug = export_decoder(ckpt, torch.float32, "fp32", w4_gemm="plugin")
+    assert plug.custom_ops == ["quantlab::W4A16Gemm"]
+    onnx.save(lower_plugins(plug.model), str(tmp_path / "lowered.onnx"))
+    onnx.save(export_decoder(ckpt, torch.float32, "fp32").model, str(tmp_path / "native.onnx"))
+    ids = _ids(run)
+    lowered = OrtDecoder(tmp_path / "lowered.onnx").score(ids)
+    native = OrtDecoder(tmp_path / "native.onnx").score(ids)
+    assert np.array_equal(lowered, native)
+    cfg = _build(run, tmp_path / "eng", capsys, "--w4-gemm", "plugin")
+    w4 = cfg["w4_gemm"]
+    assert w4["requested"] == "plugin"
+    if w4["used"] == "native":  # TensorRT-RTX: no add_plugin_v3
+        assert "cannot host custom plugins" in w4["fallback_reason"] and cfg["plugins"] == []
+    else:  # a standard TensorRT: the plugin is in the engine
+        assert b"W4A16Gemm" in (tmp_path / "eng" / "rank0.engine").read_bytes()
+
+
+def test_tensorrt_build_refuses_bad_input(
+    run_for: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Each bad input: exit 2, one message naming the cause and the fix, no engine folder."""
+    run = run_for("llama", "W8A16")
+    out = tmp_path / "eng"
+    cases = [
+        (["--w4-gemm", "fast"], "--w4-gemm 'fast'"),
+        (["--target-sm", "sm89"], "give the compute capability as digits"),
+        (["--target-sm", "90"], "no Hopper SM90 target"),
+        (["--kv-cache-dtype", "int8"], "no KV-cache scales"),
+        (["--max-input-len", "64"], "must exceed --max-input-len"),
+    ]
+    for extra, msg in cases:
+        rc, _, err = _cli(
+            ["build", str(run), "-o", str(out), "--backend", "tensorrt", *SHAPE, *extra], capsys
+        )
+        assert rc == 2 and msg in err, (extra, err)
+        assert "Traceback" not in err and not out.exists()
+    rc, _, err = _cli(["build", str(run), "-o", str(out), "--backend", "trt"], capsys)
+    assert rc == 2 and "'tensorrt'" in err
+    _build(run, out, capsys)
+    rc, _, err = _cli(["build", str(run), "-o", str(out), "--backend", "tensorrt"], capsys)
+    assert rc == 2 and "--overwrite" in err
+    rc, _, err = _cli(["generate", str(out), "--input-text", "Emma"], capsys)
+    assert rc == 2 and "is a TensorRT engine" in err
+
+
+def test_missing_builder_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither tensorrt nor tensorrt_rtx importable: an InputError naming the package to install."""
+    import builtins
+
+    from quantlab.deploy.tensorrt import load_builder
+    from quantlab.errors import InputError
+
+    real = builtins.__import__
+
+    def fake(name: str, *a: Any, **kw: Any) -> Any:
+        if name in ("tensorrt", "tensorrt_rtx"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(InputError, match="pip install tensorrt-rtx-cu13"):
+        load_builder()
+
+
+# SmolLM2 modes of the slow tier: recipe, extra --set overrides (short calibration), whether the
+# activations are quantized (then the comparison is against the sim's own summation-order noise).
+SMOLLM2 = {
+    "W8A16": ("smollm2_int8_wo.yaml", (), False),
+    "W4A16_g64_sym": ("smollm2_int4_g64_sym.yaml", (), False),
+    "W4A16_GPTQ_g64_asym": ("smollm2_int4_g64_gptq_asym.yaml", (), False),
+    "W4A16_AWQ": ("smollm2_int4_g64_awq_sym.yaml", (), False),
+    "W8A16_GPTQ": ("smollm2_int8_gptq.yaml", (), False),
+    "FP8": ("smollm2_fp8.yaml", (), True),
+    "FP8_PER_CHANNEL_PER_TOKEN": ("smollm2_fp8_channel_token.yaml", (), True),
+    "W8A8_SQ": ("smollm2_int8_sq.yaml", (), True),
+    "W8A8_SQ_PER_TOKEN": ("smollm2_int8_sq_token.yaml", (), True),
+    "W8A8_SQ_INT8KV": ("smollm2_int8_sq_int8kv.yaml", (), True),
+    "FP8_FP8KV": ("smollm2_fp8_fp8kv.yaml", (), True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(SMOLLM2))
+def test_smollm2_onnx_matches_simulated_model(
+    mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], emma: Path, pride: Path
+) -> None:
+    """The embedded SmolLM2 in every exported mode (fp32 checkpoint, 8 calibration windows of 256
+    tokens): onnxruntime on the graph against the fp32 simulated model over a 64-token Austen
+    window, prefill and cached decode. Weight-only modes: 1e-4 at every position. Modes that
+    quantize activations are ill-conditioned on SmolLM2 (the simulated model in float64 differs
+    from itself in float32 by ~0.1 relative, a rounding flip in one layer compounding through 30):
+    there the graph must be as close to the fp32 model as the float64 model is."""
+    from quantlab.cli import main
+    from quantlab.qmodules import QuantLinear
+
+    recipe, sets, acts = SMOLLM2[mode]
+    args = [
+        "--quiet",
+        "run",
+        str(REPO / "recipes" / recipe),
+        "--set",
+        f"export.output_dir={tmp_path / 'run'}",
+    ]
+    for s in (
+        "export.dtype=float32",
+        "evaluation.enabled=false",
+        "calibration.num_samples=8",
+        "calibration.seq_len=256",
+        *sets,
+    ):
+        args += ["--set", s]
+    assert main(args) == 0, capsys.readouterr().err
+    run = tmp_path / "run"
+    sess, _ = _export(run, tmp_path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
+    ids = [0, *tok(pride.read_text()[20000:24000], add_special_tokens=False).input_ids[:63]]
+    sim, _ = load_quantized(run / "quantlab")
+    with torch.no_grad():
+        want = sim(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    got, cached = sess.score(ids), sess.score(ids, split=48)
+    if not acts:
+        for logits in (got, cached):
+            per_pos = np.linalg.norm(logits - want, axis=-1) / np.linalg.norm(want, axis=-1)
+            assert float(per_pos.max()) < 1e-4, per_pos.max()
+        return
+    sim64 = sim.double()
+    for m in sim64.modules():
+        if isinstance(m, QuantLinear) and m.input_scale is not None:
+            m.input_scale = m.input_scale.float()  # scales stay as exported
+    with torch.no_grad():
+        w64 = sim64(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    noise = _rel(w64, want)
+    for logits in (got, cached):
+        assert _rel(logits, want) < 2 * noise + 1e-3, (_rel(logits, want), noise)
+        agree = float((logits.argmax(-1) == want.argmax(-1)).mean())
+        assert agree >= float((w64.argmax(-1) == want.argmax(-1)).mean()) - 0.1
