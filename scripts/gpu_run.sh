@@ -4,6 +4,8 @@
 #   timing  python -m quantlab.kernels.bench --skip-check (the docs/kernels.md table)
 #   check   python -m quantlab.kernels.bench --skip-timing (fp64 check of all shapes x M)
 #   w8      python -m quantlab.kernels.bench --w8 (every W8A16 plan: fp64 check + graph timing)
+#   aot     the W4A16 plugin kernel compiled ahead of time for this SM, launched from its cubin
+#           through the CUDA driver API (tests/test_aot_gpu.py)
 #   hopper  python -m quantlab.kernels.bench --hopper, M >= 64 (every W4 plan auto weighs on the
 #           Hopper layout: fp64 check + graph timing)
 # Results go under $OUT (default ./gpu_out). Prebuilt CUDA libraries in .cuda_cache are used when
@@ -11,7 +13,7 @@
 set -euo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-python3 -c "import pydantic" 2>/dev/null || python3 -m pip install --no-deps --no-index -q .gpuwheels/*.whl
+python3 -c "import pydantic" 2>/dev/null || [ ! -d .gpuwheels ] || python3 -m pip install --no-deps --no-index -q .gpuwheels/*.whl
 export PYTHONPATH=$PWD QUANTLAB_CUDA_CACHE=${QUANTLAB_CUDA_CACHE:-$PWD/.cuda_cache}
 shapes=28672x8192,8192x28672,4096x4096,11008x4096,4096x11008,14336x4096
 for stage in "$@"; do
@@ -27,7 +29,9 @@ for stage in "$@"; do
         grep -E "^W8" "$out/w8.txt" | cut -c1-300 ;;
     hopper) python3 -m quantlab.kernels.bench --hopper --shapes $shapes --ms 64,256,1024,4096 \
               --out "$out/h" > "$out/hopper.txt" 2>&1; grep -E "^W4" "$out/hopper.txt" | cut -c1-400 ;;
-    *) echo "unknown stage $stage (tests, timing, check, w8, hopper)"; exit 2 ;;
+    aot) python3 -m pytest -q -p no:cacheprovider tests/test_aot_gpu.py 2>&1 | tee "$out/aot.txt" \
+           | tail -15 ;;
+    *) echo "unknown stage $stage (tests, timing, check, w8, hopper, aot)"; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s"
 done

@@ -116,7 +116,6 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     ("family", "algo"),
     [("llama", a) for a in STEPS]
     + [
-        ("llama", "W8A16_GPTQ_ASYM"),
         ("qwen2", "W4A16_GPTQ"),
         ("mistral", "W8A8_SQ_PER_CHANNEL"),
         ("qwen2", "FP8KV"),
@@ -155,6 +154,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return rc, got.out, got.err
 
 
+PLUGIN = ["--w4-gemm", "plugin"]
 SHAPE = ["--max-batch-size", "2", "--max-input-len", "32", "--max-seq-len", "64"]
 
 
@@ -235,14 +235,16 @@ def test_w4_plugin_graph_lowers_to_the_native_graph(
     run_for: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """The quantlab::W4A16Gemm graph carries the kernels' own layout; lowered back to DQ + MatMul it
-    computes what the native graph computes (to float32 rounding). TensorRT-RTX cannot host the plugin, so
-    `--w4-gemm plugin` builds the native path and says why in config.json."""
+    computes what the native graph computes (to float32 rounding). `--w4-gemm plugin` compiles the
+    Triton kernel ahead of time for the target SM (PTX + cubin per group config in plugins/);
+    TensorRT-RTX cannot host the plugin, so the engine itself takes the native path and
+    config.json says why."""
     from quantlab.deploy.plugin import lower_plugins
 
-    run = run_for("llama", "W4A16_GPTQ")
+    run = run_for("llama", "W4A16_GPTQ", "float16")
     ckpt = load_checkpoint(run)
     plug = export_decoder(ckpt, torch.float32, "fp32", w4_gemm="plugin")
-    assert plug.custom_ops == ["quantlab::W4A16Gemm"]
+    assert plug.custom_ops == ["quantlab::W4A16Gemm"] and plug.w4_configs == [(32, True)]
     onnx.save(lower_plugins(plug.model), str(tmp_path / "lowered.onnx"))
     onnx.save(export_decoder(ckpt, torch.float32, "fp32").model, str(tmp_path / "native.onnx"))
     ids = _ids(run)
@@ -250,13 +252,58 @@ def test_w4_plugin_graph_lowers_to_the_native_graph(
     native = OrtDecoder(tmp_path / "native.onnx").score(ids)
     # the same math: (q - z) * s in the lowered DQ, q * s - z * s in the native graph
     assert _rel(lowered, native) < 1e-5, _rel(lowered, native)
-    cfg = _build(run, tmp_path / "eng", capsys, "--w4-gemm", "plugin")
+    eng = tmp_path / "eng"
+    cfg = _build(run, eng, capsys, "--w4-gemm", "plugin", "--target-sm", "89")
     w4 = cfg["w4_gemm"]
     assert w4["requested"] == "plugin"
     if w4["used"] == "native":  # TensorRT-RTX: no add_plugin_v3
         assert "cannot host custom plugins" in w4["fallback_reason"] and cfg["plugins"] == []
     else:  # a standard TensorRT: the plugin is in the engine
-        assert b"W4A16Gemm" in (tmp_path / "eng" / "rank0.engine").read_bytes()
+        assert b"W4A16Gemm" in (eng / "rank0.engine").read_bytes()
+    index = json.loads((eng / "plugins" / "kernels.json").read_text())["kernels"]
+    assert sorted(r["tiling"] for r in index) == ["decode", "prefill"]
+    assert w4["aot_kernels"] == [f"plugins/{r['cubin']}" for r in index]
+    for r in index:
+        assert (r["group_size"], r["has_zeros"], r["sm"], r["dtype"]) == (32, True, "89", "float16")
+        assert r["bk"] == 32 and len(r["params"]) == 17
+        ptx = (eng / "plugins" / r["ptx"]).read_text()
+        assert ".target sm_89" in ptx and f".entry {r['kernel']}(" in ptx
+        cubin = (eng / "plugins" / r["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF" and r["kernel"].encode() in cubin
+        assert r["shared"] > 0 and r["num_warps"] == 4
+    fp32 = run_for("llama", "W4A16_GPTQ")  # the plugin takes fp16/bf16 activations only
+    rc, _, err = _cli(
+        ["build", str(fp32), "-o", str(tmp_path / "e32"), "--backend", "tensorrt", *SHAPE, *PLUGIN],
+        capsys,
+    )
+    assert rc == 2 and "float16 or bfloat16" in err and not (tmp_path / "e32").exists(), err
+
+
+def test_aot_kernel_refuses_what_it_cannot_serve() -> None:
+    """The AOT W4A16 kernel: power-of-two groups >= 16, fp16/bf16 activations, SM 8.0 and newer."""
+    from quantlab.deploy.aot import check_target, pick
+    from quantlab.errors import InputError
+
+    for args, msg in [
+        ((96, "89", "float16"), "power-of-two group size"),
+        ((8, "89", "float16"), "power-of-two group size"),
+        ((64, "89", "float32"), "float16 or bfloat16"),
+        ((64, "75", "float16"), "SM 8.0 and newer"),
+    ]:
+        with pytest.raises(InputError, match=msg):
+            check_target(*args)
+    check_target(64, "89", "bfloat16")
+    recs = [
+        {"group_size": 64, "has_zeros": False, "bm": 64, "max_m": None, "tiling": "prefill"},
+        {"group_size": 64, "has_zeros": False, "bm": 16, "max_m": 16, "tiling": "decode"},
+    ]
+    assert [pick(recs, 64, False, m)["tiling"] for m in (1, 16, 17)] == [
+        "decode",
+        "decode",
+        "prefill",
+    ]
+    with pytest.raises(KeyError):
+        pick(recs, 128, False, 1)
 
 
 def test_tensorrt_build_refuses_bad_input(
@@ -271,6 +318,7 @@ def test_tensorrt_build_refuses_bad_input(
         (["--target-sm", "90"], "no Hopper SM90 target"),
         (["--kv-cache-dtype", "int8"], "no KV-cache scales"),
         (["--max-input-len", "64"], "must exceed --max-input-len"),
+        (["--max-seq-len", "4096"], "exceeds the model's max_position_embeddings"),
     ]
     for extra, msg in cases:
         rc, _, err = _cli(
@@ -306,20 +354,20 @@ def test_missing_builder_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) 
         load_builder()
 
 
-# SmolLM2 modes of the slow tier: recipe, extra --set overrides (short calibration), whether the
+# SmolLM2 modes of the slow tier: recipe, whether the
 # activations are quantized (then the comparison is against the sim's own summation-order noise).
 SMOLLM2 = {
-    "W8A16": ("smollm2_int8_wo.yaml", (), False),
-    "W4A16_g64_sym": ("smollm2_int4_g64_sym.yaml", (), False),
-    "W4A16_GPTQ_g64_asym": ("smollm2_int4_g64_gptq_asym.yaml", (), False),
-    "W4A16_AWQ": ("smollm2_int4_g64_awq_sym.yaml", (), False),
-    "W8A16_GPTQ": ("smollm2_int8_gptq.yaml", (), False),
-    "FP8": ("smollm2_fp8.yaml", (), True),
-    "FP8_PER_CHANNEL_PER_TOKEN": ("smollm2_fp8_channel_token.yaml", (), True),
-    "W8A8_SQ": ("smollm2_int8_sq.yaml", (), True),
-    "W8A8_SQ_PER_TOKEN": ("smollm2_int8_sq_token.yaml", (), True),
-    "W8A8_SQ_INT8KV": ("smollm2_int8_sq_int8kv.yaml", (), True),
-    "FP8_FP8KV": ("smollm2_fp8_fp8kv.yaml", (), True),
+    "W8A16": ("smollm2_int8_wo.yaml", False),
+    "W4A16_g64_sym": ("smollm2_int4_g64_sym.yaml", False),
+    "W4A16_GPTQ_g64_asym": ("smollm2_int4_g64_gptq_asym.yaml", False),
+    "W4A16_AWQ": ("smollm2_int4_g64_awq_sym.yaml", False),
+    "W8A16_GPTQ": ("smollm2_int8_gptq.yaml", False),
+    "FP8": ("smollm2_fp8.yaml", True),
+    "FP8_PER_CHANNEL_PER_TOKEN": ("smollm2_fp8_channel_token.yaml", True),
+    "W8A8_SQ": ("smollm2_int8_sq.yaml", True),
+    "W8A8_SQ_PER_TOKEN": ("smollm2_int8_sq_token.yaml", True),
+    "W8A8_SQ_INT8KV": ("smollm2_int8_sq_int8kv.yaml", True),
+    "FP8_FP8KV": ("smollm2_fp8_fp8kv.yaml", True),
 }
 
 
@@ -330,14 +378,14 @@ def test_smollm2_onnx_matches_simulated_model(
 ) -> None:
     """The embedded SmolLM2 in every exported mode (fp32 checkpoint, 8 calibration windows of 256
     tokens): onnxruntime on the graph against the fp32 simulated model over a 64-token Austen
-    window, prefill and cached decode. Weight-only modes: 1e-4 at every position. Modes that
+    window, prefill and cached decode. Weight-only modes: median 1e-5, 5e-4 at every position. Modes that
     quantize activations are ill-conditioned on SmolLM2 (the simulated model in float64 differs
     from itself in float32 by ~0.1 relative, a rounding flip in one layer compounding through 30):
     there the graph must be as close to the fp32 model as the float64 model is."""
     from quantlab.cli import main
     from quantlab.qmodules import QuantLinear
 
-    recipe, sets, acts = SMOLLM2[mode]
+    recipe, acts = SMOLLM2[mode]
     args = [
         "--quiet",
         "run",
@@ -345,13 +393,9 @@ def test_smollm2_onnx_matches_simulated_model(
         "--set",
         f"export.output_dir={tmp_path / 'run'}",
     ]
-    for s in (
-        "export.dtype=float32",
-        "evaluation.enabled=false",
-        "calibration.num_samples=8",
-        "calibration.seq_len=256",
-        *sets,
-    ):
+    short = ("calibration.num_samples=8", "calibration.seq_len=256")
+    calibrated = "\ncalibration:" in (REPO / "recipes" / recipe).read_text()
+    for s in ("export.dtype=float32", "evaluation.enabled=false", *(short if calibrated else ())):
         args += ["--set", s]
     assert main(args) == 0, capsys.readouterr().err
     run = tmp_path / "run"
@@ -364,10 +408,10 @@ def test_smollm2_onnx_matches_simulated_model(
     with torch.no_grad():
         want = sim(input_ids=torch.tensor([ids])).logits[0].float().numpy()
     got, cached = sess.score(ids), sess.score(ids, split=48)
-    if not acts:
+    if not acts:  # float32 summation order alone: ~1e-6 typical, ~1e-4 at the odd position
         for logits in (got, cached):
             per_pos = np.linalg.norm(logits - want, axis=-1) / np.linalg.norm(want, axis=-1)
-            assert float(per_pos.max()) < 1e-4, per_pos.max()
+            assert float(np.median(per_pos)) < 1e-5 and float(per_pos.max()) < 5e-4, per_pos
         return
     sim64 = sim.double()
     for m in sim64.modules():

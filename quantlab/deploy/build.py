@@ -61,7 +61,14 @@ class TrtSettings:
 
 
 def _settings(settings: BuildSettings, conf: dict[str, Any]) -> BuildSettings:
-    seq = settings.max_seq_len or int(conf.get("max_position_embeddings", 2048))
+    positions = int(conf.get("max_position_embeddings", 2048))
+    seq = settings.max_seq_len or positions
+    if seq > positions:
+        raise InputError(
+            f"--max-seq-len {seq} exceeds the model's max_position_embeddings {positions}: the "
+            "model was not trained for positions beyond that. Pass --max-seq-len "
+            f"{positions} or less."
+        )
     inp = settings.max_input_len or min(1024, seq // 2)
     if inp >= seq:
         raise InputError(
@@ -102,6 +109,10 @@ def build_trt_engine(
     if w4_gemm == "plugin" and algo not in W4_ALGOS:
         log.warning("--w4-gemm plugin: %s has no W4A16 linears; building without the plugin", algo)
         w4_gemm = "native"
+    if w4_gemm == "plugin":  # the AOT kernel's limits, before any work
+        from quantlab.deploy.aot import check_target
+
+        check_target(None, sm, ckpt.spec.dtype)  # group sizes: when the linears are read
     fallback = None
     if w4_gemm == "plugin":
         from quantlab.deploy.plugin import plugin_blocker, register_w4_plugin
@@ -124,6 +135,12 @@ def build_trt_engine(
         try:
             log.info("exporting the ONNX graph of %s (%s, KV %s)", checkpoint_dir, algo, kv)
             dec = export_decoder(ckpt, TORCH_DTYPES[spec.dtype], kv, w4_gemm, max_positions=seq)
+            aot: list[dict[str, Any]] = []
+            if trt.w4_gemm == "plugin" and dec.w4_configs:
+                from quantlab.deploy.aot import write_w4a16_kernels
+
+                log.info("compiling the W4A16 plugin kernel ahead of time for SM%s", sm)
+                aot = write_w4a16_kernels(tmp, set(dec.w4_configs), spec.dtype, sm)
             graph = tmp / "onnx" / "model.onnx"
             onnx.save(dec.model, str(graph), save_as_external_data=True, location="model.data")
             del dec.model
@@ -153,7 +170,12 @@ def build_trt_engine(
                 "kv_storage": kv,
                 "compute_dtype": spec.dtype,
                 "plugins": dec.custom_ops,
-                "w4_gemm": {"requested": trt.w4_gemm, "used": w4_gemm, "fallback_reason": fallback},
+                "w4_gemm": {
+                    "requested": trt.w4_gemm,
+                    "used": w4_gemm,
+                    "fallback_reason": fallback,
+                    "aot_kernels": [f"plugins/{k['cubin']}" for k in aot],
+                },
                 "linear_kinds": dec.linear_kinds,
                 "profiles": [asdict(p) for p in profs],
                 "engine": {

@@ -43,6 +43,7 @@ class OnnxDecoder:
     num_layers: int
     linear_kinds: dict[str, int]
     custom_ops: list[str] = field(default_factory=list)
+    w4_configs: list[tuple[int, bool]] = field(default_factory=list)  # (group, zero points)
 
     def kv_elem(self) -> int:
         """ONNX element type of the past/present tensors."""
@@ -247,6 +248,7 @@ class _Decoder:
             num_layers=s.num_layers,
             linear_kinds=dict(self.lin.kinds),
             custom_ops=sorted(g.custom_ops),
+            w4_configs=sorted(self.lin.w4_configs),
         )
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from quantlab.deploy.graph import CUSTOM_DOMAIN, ONNX_FLOAT, GraphBuilder
+from quantlab.errors import InputError
 from quantlab.kernels.packing import ASYM_OFFSET, unpack_int4_rows
 
 FP8_MAX = 448.0
@@ -41,6 +42,17 @@ def _np_dtype(dtype: torch.dtype) -> Any:
     }[dtype]
 
 
+def _check_groups(name: str, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
+    """InputError when the groups of a linear are not blocks a DequantizeLinear can express."""
+    k, grp = int(t["qweight"].shape[-1]), int(meta["group_size"])
+    if grp < 2 or k % grp or t["scales"].shape[-1] * grp != k:
+        raise InputError(
+            f"{name}: group size {grp} does not tile K = {k} into whole blocks "
+            f"(scales {tuple(t['scales'].shape)}); ONNX/TensorRT blocked DequantizeLinear needs "
+            "K divisible by the group size. Re-quantize with a group size that divides K."
+        )
+
+
 class LinearEmitter:
     """Writes engine linears into a GraphBuilder in compute dtype `dtype`."""
 
@@ -50,6 +62,7 @@ class LinearEmitter:
         self.w4_gemm = w4_gemm
         self.kinds: dict[str, int] = {}
         self._zp: torch.Tensor | None = None  # zero points [K/G, N] of the linear being written
+        self.w4_configs: set[tuple[int, bool]] = set()  # (group size, zero points) of W4 linears
 
     def _t(self, name: str, t: torch.Tensor) -> str:
         return self.g.init(name, t.to(self.dtype))
@@ -67,6 +80,9 @@ class LinearEmitter:
             s = self._t(f"{name}.scales", t["scales"].reshape(-1))
             w = g.op("DequantizeLinear", [codes, s], f"{name}.w", axis=1)
         elif kind in ("w8a16_group", "w4a16"):
+            _check_groups(name, meta, t)
+            if kind == "w4a16":
+                self.w4_configs.add((int(meta["group_size"]), "zeros" in t))
             if kind == "w4a16" and self.w4_gemm == "plugin":
                 return self._bias(self._w4_plugin(x, name, meta, t), name, t)
             w = (self._w8_groups if kind == "w8a16_group" else self._w4_dq)(name, meta, t)
