@@ -56,9 +56,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from quantlab.pipeline import run_recipe
     from quantlab.recipe import load_recipe
 
-    loaded = [
-        load_recipe(p, args.set) for p in args.recipes
-    ]  # validate every recipe before running any
+    sets = list(args.set)
+    if args.max_ppl_increase is not None:
+        sets.append(f"budget.max_ppl_increase={args.max_ppl_increase}")
+    loaded = [load_recipe(p, sets) for p in args.recipes]  # validate every recipe before running
     rows = []
     cache = ReferenceCache()  # recipes sharing model + evaluation data reuse the reference pass
     for recipe, base in loaded:
@@ -424,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set export.tp_size=2 (repeatable)",
+    )
+    r.add_argument(
+        "--max-ppl-increase",
+        default=None,
+        metavar="BUDGET",
+        help="keep the fewest decoder layers in float so that the evaluation ppl rises by at most "
+        "BUDGET, e.g. 1%% (same as --set budget.max_ppl_increase=1%%)",
     )
     r.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
     r.set_defaults(func=_cmd_run)

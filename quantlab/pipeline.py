@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from quantlab.adapters import adapter_for
+from quantlab.budget import apply_budget, budget_of
 from quantlab.calibrator import Calibrator, build_calibrator
 from quantlab.data import DataSpec, load_windows
 from quantlab.errors import (
@@ -137,8 +139,11 @@ TRTLLM_DEFAULT_EXCLUDES = (
 )
 
 
-def trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int, pp_size: int = 1) -> list[str]:
-    """exclude_modules: TensorRT-LLM's defaults plus each layer linear the runner leaves unquantized.
+def trtllm_excludes(
+    recipe: Recipe, adapter: Any, n_layers: int, pp_size: int = 1, float_layers: Sequence[int] = ()
+) -> list[str]:
+    """exclude_modules: TensorRT-LLM's defaults plus each layer linear the runner leaves unquantized
+    (and every linear of the float_layers an accuracy budget kept in float).
 
     Each excluded linear is written twice: as a module name (matched when the network is built)
     and as its weight's tensor name (matched by the weight-only preprocessing of the checkpoint).
@@ -147,6 +152,8 @@ def trtllm_excludes(recipe: Recipe, adapter: Any, n_layers: int, pp_size: int = 
     fused = set(adapter.fused_groups[0])
     for i in range(n_layers):
         kept = set(quantizable_linears(adapter, f"{adapter.layers}.{i}", recipe.runner.exclude))
+        if i in float_layers:
+            kept = set()
         off = [n for n in adapter.linears if n not in kept]
         if set(off) & fused and not fused <= set(off):
             raise InputError(
@@ -291,6 +298,7 @@ def _run_stages(
     stage: _Stage,
 ) -> RunResult:
     steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
+    budget = budget_of(recipe)
     wf, af = planned_formats(steps)
     # With offload the weights stay in host memory and the Runner moves one layer at a time.
     offload = recipe.runner.offload and recipe.model.device != "cpu"
@@ -352,6 +360,18 @@ def _run_stages(
         quantize_model(quant, adapter, windows, steps, rcfg, state, profile)
         seconds = time.perf_counter() - t0
         log.info("calibration took %.1f s", seconds)
+        chosen = None
+        if budget is not None:
+            stage.now = "searching the accuracy budget (sensitivity ranking, then ppl per k)"
+            if offload:
+                for m in (model, quant):
+                    cast(nn.Module, m).to(recipe.model.device)
+            chosen = apply_budget(
+                model, quant, adapter, state, eval_windows, budget, recipe, show_progress
+            )
+            excludes = trtllm_excludes(
+                recipe, adapter, plan.dims["layers"], recipe.export.pp_size, chosen.float_layers
+            )
         stage.now = f"writing the checkpoint into {tmp}"
         formats = recipe.export.formats
         if "trtllm" in formats:
@@ -387,6 +407,8 @@ def _run_stages(
             "calibration_seconds": seconds,
             "calibration_windows": len(windows),
             "calibration_profile": _profile_summary(profile, recipe.model.device, offload),
+            "checkpoint_bytes": sum(p.stat().st_size for p in tmp.glob("rank*.safetensors")),
+            "budget": chosen.to_dict() if chosen else None,
             "accuracy": report.to_dict() if report else None,
             "evaluation_data": recipe.evaluation.data.model_dump(mode="json")
             if recipe.evaluation.data

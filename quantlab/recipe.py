@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from quantlab.calibrator import get_calibrator
 from quantlab.data import DataSpec
@@ -83,6 +91,26 @@ class ReportSection(_Strict):
     tasks: list[str] = Field(default_factory=list)  # BIG-bench .json, MMLU .csv or folders
 
 
+class BudgetSection(_Strict):
+    """Accuracy-budget mixed precision (quantlab/budget.py): keep the fewest decoder layers in
+    float so that the ppl increase on the evaluation data stays within max_ppl_increase."""
+
+    max_ppl_increase: str | float | None = None  # '1%' or 0.01; None: off
+    sensitivity_windows: PositiveInt = 4  # evaluation windows of the sensitivity ranking
+
+    @field_validator("max_ppl_increase")
+    @classmethod
+    def _budget(cls, v: str | float | None) -> str | float | None:
+        if v is not None:
+            from quantlab.budget import parse_budget
+
+            try:
+                parse_budget(v)
+            except InputError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
 class Recipe(_Strict):
     """A whole recipe: model, calibration data, ordered steps, runner, export, evaluation."""
 
@@ -95,6 +123,7 @@ class Recipe(_Strict):
     export: ExportSection
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    budget: BudgetSection = Field(default_factory=BudgetSection)
 
 
 class RecipeError(InputError):

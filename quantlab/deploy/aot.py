@@ -108,8 +108,9 @@ def compile_w4a16(
     bk = min(128, group_size)
     out = []
     for tiling, bm, bn, warps, stages, max_m in TILINGS:
-        sig = {p: _PTR.get(p, "i32") for p in PARAMS[:15]}
-        sig = {p: (_TRITON_DTYPE[dtype] if t == "X" else t) for p, t in sig.items()}
+        types = [_PTR.get(p, "i32") for p in PARAMS[:15]]
+        types = [_TRITON_DTYPE[dtype] if t == "X" else t for t in types]
+        sig = dict(zip(fn.arg_names[:15], types, strict=True))
         const = {
             "GROUP": group_size,
             "HAS_ZERO": has_zeros,

@@ -14,7 +14,12 @@ _SHARED_ATTR = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _loaded: dict[tuple[str, int], ctypes.c_void_p] = {}
 
 
+_lib: list[Any] = []
+
+
 def _cuda() -> Any:
+    if _lib:
+        return _lib[0]
     lib = ctypes.CDLL("libcuda.so.1")
     lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
     lib.cuModuleGetFunction.argtypes = [
@@ -25,6 +30,7 @@ def _cuda() -> Any:
     lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 6, ctypes.c_uint]
     lib.cuLaunchKernel.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    _lib.append(lib)
     return lib
 
 
