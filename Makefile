@@ -20,7 +20,7 @@ DEMO_OUT := $(if $(QUANTLAB_OUT),$(QUANTLAB_OUT),out)
 DEMO_PROMPT := It is a truth universally acknowledged, that a single man in possession of a good fortune
 
 # run (calibrate + export + accuracy) -> check-export (loader rules, manifest) -> build (engine from the INT4 checkpoint) -> generate
-# -> report (where INT8 WO and INT4 lost accuracy: per linear, per layer, per model; HTML + JSON).
+# -> build --backend tensorrt (ONNX -> TensorRT-RTX engine for SM89, the W4A16 plugin kernel compiled ahead of time) -> report (where INT8 WO and INT4 lost accuracy: per linear, per layer, per model; HTML + JSON).
 demo: setup
 	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
 	$(BIN)/quantlab check-export $(DEMO_OUT)/smollm2_int4_g64_sym
@@ -28,6 +28,8 @@ demo: setup
 	  --max-batch-size 2 --max-seq-len 256 --overwrite
 	$(BIN)/quantlab generate $(DEMO_OUT)/engine_int4_g64_sym --max-output-len 32 \
 	  --input-text "$(DEMO_PROMPT)" --input-text "Emma Woodhouse, handsome, clever, and rich,"
+	$(BIN)/quantlab build $(DEMO_OUT)/smollm2_int4_g64_sym -o $(DEMO_OUT)/trt_int4_g64_sym \
+	  --backend tensorrt --w4-gemm plugin --max-batch-size 2 --max-seq-len 256 --overwrite
 	$(BIN)/quantlab report embedded:smollm2 $(DEMO_OUT)/smollm2_int8_wo $(DEMO_OUT)/smollm2_int4_g64_sym \
 	  -o $(DEMO_OUT)/report --windows 4 --layer-windows 1 --overwrite
 

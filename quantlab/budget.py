@@ -149,19 +149,30 @@ def choose_float_layers(
     budget: float,
     sensitivity_windows: int = 4,
     show_progress: bool = True,
+    ranking: list[dict[str, float]] | None = None,
+    keep: bool = True,
+    measured: dict[int, float] | None = None,
 ) -> BudgetResult:
-    """Rank the layers, search the fewest to keep in float, and leave them in float in `quant`."""
-    ranking = layer_ranking(reference, quant, adapter, windows[:sensitivity_windows], show_progress)
+    """Rank the layers (unless `ranking` is given), search the fewest to keep in float, and leave
+    them in float in `quant` (unless keep is False). `measured` (k -> ppl with the top-k layers in
+    float, for this ranking and these windows) is reused and filled, so searches for several
+    budgets share their measurements."""
+    if ranking is None:
+        ranking = layer_ranking(
+            reference, quant, adapter, windows[:sensitivity_windows], show_progress
+        )
     order = [int(r["layer"]) for r in ranking]
     ref_ppl = perplexity(reference, windows)
     swap = LayerSwap(quant, reference, adapter)
+    known: dict[int, float] = {} if measured is None else measured
     tried: dict[int, float] = {}
 
     def ppl_with(k: int) -> float:
-        if k not in tried:
+        if k not in known:
             swap.to_float(order[:k])
-            tried[k] = perplexity(quant, windows)
+            known[k] = perplexity(quant, windows)
             swap.restore()
+        tried[k] = known[k]
         return tried[k]
 
     def ok(k: int) -> bool:
@@ -190,7 +201,8 @@ def choose_float_layers(
         }
         for k, p in sorted(tried.items())
     ]
-    swap.to_float(order[:hi])  # the chosen mixed model stays in `quant`
+    if keep:
+        swap.to_float(order[:hi])  # the chosen mixed model stays in `quant`
     return res
 
 

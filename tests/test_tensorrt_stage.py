@@ -354,20 +354,23 @@ def test_missing_builder_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) 
         load_builder()
 
 
-# SmolLM2 modes of the slow tier: recipe, whether the
-# activations are quantized (then the comparison is against the sim's own summation-order noise).
-SMOLLM2 = {
-    "W8A16": ("smollm2_int8_wo.yaml", False),
-    "W4A16_g64_sym": ("smollm2_int4_g64_sym.yaml", False),
-    "W4A16_GPTQ_g64_asym": ("smollm2_int4_g64_gptq_asym.yaml", False),
-    "W4A16_AWQ": ("smollm2_int4_g64_awq_sym.yaml", False),
-    "W8A16_GPTQ": ("smollm2_int8_gptq.yaml", False),
-    "FP8": ("smollm2_fp8.yaml", True),
-    "FP8_PER_CHANNEL_PER_TOKEN": ("smollm2_fp8_channel_token.yaml", True),
-    "W8A8_SQ": ("smollm2_int8_sq.yaml", True),
-    "W8A8_SQ_PER_TOKEN": ("smollm2_int8_sq_token.yaml", True),
-    "W8A8_SQ_INT8KV": ("smollm2_int8_sq_int8kv.yaml", True),
-    "FP8_FP8KV": ("smollm2_fp8_fp8kv.yaml", True),
+# SmolLM2 modes of the slow tier: recipe, --set overrides, whether the activations are quantized
+# (then the comparison is against the sim's own summation-order noise). The graph's form depends on
+# the exported quant_algo and tensors, not on how well they were calibrated: calibration is short
+# (2 windows of 128 tokens), and the int8 group-wise mode comes from RTN (real GPTQ and act-order
+# are in the quick tier on tiny models).
+SMOLLM2: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "W8A16": ("smollm2_int8_wo.yaml", (), False),
+    "W4A16_g64_sym": ("smollm2_int4_g64_sym.yaml", (), False),
+    "W4A16_g64_asym": ("smollm2_int4_g64_asym.yaml", (), False),
+    "W4A16_AWQ": ("smollm2_int4_g64_awq_sym.yaml", (), False),
+    "W8A16_GPTQ": ("smollm2_int8_wo.yaml", ("steps.0.args.format=int8_g64_sym",), False),
+    "FP8": ("smollm2_fp8.yaml", (), True),
+    "FP8_PER_CHANNEL_PER_TOKEN": ("smollm2_fp8_channel_token.yaml", (), True),
+    "W8A8_SQ": ("smollm2_int8_sq.yaml", (), True),
+    "W8A8_SQ_PER_TOKEN": ("smollm2_int8_sq_token.yaml", (), True),
+    "W8A8_SQ_INT8KV": ("smollm2_int8_sq_int8kv.yaml", ("steps.1.args.alpha=0.8",), True),
+    "FP8_FP8KV": ("smollm2_fp8_fp8kv.yaml", (), True),
 }
 
 
@@ -376,7 +379,7 @@ SMOLLM2 = {
 def test_smollm2_onnx_matches_simulated_model(
     mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], emma: Path, pride: Path
 ) -> None:
-    """The embedded SmolLM2 in every exported mode (fp32 checkpoint, 8 calibration windows of 256
+    """The embedded SmolLM2 in every exported mode (fp32 checkpoint, 2 calibration windows of 128
     tokens): onnxruntime on the graph against the fp32 simulated model over a 64-token Austen
     window, prefill and cached decode. Weight-only modes: median 1e-5, 5e-4 at every position. Modes that
     quantize activations are ill-conditioned on SmolLM2 (the simulated model in float64 differs
@@ -385,7 +388,7 @@ def test_smollm2_onnx_matches_simulated_model(
     from quantlab.cli import main
     from quantlab.qmodules import QuantLinear
 
-    recipe, acts = SMOLLM2[mode]
+    recipe, sets, acts = SMOLLM2[mode]
     args = [
         "--quiet",
         "run",
@@ -393,9 +396,14 @@ def test_smollm2_onnx_matches_simulated_model(
         "--set",
         f"export.output_dir={tmp_path / 'run'}",
     ]
-    short = ("calibration.num_samples=8", "calibration.seq_len=256")
+    short = ("calibration.num_samples=2", "calibration.seq_len=128")
     calibrated = "\ncalibration:" in (REPO / "recipes" / recipe).read_text()
-    for s in ("export.dtype=float32", "evaluation.enabled=false", *(short if calibrated else ())):
+    for s in (
+        "export.dtype=float32",
+        "evaluation.enabled=false",
+        *(short if calibrated else ()),
+        *sets,
+    ):
         args += ["--set", s]
     assert main(args) == 0, capsys.readouterr().err
     run = tmp_path / "run"
