@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 
 from quantlab.data import DataSpec, load_windows
@@ -34,14 +32,3 @@ def test_activation_absmax_finds_an_injected_outlier(
     assert set(top) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     assert top["model.layers.0.self_attn.q_proj"].top_channels[0] == 5
     assert top["model.layers.0.self_attn.q_proj"].max_over_median > 20
-
-
-@pytest.mark.slow
-def test_notebook_runs(monkeypatch: pytest.MonkeyPatch, embedded_dir: Path, pride: Path) -> None:
-    nb = json.loads((REPO / "notebooks" / "activation_outliers.ipynb").read_text())
-    monkeypatch.setenv("QUANTLAB_NOTEBOOK_WINDOWS", "2")
-    scope: dict[str, object] = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "notebook", "exec"), scope)  # our own notebook
-    assert scope["rows"]
