@@ -28,6 +28,7 @@ MODES: dict[str, list[dict[str, Any]]] = {
     "W8A16": [{"calibrator": "rtn", "args": {"format": "int8_channel"}}],
     "W4A16 g128": [{"calibrator": "rtn", "args": {"format": "int4_g128_sym"}}],
     "W4A16 g128 asym": [{"calibrator": "rtn", "args": {"format": "int4_g128_asym"}}],
+    "W4A16 g128 plugin": [{"calibrator": "rtn", "args": {"format": "int4_g128_sym"}}],
     "FP8": [{"calibrator": "fp8", "args": {}}],
     "W8A8 SQ": [{"calibrator": "smoothquant", "args": {"alpha": 0.5}}],
 }
@@ -92,9 +93,8 @@ def run_mode(source: str, mode: str, data: Path, work: Path) -> dict[str, Any]:
     quantize_s = time.perf_counter() - t0
     ckpt_bytes = sum(p.stat().st_size for p in run_dir.glob("rank*.safetensors"))
     settings = BuildSettings(max_batch_size=8, max_input_len=512, max_seq_len=1024)
-    cfg = build_trt_engine(
-        run_dir, eng, settings, TrtSettings(target_sm="89"), overwrite=True, show_progress=False
-    )
+    trt = TrtSettings(target_sm="89", w4_gemm="plugin" if mode.endswith("plugin") else "native")
+    cfg = build_trt_engine(run_dir, eng, settings, trt, overwrite=True, show_progress=False)
     e = cfg["engine"]
     row = {
         "mode": mode,
@@ -106,6 +106,8 @@ def run_mode(source: str, mode: str, data: Path, work: Path) -> dict[str, Any]:
         "quantize_s": round(quantize_s, 1),
         "builder": f"{cfg['builder']['name']} {cfg['builder']['version']}",
         "unexpected_builder_warnings": len(cfg["builder_warnings"]),
+        "w4_gemm": cfg["w4_gemm"],
+        "aot_bytes": sum(p.stat().st_size for p in (eng / "plugins").glob("*.cubin")),
     }
     shutil.rmtree(eng, ignore_errors=True)
     shutil.rmtree(run_dir, ignore_errors=True)
