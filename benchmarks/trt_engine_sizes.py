@@ -26,9 +26,9 @@ from typing import Any
 MODES: dict[str, list[dict[str, Any]]] = {
     "fp16": [{"calibrator": "kv_cache", "args": {"format": "int8"}}],  # quant_algo null
     "W8A16": [{"calibrator": "rtn", "args": {"format": "int8_channel"}}],
-    "W4A16 g128": [{"calibrator": "rtn", "args": {"format": "int4_g128_sym"}}],
-    "W4A16 g128 asym": [{"calibrator": "rtn", "args": {"format": "int4_g128_asym"}}],
-    "W4A16 g128 plugin": [{"calibrator": "rtn", "args": {"format": "int4_g128_sym"}}],
+    "W4A16 g64": [{"calibrator": "rtn", "args": {"format": "int4_g64_sym"}}],
+    "W4A16 g64 asym": [{"calibrator": "rtn", "args": {"format": "int4_g64_asym"}}],
+    "W4A16 g64 plugin": [{"calibrator": "rtn", "args": {"format": "int4_g64_sym"}}],
     "FP8": [{"calibrator": "fp8", "args": {}}],
     "W8A8 SQ": [{"calibrator": "smoothquant", "args": {"alpha": 0.5}}],
 }
@@ -125,7 +125,7 @@ def main() -> None:
     from quantlab.embedded import embedded_model_dir
 
     data = Path(os.environ.get("QUANTLAB_DATA_DIR", "../shared/data")) / "austen" / "emma.txt"
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for model in args.model:

@@ -18,6 +18,9 @@ Triton's two scratch pointers (null: both scratch sizes are 0 and checked). Grid
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +166,18 @@ def compile_w4a16(
 def write_w4a16_kernels(
     folder: Path, configs: set[tuple[int, bool]], dtype: str, sm: str
 ) -> list[dict[str, Any]]:
-    """Compile every (group, zeros) config into folder/plugins/; the kernels.json records."""
+    """Compile every (group, zeros) config into folder/plugins/; the kernels.json records.
+
+    Triton's CPU interpreter (TRITON_INTERPRET=1) replaces @triton.jit functions with objects its
+    compiler cannot take, so under it the compile runs in a child process without the variable."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        arg = json.dumps([[g, z] for g, z in sorted(configs)])
+        cmd = [sys.executable, "-m", "quantlab.deploy.aot", str(folder), arg, dtype, sm]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"AOT compile of the W4A16 kernel failed:\n{done.stderr[-2000:]}")
+        return list(json.loads((folder / "plugins" / "kernels.json").read_text())["kernels"])
     plugins = folder / "plugins"
     plugins.mkdir(parents=True, exist_ok=True)
     records = []
@@ -185,3 +199,10 @@ def pick(records: list[dict[str, Any]], group: int, zeros: bool, m: int) -> dict
         if r["max_m"] is None or m <= r["max_m"]:
             return r
     return mine[-1]
+
+
+if __name__ == "__main__":  # python -m quantlab.deploy.aot FOLDER '[[group, zeros], ...]' DTYPE SM
+    _folder, _configs, _dtype, _sm = sys.argv[1:5]
+    write_w4a16_kernels(
+        Path(_folder), {(int(g), bool(z)) for g, z in json.loads(_configs)}, _dtype, _sm
+    )
