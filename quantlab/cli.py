@@ -237,6 +237,12 @@ def _build_tensorrt(args: argparse.Namespace, settings: BuildSettings) -> int:
         f"{_size(e['bytes'])} {e['file']} in {e['build_seconds']:.1f} s, plugins "
         f"{', '.join(cfg['plugins']) or 'none'}"
     )
+    w4 = cfg["w4_gemm"]
+    if w4["aot_kernels"]:
+        print(
+            f"  W4A16 plugin kernel compiled for SM{cfg['target_sm']}: {len(w4['aot_kernels'])} "
+            f"cubins in plugins/ (the engine uses the {w4['used']} W4 path)"
+        )
     for w in cfg["builder_warnings"]:
         print(f"  builder warning: {w}")
     return 0
