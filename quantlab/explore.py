@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.adapters import adapter_for
-from quantlab.runner import decoder_layers
+from quantlab.inspect import visit_linear_inputs
 from quantlab.state import FOLD_IN, QuantState
 
 
@@ -43,36 +42,23 @@ class InputStats:
         return float(self.amax.max()) / med if med > 0 else float("inf")
 
 
-@torch.no_grad()
 def input_stats(model: nn.Module, windows: Sequence[torch.Tensor]) -> dict[str, InputStats]:
     """InputStats of every decoder-layer linear of model over windows (int64 [L] each)."""
-    adapter = adapter_for(model)
     stats: dict[str, InputStats] = {}
-    handles = []
-    for i, layer in enumerate(decoder_layers(model, adapter)):
-        for n in adapter.linears:
-            full = f"{adapter.layers}.{i}.{n}"
 
-            def hook(_m: nn.Module, args: tuple[Any, ...], full: str = full) -> None:
-                x = args[0].detach()[:, 1:].reshape(-1, args[0].shape[-1]).double()
-                a = x.abs().amax(dim=0).float().cpu()
-                st = stats.setdefault(full, InputStats(torch.zeros_like(a)))
-                st.amax = torch.maximum(st.amax, a)
-                st.count += x.numel()
-                st.s1 += float(x.sum())
-                x2 = x * x
-                st.s2 += float(x2.sum())
-                st.s3 += float((x2 * x).sum())
-                st.s4 += float((x2 * x2).sum())
+    def visit(name: str, x: torch.Tensor) -> None:
+        x = x[:, 1:].reshape(-1, x.shape[-1]).double()
+        a = x.abs().amax(dim=0).float().cpu()
+        st = stats.setdefault(name, InputStats(torch.zeros_like(a)))
+        st.amax = torch.maximum(st.amax, a)
+        st.count += x.numel()
+        st.s1 += float(x.sum())
+        x2 = x * x
+        st.s2 += float(x2.sum())
+        st.s3 += float((x2 * x).sum())
+        st.s4 += float((x2 * x2).sum())
 
-            handles.append(layer.get_submodule(n).register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
-    try:
-        for w in windows:
-            model(input_ids=w.view(1, -1).to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    visit_linear_inputs(model, windows, visit)
     return stats
 
 

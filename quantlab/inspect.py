@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,18 +14,19 @@ from quantlab.runner import decoder_layers
 
 
 @torch.no_grad()
-def activation_absmax(model: nn.Module, windows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| (float32 [K]) of every decoder-layer linear, over windows (int64 [L] each)."""
+def visit_linear_inputs(
+    model: nn.Module, windows: Sequence[torch.Tensor], visit: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run model over windows (int64 [L] each), calling visit(module name, input [1, L, K]) at
+    every decoder-layer linear."""
     adapter = adapter_for(model)
-    stats: dict[str, torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(decoder_layers(model, adapter)):
         for n in adapter.linears:
             full = f"{adapter.layers}.{i}.{n}"
 
             def hook(_m: nn.Module, args: tuple[Any, ...], full: str = full) -> None:
-                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float().cpu()
-                stats[full] = torch.maximum(stats[full], a) if full in stats else a
+                visit(full, args[0].detach())
 
             handles.append(layer.get_submodule(n).register_forward_pre_hook(hook))
     device = next(model.parameters()).device
@@ -35,6 +36,17 @@ def activation_absmax(model: nn.Module, windows: Sequence[torch.Tensor]) -> dict
     finally:
         for h in handles:
             h.remove()
+
+
+def activation_absmax(model: nn.Module, windows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| (float32 [K]) of every decoder-layer linear, over windows (int64 [L] each)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        a = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
+        stats[name] = torch.maximum(stats[name], a) if name in stats else a
+
+    visit_linear_inputs(model, windows, visit)
     return stats
 
 
