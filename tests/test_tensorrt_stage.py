@@ -432,3 +432,18 @@ def test_smollm2_onnx_matches_simulated_model(
         assert _rel(logits, want) < 2 * noise + 1e-3, (_rel(logits, want), noise)
         agree = float((logits.argmax(-1) == want.argmax(-1)).mean())
         assert agree >= float((w64.argmax(-1) == want.argmax(-1)).mean()) - 0.1
+
+
+def test_plugin_without_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--w4-gemm plugin on a machine without Triton: an InputError naming the package."""
+    import importlib.util
+
+    from quantlab.deploy.aot import check_target
+    from quantlab.errors import InputError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a)
+    )
+    with pytest.raises(InputError, match=r"quantlab\[kernels\]"):
+        check_target(64, "89", "float16")

@@ -17,6 +17,7 @@ Triton's two scratch pointers (null: both scratch sizes are 0 and checked). Grid
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -93,6 +94,11 @@ def check_target(group_size: int | None, sm: str, dtype: str) -> None:
     if not sm.isdigit() or int(sm) < 80:
         raise InputError(
             f"the W4A16 plugin kernel is built for SM 8.0 and newer (tensor-core dots), not SM{sm}."
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise InputError(
+            "the W4A16 plugin kernel is compiled with Triton, which is not installed: pip install "
+            "'quantlab[kernels]' (triton 3.6), or build with --w4-gemm native."
         )
 
 
