@@ -122,9 +122,9 @@ def _cmd_check_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from quantlab.export.compressed import reexport
+    from quantlab.export.hf_formats import reexport
 
-    print(reexport(Path(args.run_dir), overwrite=args.overwrite))
+    print(reexport(Path(args.run_dir), args.format, overwrite=args.overwrite))
     return 0
 
 
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="re-export a finished run in another format, without recalibrating"
     )
     e.add_argument("run_dir")
-    e.add_argument("--format", required=True, choices=["compressed_tensors"])
+    e.add_argument("--format", required=True, choices=["compressed_tensors", "modelopt_hf"])
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_cmd_export)
     x = sub.add_parser(

@@ -377,12 +377,11 @@ def _run_stages(
         if "trtllm" in formats:
             write_trtllm_checkpoint(quant, state, adapter, plan, ecfg, tmp, excludes)
         save_reloadable(quant, tok, state, tmp / "quantlab")
-        if "compressed_tensors" in formats:
-            from quantlab.export.compressed import float_model_from_run, write_compressed_tensors
+        for fmt in (f for f in formats if f != "trtllm"):
+            from quantlab.export.hf_formats import write_format
 
-            stage.now = f"writing the compressed-tensors folder into {tmp}"
-            hf_model, hf_tok = float_model_from_run(tmp / "quantlab")
-            write_compressed_tensors(hf_model, state, tmp / "compressed_tensors", hf_tok)
+            stage.now = f"writing the {fmt} folder into {tmp}"
+            write_format(fmt, tmp / "quantlab", tmp / fmt, DTYPES[recipe.export.dtype])
         key = json.dumps(
             [
                 recipe.model.model_dump(),

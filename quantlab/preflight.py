@@ -145,13 +145,23 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     except InputError as exc:
         findings.problems.append(f"steps/export: {exc}")
         return
+    kv_steps = [s for s in recipe.steps if s.calibrator in ("kv_cache", "kv_equalize")]
     if "compressed_tensors" in recipe.export.formats:
         from quantlab.export.compressed import planned_problem
 
-        kv = any(s.calibrator in ("kv_cache", "kv_equalize") for s in recipe.steps)
-        why = planned_problem(wf, af, kv)
+        why = planned_problem(wf, af, bool(kv_steps))
         if why:
             findings.problems.append(f"export.format: compressed_tensors cannot be written: {why}")
+    if "modelopt_hf" in recipe.export.formats:
+        from quantlab.export import modelopt_hf
+
+        kv = next(
+            (str(s.args.get("format", "int8")) for s in kv_steps if s.calibrator == "kv_cache"),
+            None,
+        )
+        why = modelopt_hf.planned_problem(wf, af, kv)
+        if why:
+            findings.problems.append(f"export.format: modelopt_hf cannot be written: {why}")
 
 
 def _data_checks(

@@ -23,7 +23,7 @@ from quantlab.calibrator import get_calibrator
 from quantlab.data import DataSpec
 from quantlab.errors import InputError
 
-ExportFormat = Literal["trtllm", "compressed_tensors"]
+ExportFormat = Literal["trtllm", "compressed_tensors", "modelopt_hf"]
 
 
 class _Strict(BaseModel):
@@ -59,8 +59,8 @@ class RunnerSection(_Strict):
 class ExportSection(_Strict):
     """TensorRT-LLM checkpoint output (output_dir relative to the recipe file)."""
 
-    # One format or a list: the TensorRT-LLM checkpoint and/or the compressed-tensors HF folder
-    # (written into <output_dir>/compressed_tensors/).
+    # One format or a list: the TensorRT-LLM checkpoint and/or the HF-layout folders
+    # (written into <output_dir>/compressed_tensors/ and <output_dir>/modelopt_hf/).
     format: ExportFormat | list[ExportFormat] = "trtllm"
     output_dir: str
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"

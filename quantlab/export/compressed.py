@@ -20,7 +20,6 @@ from torch import nn
 
 from quantlab.attention import KV_SCALE_KEY
 from quantlab.errors import InputError
-from quantlab.export.manifest import add_to_manifest
 from quantlab.formats import QuantFormat
 from quantlab.primitives import dequantize
 from quantlab.state import QuantState
@@ -137,38 +136,6 @@ def write_compressed_tensors(
         tokenizer.save_pretrained(str(out_dir))
     log.info("wrote compressed-tensors checkpoint %s (%d linears)", out_dir, len(quantized))
     return out_dir
-
-
-def reexport(run_dir: Path, overwrite: bool = False) -> Path:
-    """Write run_dir/compressed_tensors from a finished run's `quantlab/` folder (no calibration)."""
-    import shutil
-
-    run_dir = Path(run_dir)
-    reload_dir = run_dir / "quantlab"
-    if not (reload_dir / "quant_state.json").is_file():
-        raise InputError(
-            f"{run_dir} is not a finished `quantlab run` folder (no quantlab/quant_state.json)."
-        )
-    dest = run_dir / "compressed_tensors"
-    if dest.exists() and not overwrite:
-        raise InputError(f"{dest} exists; pass --overwrite to write it again.")
-    state = QuantState.load(reload_dir)
-    why = supported(state)
-    if why:
-        raise InputError(f"compressed-tensors cannot express this run: {why}.")
-    tmp = run_dir / ".compressed_tensors.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model, tok = float_model_from_run(reload_dir)
-        write_compressed_tensors(model, state, tmp, tok)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    add_to_manifest(run_dir, dest, "compressed_tensors")
-    return dest
 
 
 def float_model_from_run(reload_dir: Path) -> tuple[nn.Module, Any]:

@@ -1,0 +1,232 @@
+"""ModelOpt unified HF export, checked against ModelOpt's own export of the same tiny model.
+
+For each quant_algo quantlab writes, nvidia-modelopt (installed on this CPU machine) quantizes the
+same tiny Llama with its matching config and writes its folder with `export_hf_checkpoint`; the
+two folders must agree on tensor names, dtypes and shapes and on the config fields, except the
+differences docs/export.md names (each asserted here, so a new one fails). quantlab's folder also
+reads back into exactly the run's QuantState.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantlab.cli import main
+
+RECIPE = """\
+name: mo
+model:
+  source: {model}
+  dtype: float16
+calibration: {{source: file, path: {emma}, num_samples: 2, seq_len: 64}}
+steps:
+{steps}
+export:
+  format: [trtllm, modelopt_hf]
+  output_dir: {out}
+  dtype: float16
+evaluation:
+  data: {{source: file, path: {pride}, num_samples: 2, seq_len: 64, bos_id: 0}}
+"""
+
+# quant_algo -> (quantlab steps, ModelOpt config name, ModelOpt block size, FP8 KV)
+CASES: dict[str, tuple[str, str, int | None, bool]] = {
+    "W8A16": (
+        "  - calibrator: rtn\n    args: {format: int8_channel}",
+        "INT8_WEIGHT_ONLY_CFG",
+        None,
+        False,
+    ),
+    "W4A16_AWQ": (
+        "  - calibrator: awq\n    args: {format: int4_g32_sym, grid: 4}",
+        "INT4_AWQ_CFG",
+        32,
+        False,
+    ),
+    "FP8": (
+        "  - calibrator: fp8\n  - calibrator: kv_cache\n    args: {format: fp8}",
+        "FP8_DEFAULT_CFG",
+        None,
+        True,
+    ),
+    "FP8_PER_CHANNEL_PER_TOKEN": (
+        "  - calibrator: fp8\n    args: {weights: channel, activations: dynamic_token}",
+        "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+        None,
+        False,
+    ),
+    "W8A8_SQ_PER_CHANNEL": ("  - calibrator: smoothquant", "INT8_SMOOTHQUANT_CFG", None, False),
+}
+
+
+def _modelopt_export(
+    model_dir: Path, cfg_name: str, block: int | None, kv: bool, out: Path
+) -> Path:
+    """ModelOpt's own quantize + export_hf_checkpoint of model_dir (fp16, 2 random windows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16)
+    cfg: dict[str, Any] = copy.deepcopy(getattr(mtq, cfg_name))
+    for entry in cfg["quant_cfg"]:
+        if block and entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"] = {-1: block, "type": "static"}
+    if kv:
+        cfg["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for row in ids:
+                m(row[None])
+
+    model = mtq.quantize(model, cfg, forward_loop)
+    export_hf_checkpoint(model, export_dir=str(out))
+    return out
+
+
+_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "F8_E4M3": torch.float8_e4m3fn,
+}
+
+
+def _layout(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open is not a dict
+                t = h.get_slice(k)
+                out[k] = (_DTYPES[t.get_dtype()], tuple(t.get_shape()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Callable[[str], Path],
+    emma: Path,
+    pride: Path,
+) -> dict[str, tuple[Path, Path]]:
+    """quant_algo -> (quantlab's run folder, ModelOpt's export folder), tiny Llama, fp16."""
+    pytest.importorskip("modelopt")
+    model_dir = tiny_model("llama")
+    root = tmp_path_factory.mktemp("modelopt")
+    out: dict[str, tuple[Path, Path]] = {}
+    for algo, (steps, cfg, block, kv) in CASES.items():
+        run = root / f"ql-{algo}"
+        (root / f"{algo}.yaml").write_text(
+            RECIPE.format(model=model_dir, emma=emma, pride=pride, steps=steps, out=run)
+        )
+        assert main(["--quiet", "run", str(root / f"{algo}.yaml")]) == 0
+        out[algo] = (run, _modelopt_export(model_dir, cfg, block, kv, root / f"mo-{algo}"))
+    return out
+
+
+@pytest.mark.parametrize("algo", list(CASES))
+def test_same_tensors_dtypes_shapes_and_config_as_modelopt(
+    runs: dict[str, tuple[Path, Path]], algo: str
+) -> None:
+    ours_dir, theirs_dir = runs[algo][0] / "modelopt_hf", runs[algo][1]
+    ours, theirs = _layout(ours_dir), _layout(theirs_dir)
+    assert set(ours) == set(theirs)
+    for k, v in ours.items():
+        assert v == theirs[k], k
+    hq_ours = json.loads((ours_dir / "hf_quant_config.json").read_text())
+    hq_theirs = json.loads((theirs_dir / "hf_quant_config.json").read_text())
+    assert hq_ours["producer"]["name"] == "quantlab" and hq_theirs["producer"]["name"] == "modelopt"
+    assert hq_ours["quantization"] == hq_theirs["quantization"]
+    qc_ours = json.loads((ours_dir / "config.json").read_text())["quantization_config"]
+    qc_theirs = json.loads((theirs_dir / "config.json").read_text())["quantization_config"]
+    qc_ours.pop("producer"), qc_theirs.pop("producer")
+    assert qc_ours == qc_theirs
+    # The rest of config.json is the model's HF config, as ModelOpt writes it.
+    c_ours = json.loads((ours_dir / "config.json").read_text())
+    c_theirs = json.loads((theirs_dir / "config.json").read_text())
+    for key in (
+        "architectures",
+        "hidden_size",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+        "dtype",
+    ):
+        assert c_ours[key] == c_theirs[key], key
+
+
+@pytest.mark.parametrize("algo", list(CASES))
+def test_folder_reads_back_into_the_runs_quantstate(
+    runs: dict[str, tuple[Path, Path]], algo: str
+) -> None:
+    from quantlab.export.modelopt_hf import read_modelopt_hf
+    from quantlab.export.reload import FLOAT_FILE
+    from quantlab.state import QuantState
+    from quantlab.tensorio import load_tensors
+
+    run = runs[algo][0]
+    state, floats, _ = read_modelopt_hf(run / "modelopt_hf")
+    saved = QuantState.load(run / "quantlab")
+    # quantlab's state also keeps calibration statistics (k_amax, ...) that no format carries.
+    kept = QuantState(
+        modules={
+            m: type(ms)(
+                ms.weight_format,
+                ms.input_format,
+                {t: v for t, v in ms.tensors.items() if t in state.modules[m].tensors},
+            )
+            for m, ms in saved.modules.items()
+            if m in state.modules
+        }
+    )
+    assert set(state.modules) == {
+        m for m, ms in saved.modules.items() if ms.weight_format or ms.meta
+    }
+    for m, ms in state.modules.items():
+        ms.weight_format = ms.weight_format and saved.modules[m].weight_format
+    assert kept.diff(state) == []
+    ref = load_tensors(run / "quantlab" / FLOAT_FILE, "")
+    assert set(floats) == set(ref)
+    for k, v in floats.items():
+        assert torch.equal(v, ref[k].to(v.dtype)), k
+
+
+def test_formats_it_cannot_express_are_refused_before_calibration(
+    tmp_path: Path,
+    tiny_model: Callable[[str], Path],
+    emma: Path,
+    pride: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for steps, why in (
+        (
+            "  - calibrator: rtn\n    args: {format: int4_g32_asym}",
+            "no quant_algo for weights int4 g32 asym",
+        ),
+        (
+            "  - calibrator: rtn\n    args: {format: int8_channel}\n  - calibrator: kv_cache\n    args: {format: int8}",
+            "FP8 KV-cache scales only",
+        ),
+    ):
+        text = RECIPE.format(
+            model=tiny_model("llama"), emma=emma, pride=pride, steps=steps, out=tmp_path / "out"
+        )
+        (tmp_path / "r.yaml").write_text(text)
+        assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert "modelopt_hf cannot be written" in err and why in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
