@@ -44,6 +44,7 @@ from quantlab.outdir import (
 )
 from quantlab.recipe import Recipe, resolve_path
 from quantlab.resume import fingerprint
+from quantlab.qmodules import apply_state
 from quantlab.runner import LayerProfile, RunnerConfig, quantizable_linears, quantize_model
 from quantlab.state import QuantState
 
@@ -75,6 +76,26 @@ def planned_formats(steps: list[Calibrator]) -> tuple[QuantFormat | None, QuantF
         w, a = cal.planned_formats()
         wf, af = w or wf, a or af
     return wf, af
+
+
+def whole_model_step(steps: list[Calibrator], recipe: Recipe) -> Any | None:
+    """The recipe's whole-model step (the `modelopt` reference), or None; InputError when it is
+    combined with anything the Runner would have to apply (other steps, exclusions, a budget)."""
+    whole = [c for c in steps if getattr(c, "whole_model", False)]
+    if not whole:
+        return None
+    if len(steps) > 1:
+        raise InputError(
+            f"steps: '{whole[0].name}' runs the vendor's whole flow (weights, activations and "
+            "its own KV cache via its `kv_cache` argument), so it must be the only step; "
+            "remove the others."
+        )
+    if recipe.runner.exclude or recipe.budget.max_ppl_increase is not None:
+        raise InputError(
+            f"steps: '{whole[0].name}' applies the vendor's own exclusions; remove runner.exclude "
+            "and the budget section from this recipe."
+        )
+    return whole[0]
 
 
 def _model_source(source: str, base: Path) -> str:
@@ -298,6 +319,7 @@ def _run_stages(
     stage: _Stage,
 ) -> RunResult:
     steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
+    whole = whole_model_step(steps, recipe)
     budget = budget_of(recipe)
     wf, af = planned_formats(steps)
     # With offload the weights stay in host memory and the Runner moves one layer at a time.
@@ -357,7 +379,12 @@ def _run_stages(
         profile: list[LayerProfile] = []
         stage.now = f"calibrating (resume state in {rcfg.checkpoint_dir})"
         t0 = time.perf_counter()
-        quantize_model(quant, adapter, windows, steps, rcfg, state, profile)
+        if whole is not None:
+            dtype = DTYPES[whole.args.dtype or recipe.export.dtype]
+            state.update("", whole.quantize_whole(quant, adapter, windows, dtype, show_progress))
+            apply_state(quant, state)
+        else:
+            quantize_model(quant, adapter, windows, steps, rcfg, state, profile)
         seconds = time.perf_counter() - t0
         log.info("calibration took %.1f s", seconds)
         chosen = None

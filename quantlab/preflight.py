@@ -131,11 +131,12 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     from quantlab.adapters import adapter_for_architectures
     from quantlab.calibrator import build_calibrator
     from quantlab.export.trtllm import ExportConfig, plan_export
-    from quantlab.pipeline import planned_formats, trtllm_excludes
+    from quantlab.pipeline import planned_formats, trtllm_excludes, whole_model_step
 
     try:
         adapter = adapter_for_architectures(list(cfg.get("architectures") or []))
         steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
+        whole = whole_model_step(steps, recipe)
         wf, af = planned_formats(steps)
         ecfg = ExportConfig(
             Path("."), recipe.export.dtype, recipe.export.tp_size, recipe.export.pp_size
@@ -159,6 +160,7 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
             (str(s.args.get("format", "int8")) for s in kv_steps if s.calibrator == "kv_cache"),
             None,
         )
+        kv = kv or (getattr(whole.args, "kv_cache", None) if whole is not None else None)
         why = modelopt_hf.planned_problem(wf, af, kv)
         if why:
             findings.problems.append(f"export.format: modelopt_hf cannot be written: {why}")

@@ -38,6 +38,10 @@ class QuantLinear(nn.Module):
         self.input_format: QuantFormat | None = ms.input_format
         scale = ms.tensors.get("input_scale")
         self.register_buffer("input_scale", None if scale is None else scale.float().to(w.device))
+        # An unfolded smoothing scale [K] the runtime multiplies the input by (ModelOpt's AWQ and
+        # SmoothQuant keep one where no producer can absorb it).
+        pre = ms.tensors.get("pre_quant_scale")
+        self.register_buffer("pre_quant_scale", None if pre is None else pre.to(w.device, dtype))
         self.weight_format = ms.weight_format
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +56,9 @@ class QuantLinear(nn.Module):
         return fake_quant_static(x, scale, fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y [..., N] = quantize_input(x [..., K]) @ W^T + b."""
+        """y [..., N] = quantize_input(x [..., K] * pre_quant_scale) @ W^T + b."""
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -30,7 +30,7 @@ def save_reloadable(
         for k, v in model.state_dict().items()
         if k not in quantized
         and not (tied and k == "lm_head.weight")
-        and not k.endswith("input_scale")
+        and not k.endswith(("input_scale", "pre_quant_scale"))  # QuantLinear buffers: in the state
     }
     save_file(tensors, str(directory / FLOAT_FILE))
     getattr(model, "config").save_pretrained(str(directory))  # noqa: B009 - nn.Module types it as Tensor|Module

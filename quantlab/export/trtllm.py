@@ -308,8 +308,8 @@ def linear_parts(
         parts["weight"] = (q, 0, 1)
         parts["per_channel_scale"] = (s.float(), 0, None)
     elif algo == "W8A8_SQ_PER_CHANNEL":
-        # ModelOpt flow: the smoothing is folded into the norms / producers, so the pre-quant
-        # scale (which multiplies the activation at run time) is ones.
+        # ModelOpt flow: quantlab's SmoothQuant folds the smoothing into the norms / producers
+        # (ones); a state from the modelopt step keeps ModelOpt's unfolded pre_quant_scale.
         parts["weight"] = (q, 0, 1)
         parts["weights_scaling_factor"] = (s.float().reshape(-1), 0, None)
         parts["activation_scaling_factor"] = (
@@ -317,7 +317,8 @@ def linear_parts(
             None,
             None,
         )
-        parts["prequant_scaling_factor"] = (torch.ones(w.shape[1], dtype=dtype), None, 0)
+        pre = ms.tensors.get("pre_quant_scale", torch.ones(w.shape[1]))
+        parts["prequant_scaling_factor"] = (pre.to(dtype), None, 0)
     elif algo in SQ_PLUGIN_ALGOS:
         parts.update(sq_plugin_parts(q, s, ms, algo))
     else:  # pragma: no cover - quant_algo_for guards this

@@ -101,6 +101,8 @@ def _linear_hooks(
         fin = _fold(state, name, FOLD_IN, w_ref.shape[1], w_ref)
         fout = _fold(state, name, FOLD_OUT, w_ref.shape[0], w_ref)
         w_folded = w_ref * fin[None, :] / fout[:, None]
+        if isinstance(qmod.pre_quant_scale, torch.Tensor):  # the codes hold W / pre_quant_scale
+            w_folded = w_folded / qmod.pre_quant_scale.to(w_folded)[None, :]
         wq = sqnr(w_folded, qmod.weight.detach())
         rec.weight_sqnr_db = None if wq == float("inf") else wq
         rec.weight_format = qmod.weight_format.describe() if qmod.weight_format else "float"
