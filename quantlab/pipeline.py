@@ -42,9 +42,9 @@ from quantlab.outdir import (
     publish,
     resume_dir,
 )
+from quantlab.qmodules import apply_state
 from quantlab.recipe import Recipe, resolve_path
 from quantlab.resume import fingerprint
-from quantlab.qmodules import apply_state
 from quantlab.runner import LayerProfile, RunnerConfig, quantizable_linears, quantize_model
 from quantlab.state import QuantState
 

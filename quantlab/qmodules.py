@@ -57,8 +57,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] = quantize_input(x [..., K] * pre_quant_scale) @ W^T + b."""
-        if self.pre_quant_scale is not None:
-            x = x * self.pre_quant_scale
+        pre = self.pre_quant_scale
+        if isinstance(pre, torch.Tensor):
+            x = x * pre
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -64,9 +64,9 @@ def setup(
 def _modelopt_model(model_dir: Path, emma: Path, algo: str, dtype: torch.dtype) -> torch.nn.Module:
     """ModelOpt's own quantized model of model_dir, calibrated on the recipe's windows."""
     import modelopt.torch.quantization as mtq
+    from quantlab.calibrators.modelopt import ModelOptArgs, modelopt_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantlab.calibrators.modelopt import ModelOptArgs, modelopt_config
     from quantlab.data import DataSpec, load_windows
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
