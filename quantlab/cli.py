@@ -114,7 +114,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_check_export(args: argparse.Namespace) -> int:
     from quantlab.export.check import check_export
 
-    problems = check_export(Path(args.folder))
+    problems = check_export(Path(args.folder), args.target, args.tp)
     for prob in problems:
         print(prob)
     print(f"{args.folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
@@ -459,9 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export)
     x = sub.add_parser(
         "check-export",
-        help="check a TensorRT-LLM checkpoint folder against the loader's rules and its manifest",
+        help="check an exported folder (TensorRT-LLM checkpoint or ModelOpt HF) against its consumer's rules and its manifest",
     )
     x.add_argument("folder")
+    x.add_argument(
+        "--target",
+        choices=["trtllm", "modelopt_hf"],
+        help="the consumer whose rules apply (default: from the folder's files)",
+    )
+    x.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size an HF folder will be served at"
+    )
     x.set_defaults(func=_cmd_check_export)
     c = sub.add_parser(
         "clean", help="list (and with --yes remove) resume folders and leftovers of failed runs"

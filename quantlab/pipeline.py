@@ -107,11 +107,11 @@ def _model_source(source: str, base: Path) -> str:
     return source  # looks like a hub id: "org/name"
 
 
-def _check_own_export(tmp: Path) -> None:
+def _check_own_export(tmp: Path, target: str | None = None) -> None:
     """Refuse to publish a folder that quantlab check-export finds problems in (a quantlab bug)."""
     from quantlab.export.check import check_export
 
-    problems = check_export(tmp)
+    problems = check_export(tmp, target)
     if problems:
         raise ExportCheckFailed(
             f"The checkpoint written in {tmp} breaks {len(problems)} rule(s) of its consumer "
@@ -453,9 +453,9 @@ def _run_stages(
             recipe.model.device,
             summary,
         )
-        stage.now = "checking the checkpoint against TensorRT-LLM's rules"
-        if "trtllm" in formats:
-            _check_own_export(tmp)
+        stage.now = "checking the checkpoint against its consumers' rules"
+        if "trtllm" in formats or "modelopt_hf" in formats:
+            _check_own_export(tmp, None if "trtllm" in formats else "modelopt_hf")
         stage.now = "publishing the checkpoint"
         publish(tmp, out_dir, recipe.export.overwrite)
         shutil.rmtree(resume_dir(out_dir), ignore_errors=True)

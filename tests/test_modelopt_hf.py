@@ -230,3 +230,62 @@ def test_formats_it_cannot_express_are_refused_before_calibration(
         err = capsys.readouterr().err
         assert "modelopt_hf cannot be written" in err and why in err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.parametrize("algo", list(CASES))
+def test_check_export_passes_both_tools_folders(
+    runs: dict[str, tuple[Path, Path]], algo: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, theirs = runs[algo]
+    assert main(["check-export", str(theirs), "--target", "modelopt_hf"]) == 0, capsys.readouterr()
+    assert main(["check-export", str(theirs)]) == 0  # recognised without --target
+    assert main(["check-export", str(run)]) == 0  # trtllm checkpoint + modelopt_hf/ + manifest
+
+
+def _corrupt(src: Path, dst: Path, drop: str = "", exclude: str = "") -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors.pop(drop, None)
+    save_file(tensors, str(dst / "model.safetensors"))
+    if exclude:
+        hq = json.loads((dst / "hf_quant_config.json").read_text())
+        hq["quantization"]["exclude_modules"].append(exclude)
+        (dst / "hf_quant_config.json").write_text(json.dumps(hq))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("algo", "drop", "exclude", "tp", "expect"),  # tp 3: heads 4, KV heads 2, intermediate 256
+    [
+        ("FP8", "model.layers.1.mlp.up_proj.input_scale", "", 1, "up_proj.input_scale is missing"),
+        (
+            "W4A16_AWQ",
+            "model.layers.0.self_attn.o_proj.pre_quant_scale",
+            "",
+            1,
+            "o_proj.pre_quant_scale is missing",
+        ),
+        ("W8A16", "", "model.layers.7.mlp.down_proj", 1, "names no module"),
+        ("FP8", "model.layers.0.self_attn.k_proj.k_scale", "", 1, "k_proj.k_scale is missing"),
+        ("W8A16", "", "", 3, "num_attention_heads=4 cannot be split over tp=3"),
+    ],
+)
+def test_check_export_names_each_broken_rule(
+    runs: dict[str, tuple[Path, Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    algo: str,
+    drop: str,
+    exclude: str,
+    tp: int,
+    expect: str,
+) -> None:
+    bad = _corrupt(runs[algo][0] / "modelopt_hf", tmp_path / "bad", drop, exclude)
+    capsys.readouterr()
+    assert main(["check-export", str(bad), "--tp", str(tp)]) == 1
+    out = capsys.readouterr().out
+    assert expect in out and out.strip().endswith(f"{3 if tp == 3 else 1} problem(s)"), out

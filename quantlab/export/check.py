@@ -148,15 +148,34 @@ def _check_rank(
     return problems
 
 
-def check_export(folder: Path) -> list[str]:
-    """Every problem of an output folder: the manifest's hashes and the TensorRT-LLM rules."""
+TARGETS = ("trtllm", "modelopt_hf")
+
+
+def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[str]:
+    """Every problem of an output folder: the manifest's hashes and the consumer's rules.
+
+    target None: a ModelOpt HF folder is checked as modelopt_hf, anything else as a TensorRT-LLM
+    checkpoint, plus a run folder's modelopt_hf/ subfolder. tp: the serving tp of an HF folder
+    (a TensorRT-LLM checkpoint carries its own).
+    """
+    from quantlab.export.check_hf import check_modelopt_hf, is_modelopt_hf
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder.")
+    if target is not None and target not in TARGETS:
+        raise InputError(f"Unknown --target {target!r}; checkable: {', '.join(TARGETS)}.")
     problems = []
     if (folder / MANIFEST).is_file():
         try:
             problems += [f"manifest: {p}" for p in verify_manifest(folder)]
         except (ValueError, KeyError) as exc:
             problems.append(f"manifest: {MANIFEST} is unreadable ({exc})")
-    return problems + check_trtllm(folder)
+    sub = folder / "modelopt_hf"
+    if target == "modelopt_hf" or (target is None and is_modelopt_hf(folder)):
+        hf = folder if is_modelopt_hf(folder) or not sub.is_dir() else sub
+        return problems + [f"modelopt_hf: {p}" for p in check_modelopt_hf(hf, tp)]
+    problems += check_trtllm(folder)
+    if target is None and sub.is_dir():
+        problems += [f"modelopt_hf: {p}" for p in check_modelopt_hf(sub, tp)]
+    return problems
