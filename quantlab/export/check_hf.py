@@ -107,10 +107,18 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
         for lin, (n, k) in shapes.items():
             name = f"{adapter.layers}.{i}.{lin}"
             modules.add(name)
-            skip = algo is None or any(name == p or fnmatch.fnmatchcase(name, p) for p in excludes)
+            skip = algo is None or _is_excluded(name, excludes)
             problems += _check_linear(
                 tensors, name, lin, n, k, None if skip else algo, group, adapter
             )
+        for fused in adapter.fused_groups:
+            off = [x for x in fused if _is_excluded(f"{adapter.layers}.{i}.{x}", excludes)]
+            if off and len(off) < len(fused):
+                problems.append(
+                    f"layer {i}: exclude_modules leaves part of {'/'.join(fused)} quantized; vLLM "
+                    "refuses a partly quantized fused GEMM and TensorRT-LLM then excludes all of "
+                    "it: exclude all or none"
+                )
         if kv_algo == "FP8":
             for proj, key in ((adapter.k_proj, "k_scale"), (adapter.v_proj, "v_scale")):
                 problems += _check_scale(tensors, f"{adapter.layers}.{i}.{proj}.{key}", scalar=True)
@@ -121,6 +129,10 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
                 f"exclude_modules entry {p!r} names no module of this model; fix or remove it"
             )
     return problems
+
+
+def _is_excluded(name: str, patterns: list[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _read(

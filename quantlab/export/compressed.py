@@ -1,12 +1,14 @@
 """compressed-tensors export: the HF-layout checkpoint vLLM and transformers load, written by the library.
 
-The QuantState's weight-only linears (INT4/INT8, per-channel or group, sym or asym) go through
-compressed-tensors' own ModelCompressor: quantlab attaches a QuantizationScheme to each
-quantized nn.Linear, sets the float weight to the dequantized codes and the library's
-`weight_scale` / `weight_zero_point` to quantlab's scales and zero points (zero points moved to
-the library's signed code range: z_ct = z - 2^(bits-1)), and lets the library quantize (which
-reproduces quantlab's codes exactly) and pack (`pack-quantized`). Everything not quantized (the
-embedding, norms, lm_head, excluded linears) is saved as plain tensors and listed in `ignore`.
+The QuantState's linears go through compressed-tensors' own ModelCompressor: quantlab attaches a
+QuantizationScheme to each quantized nn.Linear (weights, and for W8A8 / FP8 the input
+activations: static per-tensor with quantlab's `input_scale`, or dynamic per-token), sets the
+float weight to the dequantized codes and the library's `weight_scale` / `weight_zero_point` to
+quantlab's scales and zero points (zero points moved to the library's signed code range:
+z_ct = z - 2^(bits-1)), and lets the library quantize (which reproduces quantlab's codes exactly)
+and compress: `pack-quantized` (int4/int8 weight-only), `int-quantized` (W8A8 INT8),
+`float-quantized` (FP8). Everything not quantized (the embedding, norms, lm_head, excluded
+linears) is saved as plain tensors and listed in `ignore`.
 """
 
 from __future__ import annotations
@@ -27,22 +29,34 @@ from quantlab.state import QuantState
 log = logging.getLogger(__name__)
 
 
-def planned_problem(wf: QuantFormat | None, af: QuantFormat | None, kv_cache: bool) -> str | None:
-    """Why the planned formats cannot be written as compressed-tensors (None: they can)."""
-    if af is not None:
-        return (
-            f"activations are quantized ({af.describe()}); this exporter writes int4/int8 "
-            "weight-only (W4A16, W8A16) only. Formats that can: trtllm"
-        )
-    if wf is None or wf.dtype not in ("int4", "int8") or wf.granularity not in ("group", "channel"):
-        got = wf.describe() if wf else "float weights"
-        return f"weights are {got}; only int4/int8 per-channel or group weights are written"
+def _weight_problem(wf: QuantFormat | None, af: QuantFormat | None) -> str | None:
+    """Why a (weight, input) format pair has no compressed-tensors scheme here (None: it has)."""
+    if wf is None:
+        return "activations without weight quantization are not written" if af else None
+    if wf.dtype == "fp8_e4m3":
+        if af is not None and af.dtype != "fp8_e4m3":
+            return f"fp8 weights with {af.describe()} activations have no compressed-tensors scheme"
+        return None
+    if af is not None and af.dtype != "int8":
+        return f"{wf.describe()} weights with {af.describe()} activations are not written"
+    if af is not None and (wf.dtype != "int8" or wf.granularity == "group"):
+        return f"W8A8 needs int8 per-channel or per-tensor weights, got {wf.describe()}"
+    if af is None and wf.granularity not in ("group", "channel"):
+        return f"weight-only {wf.describe()} is not written; use per-channel or group scales"
     if not wf.symmetric:
         return (
             "asymmetric weights: compressed-tensors 0.20 packs the zero points when it writes "
             "them but builds the unpacked shape when transformers 5 loads the folder, so the "
             "load fails; use symmetric weights or the trtllm format"
         )
+    return None
+
+
+def planned_problem(wf: QuantFormat | None, af: QuantFormat | None, kv_cache: bool) -> str | None:
+    """Why the planned formats cannot be written as compressed-tensors (None: they can)."""
+    why = _weight_problem(wf, af)
+    if why:
+        return why
     if kv_cache:
         return "a KV-cache step: this exporter does not write KV-cache scales yet"
     return None
@@ -51,15 +65,13 @@ def planned_problem(wf: QuantFormat | None, af: QuantFormat | None, kv_cache: bo
 def supported(state: QuantState) -> str | None:
     """None when compressed-tensors can express the state's formats, else why not."""
     for name, ms in state.modules.items():
-        wf, af = ms.weight_format, ms.input_format
-        if af is not None:
+        why = _weight_problem(ms.weight_format, ms.input_format)
+        if why:
+            return f"{name}: {why}"
+        if "pre_quant_scale" in ms.tensors:
             return (
-                f"{name} quantizes its activations ({af.describe()}); only weight-only is written"
+                f"{name} keeps an unfolded pre_quant_scale, which compressed-tensors cannot carry"
             )
-        if wf is not None and wf.dtype not in ("int4", "int8"):
-            return f"{name} has weights in {wf.describe()}; only int4/int8 weight-only is written"
-        if wf is not None and not wf.symmetric:
-            return f"{name} has asymmetric weights, which transformers 5 cannot load (export.md)"
     # GPTQ act-order keeps groups as contiguous input columns (static groups): no g_idx needed.
     kv = [n for n, ms in state.modules.items() if KV_SCALE_KEY in ms.tensors]
     if kv:
@@ -67,19 +79,28 @@ def supported(state: QuantState) -> str | None:
     return None
 
 
-def _args(fmt: QuantFormat) -> Any:
+_STRATEGY = {"group": "group", "channel": "channel", "tensor": "tensor", "token": "token"}
+
+
+def _args(fmt: QuantFormat, dynamic: bool = False) -> Any:
+    """The library's QuantizationArgs of a quantlab format (weights, or activations)."""
     from compressed_tensors.quantization import QuantizationArgs
 
-    strategy = "group" if fmt.granularity == "group" else "channel"
-    if fmt.granularity not in ("group", "channel"):
-        raise InputError(f"compressed-tensors export: weight granularity {fmt.granularity!r}")
     return QuantizationArgs(
         num_bits=fmt.bits,
-        type="int",
+        type="float" if fmt.dtype == "fp8_e4m3" else "int",
         symmetric=fmt.symmetric,
-        strategy=strategy,
-        group_size=fmt.group_size if strategy == "group" else None,
+        strategy=_STRATEGY[fmt.granularity],
+        group_size=fmt.group_size if fmt.granularity == "group" else None,
+        dynamic=dynamic,
     )
+
+
+def _format_of(wf: QuantFormat, af: QuantFormat | None) -> str:
+    """The library's compression format: packed int4/int8 weight-only, int8 or fp8 W8A8."""
+    if wf.dtype == "fp8_e4m3":
+        return "float-quantized"
+    return "int-quantized" if af is not None else "pack-quantized"
 
 
 def write_compressed_tensors(
@@ -97,22 +118,27 @@ def write_compressed_tensors(
     why = supported(state)
     if why:
         raise InputError(f"compressed-tensors export refused: {why}.")
-    fmts = {ms.weight_format for ms in state.modules.values() if ms.weight_format is not None}
-    if len(fmts) != 1:
-        raise InputError(f"compressed-tensors export needs one weight format, got {len(fmts)}.")
-    fmt = next(iter(fmts))
+    pairs = {
+        (ms.weight_format, ms.input_format)
+        for ms in state.modules.values()
+        if ms.weight_format is not None
+    }
+    if len(pairs) != 1:
+        raise InputError(f"compressed-tensors export needs one format pair, got {len(pairs)}.")
+    fmt, afmt = next(iter(pairs))
     assert fmt is not None
     quantized = sorted(n for n, ms in state.modules.items() if ms.weight_format is not None)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ignore = [n for n in linears if n not in set(quantized)]
-    scheme = QuantizationScheme(targets=["Linear"], weights=_args(fmt))
+    acts = None if afmt is None else _args(afmt, dynamic=afmt.granularity == "token")
+    scheme = QuantizationScheme(targets=["Linear"], weights=_args(fmt), input_activations=acts)
     qconfig = QuantizationConfig(
         config_groups={"group_0": scheme},
         ignore=ignore,
         quantization_status=QuantizationStatus.FROZEN,
     )
     apply_quantization_config(model, qconfig, show_progress=False)
-    offset = 1 << (fmt.bits - 1)
+    offset = 1 << (fmt.bits - 1) if fmt.is_int else 0
     for name in quantized:
         ms = state.modules[name]
         lin = model.get_submodule(name)
@@ -127,7 +153,15 @@ def write_compressed_tensors(
             if isinstance(zp, torch.Tensor):
                 zero = torch.zeros_like(s) if z is None else z.to(torch.int32) - offset
                 zp.copy_(zero.reshape(zp.shape).to(zp.dtype))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+            static = getattr(lin, "input_scale", None)
+            if isinstance(static, torch.Tensor) and "input_scale" in ms.tensors:
+                static.copy_(ms.tensors["input_scale"].reshape(static.shape).to(static.dtype))
+            izp = getattr(lin, "input_zero_point", None)
+            if isinstance(izp, torch.Tensor):
+                izp.zero_()
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format=_format_of(fmt, afmt)
+    )
     compressor.compress_model(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)  # type: ignore[operator]
