@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("folder")
     x.add_argument(
         "--target",
-        choices=["trtllm", "modelopt_hf"],
+        choices=["trtllm", "modelopt_hf", "compressed_tensors"],
         help="the consumer whose rules apply (default: from the folder's files)",
     )
     x.add_argument(

@@ -107,11 +107,14 @@ def _model_source(source: str, base: Path) -> str:
     return source  # looks like a hub id: "org/name"
 
 
-def _check_own_export(tmp: Path, target: str | None = None) -> None:
+def _check_own_export(tmp: Path, formats: list[str]) -> None:
     """Refuse to publish a folder that quantlab check-export finds problems in (a quantlab bug)."""
     from quantlab.export.check import check_export
 
-    problems = check_export(tmp, target)
+    if "trtllm" in formats:  # the checkpoint, the manifest and every HF subfolder
+        problems = check_export(tmp)
+    else:
+        problems = sorted({p for f in formats for p in check_export(tmp, f)})
     if problems:
         raise ExportCheckFailed(
             f"The checkpoint written in {tmp} breaks {len(problems)} rule(s) of its consumer "
@@ -454,8 +457,7 @@ def _run_stages(
             summary,
         )
         stage.now = "checking the checkpoint against its consumers' rules"
-        if "trtllm" in formats or "modelopt_hf" in formats:
-            _check_own_export(tmp, None if "trtllm" in formats else "modelopt_hf")
+        _check_own_export(tmp, formats)
         stage.now = "publishing the checkpoint"
         publish(tmp, out_dir, recipe.export.overwrite)
         shutil.rmtree(resume_dir(out_dir), ignore_errors=True)

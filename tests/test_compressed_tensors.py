@@ -223,3 +223,40 @@ def test_quantlab_export_rewrites_a_finished_run_without_calibrating(
     )
     assert main(["export", str(run), "--format", "compressed_tensors"]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_check_export_compressed_tensors_names_each_broken_rule(
+    tmp_path: Path,
+    tiny_model: Callable[[str], Path],
+    pride: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    text = RECIPE.format(
+        model=tiny_model("llama"), cal="rtn", fmt="int4_g32_sym", out=tmp_path / "out", pride=pride
+    )
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
+    good = tmp_path / "out" / "compressed_tensors"
+    assert main(["check-export", str(good), "--target", "compressed_tensors"]) == 0
+    cases = [
+        ("model.layers.1.mlp.up_proj.weight_scale", "", "weight_scale is missing"),
+        ("model.layers.0.self_attn.q_proj.weight_packed", "", "weight_packed is missing"),
+        ("", "model.layers.9.mlp.up_proj", "names no module"),
+    ]
+    for i, (drop, ignore, expect) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(good, bad)
+        tensors = load_file(str(bad / "model.safetensors"))
+        tensors.pop(drop, None)
+        save_file(tensors, str(bad / "model.safetensors"))
+        conf = json.loads((bad / "config.json").read_text())
+        conf["quantization_config"]["ignore"] += [ignore] if ignore else []
+        (bad / "config.json").write_text(json.dumps(conf))
+        capsys.readouterr()
+        assert main(["check-export", str(bad)]) == 1
+        out = capsys.readouterr().out
+        assert expect in out and out.strip().endswith("1 problem(s)"), out

@@ -148,7 +148,7 @@ def _check_rank(
     return problems
 
 
-TARGETS = ("trtllm", "modelopt_hf")
+TARGETS = ("trtllm", "modelopt_hf", "compressed_tensors")
 
 
 def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[str]:
@@ -158,6 +158,7 @@ def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[s
     checkpoint, plus a run folder's modelopt_hf/ subfolder. tp: the serving tp of an HF folder
     (a TensorRT-LLM checkpoint carries its own).
     """
+    from quantlab.export.check_ct import check_compressed_tensors, is_compressed_tensors
     from quantlab.export.check_hf import check_modelopt_hf, is_modelopt_hf
 
     folder = Path(folder)
@@ -171,11 +172,18 @@ def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[s
             problems += [f"manifest: {p}" for p in verify_manifest(folder)]
         except (ValueError, KeyError) as exc:
             problems.append(f"manifest: {MANIFEST} is unreadable ({exc})")
-    sub = folder / "modelopt_hf"
-    if target == "modelopt_hf" or (target is None and is_modelopt_hf(folder)):
-        hf = folder if is_modelopt_hf(folder) or not sub.is_dir() else sub
-        return problems + [f"modelopt_hf: {p}" for p in check_modelopt_hf(hf, tp)]
-    problems += check_trtllm(folder)
-    if target is None and sub.is_dir():
-        problems += [f"modelopt_hf: {p}" for p in check_modelopt_hf(sub, tp)]
-    return problems
+    checks = {"modelopt_hf": (is_modelopt_hf, check_modelopt_hf)}
+    checks["compressed_tensors"] = (is_compressed_tensors, check_compressed_tensors)
+    if target is None:  # the folder's own kind, else a run folder: checkpoint + HF subfolders
+        target = next((t for t, (is_it, _) in checks.items() if is_it(folder)), None)
+        if target is None:
+            problems += check_trtllm(folder)
+            for name, (is_it, check) in checks.items():
+                if is_it(folder / name):
+                    problems += [f"{name}: {p}" for p in check(folder / name, tp)]
+            return problems
+    if target == "trtllm":
+        return problems + check_trtllm(folder)
+    is_it, check = checks[target]
+    hf = folder if is_it(folder) or not (folder / target).is_dir() else folder / target
+    return problems + [f"{target}: {p}" for p in check(hf, tp)]

@@ -56,7 +56,7 @@ def _json(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _shapes(conf: dict[str, Any], adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
+def linear_shapes(conf: dict[str, Any], adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
     """Layer-relative linear name -> (N, K) from the HF config."""
     h, inter = int(conf["hidden_size"]), int(conf["intermediate_size"])
     heads, kv = (
@@ -94,25 +94,25 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
     if kv_algo not in (None, "FP8"):
         problems.append(f"kv_cache_quant_algo {kv_algo!r}: vLLM and SGLang read FP8 KV scales only")
     adapter = adapter_for_architectures(list(conf.get("architectures") or []))
-    tensors = _read(folder, problems)
+    tensors = read_layout(folder, problems)
     if tensors is None:
         return problems
     excludes = list(quant.get("exclude_modules") or qc.get("ignore") or [])
     group = quant.get("group_size")
     if algo == "W4A16_AWQ" and not isinstance(group, int):
         problems.append(f"W4A16_AWQ without an integer group_size in {QUANT_CONFIG}")
-    shapes = _shapes(conf, adapter)
+    shapes = linear_shapes(conf, adapter)
     modules = {adapter.embed, adapter.lm_head}
     for i in range(int(conf["num_hidden_layers"])):
         for lin, (n, k) in shapes.items():
             name = f"{adapter.layers}.{i}.{lin}"
             modules.add(name)
-            skip = algo is None or _is_excluded(name, excludes)
+            skip = algo is None or is_excluded(name, excludes)
             problems += _check_linear(
                 tensors, name, lin, n, k, None if skip else algo, group, adapter
             )
         for fused in adapter.fused_groups:
-            off = [x for x in fused if _is_excluded(f"{adapter.layers}.{i}.{x}", excludes)]
+            off = [x for x in fused if is_excluded(f"{adapter.layers}.{i}.{x}", excludes)]
             if off and len(off) < len(fused):
                 problems.append(
                     f"layer {i}: exclude_modules leaves part of {'/'.join(fused)} quantized; vLLM "
@@ -121,8 +121,8 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
                 )
         if kv_algo == "FP8":
             for proj, key in ((adapter.k_proj, "k_scale"), (adapter.v_proj, "v_scale")):
-                problems += _check_scale(tensors, f"{adapter.layers}.{i}.{proj}.{key}", scalar=True)
-    problems += _check_tp(conf, tp, group if algo == "W4A16_AWQ" else None)
+                problems += check_scale(tensors, f"{adapter.layers}.{i}.{proj}.{key}", scalar=True)
+    problems += check_tp(conf, tp, group if algo == "W4A16_AWQ" else None)
     for p in excludes:
         if not any(m == p or fnmatch.fnmatchcase(m, p) for m in modules):
             problems.append(
@@ -131,11 +131,11 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
     return problems
 
 
-def _is_excluded(name: str, patterns: list[str]) -> bool:
+def is_excluded(name: str, patterns: list[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _read(
+def read_layout(
     folder: Path, problems: list[str]
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...], Any]] | None:
     """name -> (dtype, shape, file handle) over every safetensors file of folder."""
@@ -149,17 +149,19 @@ def _read(
             h = safe_open(str(f), "pt")
             for key in h.keys():  # noqa: SIM118 - safe_open is not a dict
                 t = h.get_slice(key)
-                out[key] = (_DTYPES.get(t.get_dtype(), torch.float32), tuple(t.get_shape()), h)
+                out[key] = (ST_DTYPES.get(t.get_dtype(), torch.float32), tuple(t.get_shape()), h)
         except (SafetensorError, OSError) as exc:
             problems.append(f"{f.name} cannot be read ({exc})")
     return out
 
 
-_DTYPES = {
+ST_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "F32": torch.float32,
     "I8": torch.int8,
+    "I32": torch.int32,
+    "I64": torch.int64,
     "U8": torch.uint8,
     "F8_E4M3": torch.float8_e4m3fn,
 }
@@ -192,7 +194,7 @@ def _check_linear(
         out.append(f"{name}.weight is {w[0]} {list(w[1])}; {algo} needs {dtype} {list(want_w)}")
     for s in scales:
         scalar = s == "input_scale" or algo == "FP8"
-        out += _check_scale(tensors, f"{name}.{s}", scalar=scalar)
+        out += check_scale(tensors, f"{name}.{s}", scalar=scalar)
     ws = tensors.get(f"{name}.weight_scale")
     if (
         ws is not None
@@ -221,7 +223,7 @@ def _check_linear(
     return out
 
 
-def _check_scale(tensors: dict[str, Any], key: str, scalar: bool) -> list[str]:
+def check_scale(tensors: dict[str, Any], key: str, scalar: bool) -> list[str]:
     entry = tensors.get(key)
     if entry is None:
         return [f"{key} is missing"]
@@ -234,7 +236,7 @@ def _check_scale(tensors: dict[str, Any], key: str, scalar: bool) -> list[str]:
     return []
 
 
-def _check_tp(conf: dict[str, Any], tp: int, group: int | None) -> list[str]:
+def check_tp(conf: dict[str, Any], tp: int, group: int | None) -> list[str]:
     """Sharding rules of the serving tp: heads and intermediate split evenly, KV heads split or
     replicated (tp a multiple of them), and row-parallel group-wise shards whole groups."""
     if tp == 1:
