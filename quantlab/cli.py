@@ -112,11 +112,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_export(args: argparse.Namespace) -> int:
-    from quantlab.export.check import check_export
+    from quantlab.export.check import NOTE, check_export
 
-    problems = check_export(Path(args.folder), args.target, args.tp)
-    for prob in problems:
-        print(prob)
+    lines = check_export(Path(args.folder), args.target, args.tp)
+    for line in lines:
+        print(line)
+    problems = [p for p in lines if not p.startswith(NOTE)]
     print(f"{args.folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 

@@ -109,12 +109,15 @@ def _model_source(source: str, base: Path) -> str:
 
 def _check_own_export(tmp: Path, formats: list[str]) -> None:
     """Refuse to publish a folder that quantlab check-export finds problems in (a quantlab bug)."""
-    from quantlab.export.check import check_export
+    from quantlab.export.check import NOTE, check_export
 
     if "trtllm" in formats:  # the checkpoint, the manifest and every HF subfolder
-        problems = check_export(tmp)
+        lines = check_export(tmp)
     else:
-        problems = sorted({p for f in formats for p in check_export(tmp, f)})
+        lines = sorted({p for f in formats for p in check_export(tmp, f)})
+    for note in (x for x in lines if x.startswith(NOTE)):
+        log.warning("%s", note.removeprefix(NOTE))
+    problems = [x for x in lines if not x.startswith(NOTE)]
     if problems:
         raise ExportCheckFailed(
             f"The checkpoint written in {tmp} breaks {len(problems)} rule(s) of its consumer "
@@ -333,7 +336,13 @@ def _run_stages(
         "cpu" if offload else recipe.model.device,
     )
     adapter = adapter_for(model)
-    ecfg = ExportConfig(out_dir, recipe.export.dtype, recipe.export.tp_size, recipe.export.pp_size)
+    ecfg = ExportConfig(
+        out_dir,
+        recipe.export.dtype,
+        recipe.export.tp_size,
+        recipe.export.pp_size,
+        recipe.export.trtllm_sm,
+    )
     plan = plan_export(
         model.config, adapter, wf, af, ecfg
     )  # refuses bad tp/pp/group before calibrating

@@ -139,7 +139,11 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
         whole = whole_model_step(steps, recipe)
         wf, af = planned_formats(steps)
         ecfg = ExportConfig(
-            Path("."), recipe.export.dtype, recipe.export.tp_size, recipe.export.pp_size
+            Path("."),
+            recipe.export.dtype,
+            recipe.export.tp_size,
+            recipe.export.pp_size,
+            recipe.export.trtllm_sm,
         )
         plan = plan_export(cfg, adapter, wf, af, ecfg)
         trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)

@@ -66,6 +66,10 @@ class ExportSection(_Strict):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     tp_size: PositiveInt = 1
     pp_size: PositiveInt = 1
+    # The GPU architecture trtllm-build will run on. TensorRT-LLM expects GPTQ weights already
+    # preprocessed for it (its converter does that on the converting GPU); quantlab writes that
+    # layout when this is set, its own row-packed layout otherwise (docs/export.md).
+    trtllm_sm: Literal[75, 80, 86, 89, 90, 120] | None = None
     overwrite: bool = False
 
     @property

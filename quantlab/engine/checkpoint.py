@@ -170,4 +170,44 @@ def load_checkpoint(path: Path) -> Checkpoint:
     for i in range(spec.num_layers):
         if f"transformer.layers.{i}.attention.qkv.weight" not in tensors:
             raise _fail(path, f"rank0.safetensors lacks layer {i} (attention.qkv.weight).")
+    _gptq_to_rows(path, conf, tensors)
     return Checkpoint(path, conf, tensors, spec)
+
+
+def gptq_sm(path: Path) -> int | None:
+    """The SM a quantlab run preprocessed its GPTQ weights for (export.trtllm_sm), else None."""
+    state = path / "quantlab" / "quant_state.json"
+    try:
+        sm = json.loads(state.read_text())["recipe"]["export"].get("trtllm_sm")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return sm if isinstance(sm, int) else None
+
+
+def _gptq_to_rows(path: Path, conf: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """GPTQ weights written in TensorRT-LLM's preprocessed layout (float-viewed) back to quantlab's
+    row-packed codes, in place; the SM comes from the run's recorded export.trtllm_sm."""
+    from quantlab.export.mixed_gemm import GPTQ_ALGOS, from_trtllm_gptq
+
+    bits = GPTQ_ALGOS.get(str((conf.get("quantization") or {}).get("quant_algo")))
+    keys = [
+        k
+        for k, v in tensors.items()
+        if bits
+        and k.endswith(".weight")
+        and v.is_floating_point()
+        and k.removesuffix("weight") + "weights_scaling_factor" in tensors
+    ]
+    if not keys:
+        return
+    sm = gptq_sm(path)
+    if sm is None:
+        raise _fail(
+            path,
+            "its GPTQ weights are in TensorRT-LLM's preprocessed layout for an unknown GPU "
+            "(no quantlab/quant_state.json with export.trtllm_sm): quantlab cannot unpermute them. "
+            "Re-export the run without export.trtllm_sm for quantlab's engine.",
+        )
+    assert bits is not None
+    for k in keys:
+        tensors[k] = from_trtllm_gptq(tensors[k], bits, sm)

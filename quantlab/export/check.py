@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from quantlab.errors import InputError
 from quantlab.export.manifest import MANIFEST, verify_manifest
+from quantlab.export.mixed_gemm import GPTQ_ALGOS
 
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 NORMS = ("input_layernorm", "post_layernorm")
@@ -101,6 +102,8 @@ def check_trtllm(folder: Path) -> list[str]:
                 problems += _check_rank(
                     f, names, path.name, rank // tp, pp, per_pp, algo, kv_algo, excl
                 )
+                if rank == 0 and algo in GPTQ_ALGOS:
+                    problems += _gptq_layout(f, names, algo, int(quant.get("group_size") or 128))
         except SafetensorError as exc:
             problems.append(f"{path.name}: unreadable ({exc}); re-export it")
     extra = sorted(
@@ -108,6 +111,31 @@ def check_trtllm(folder: Path) -> list[str]:
     )
     problems += [f"{n}: a rank file beyond tp x pp = {tp * pp}" for n in extra]
     return problems
+
+
+NOTE = "note: "  # a line check-export prints without counting it as a problem
+
+
+def _gptq_layout(f: Any, names: set[str], algo: str, group: int) -> list[str]:
+    """TensorRT-LLM loads GPTQ weights as they are (trtllm-build does not preprocess them): they
+    must be its mixed-GEMM layout viewed as the model dtype, [K, N*bits/16] (docs/export.md)."""
+    bits = GPTQ_ALGOS[algo]
+    out: list[str] = []
+    for n in sorted(x for x in names if x.endswith(".weights_scaling_factor")):
+        w_name = n.removesuffix("weights_scaling_factor") + "weight"
+        w, s = f.get_slice(w_name), f.get_slice(n)
+        k, cols = s.get_shape()[0] * group, s.get_shape()[1]
+        if w.get_dtype() in ("I8", "U8"):
+            return [
+                f"{NOTE}{algo} weights are in quantlab's row-packed layout; TensorRT-LLM expects "
+                "them preprocessed for the GPU that runs trtllm-build: re-run with "
+                "export.trtllm_sm set (quantlab's own engine reads either)"
+            ]
+        if list(w.get_shape()) != [k, cols * bits // 16]:
+            out.append(
+                f"{w_name}: shape {w.get_shape()}; TensorRT-LLM expects [{k}, {cols * bits // 16}]"
+            )
+    return out
 
 
 def _check_rank(

@@ -21,6 +21,7 @@ from quantlab.adapters import ModelAdapter
 from quantlab.attention import KV_FORMAT_KEY, KV_SCALE_KEY
 from quantlab.calibrator import param
 from quantlab.errors import InputError
+from quantlab.export.mixed_gemm import GPTQ_ALGOS, gather_index, to_trtllm_gptq
 from quantlab.formats import FP8_E4M3_MAX, QuantFormat
 from quantlab.kernels.packing import pack_int4_rows
 from quantlab.primitives import dequantize
@@ -98,6 +99,7 @@ class ExportConfig:
     dtype: str = "float16"
     tp_size: int = 1
     pp_size: int = 1
+    sm: int | None = None  # GPTQ weights in TensorRT-LLM's preprocessed layout for this SM
 
 
 @dataclass
@@ -245,9 +247,33 @@ def plan_export(
             f"Cannot export {adapter.trtllm_architecture} with tp_size={cfg.tp_size}, pp_size={cfg.pp_size}"
             f"{', ' + wf.describe() if wf else ''}: " + "; ".join(probs) + ". " + hint
         )
+    if cfg.sm is not None and algo in GPTQ_ALGOS:
+        _check_gptq_layout(d, cfg.tp_size, GPTQ_ALGOS[algo], cfg.sm, adapter)
     return ExportPlan(
         algo, d, hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     )
+
+
+def _check_gptq_layout(
+    d: dict[str, int], tp: int, bits: int, sm: int, adapter: ModelAdapter
+) -> None:
+    """Refuse shard shapes TensorRT-LLM's mixed-GEMM layout for `sm` cannot hold (before calibrating)."""
+    copies = kv_head_copies(d, tp)
+    for name, (n, k) in linear_shapes(d).items():
+        row = name in adapter.row_parallel
+        k_shard, n_shard = (k // tp, n) if row else (k, n // tp)
+        if name in (adapter.k_proj, adapter.v_proj):
+            continue
+        if name in adapter.fused_groups[0]:  # q|k|v is one GEMM: its N is q + k + v per rank
+            n_shard = (n + 2 * d["kv_heads"] * d["head_dim"] * copies) // tp
+        try:
+            gather_index(k_shard, n_shard, bits, sm)
+        except InputError as exc:
+            raise InputError(
+                f"export.trtllm_sm {sm}: layers.*.{name} shards to [{n_shard}, {k_shard}] at "
+                f"tp_size {tp}, which {exc} Use another tp_size, or leave export.trtllm_sm unset "
+                "(quantlab's layout, which quantlab's engine reads but TensorRT-LLM does not)."
+            ) from None
 
 
 # One exported tensor: (value, axis split by column parallelism, axis split by row parallelism).
@@ -642,6 +668,12 @@ def write_trtllm_checkpoint(
                     plan.dims["kv_heads"],
                 )
                 t.update({f"transformer.layers.{local}.{k}": v for k, v in lt.items()})
+            if cfg.sm is not None and plan.quant_algo in GPTQ_ALGOS:
+                bits = GPTQ_ALGOS[plan.quant_algo]
+                for key in [
+                    k for k, v in t.items() if k.endswith(".weight") and v.dtype == torch.int8
+                ]:
+                    t[key] = to_trtllm_gptq(t[key], bits, cfg.sm, dtype)
             path = out_dir / f"rank{tp_rank + pp_rank * tp}.safetensors"
             save_file({k: v.contiguous() for k, v in t.items()}, str(path))
             files.append(path)
