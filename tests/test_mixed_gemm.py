@@ -201,18 +201,15 @@ def test_gptq_checkpoint_in_trtllm_layout(
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
-def test_trtllm_sm_refuses_shards_the_layout_cannot_hold(
-    tmp_path: Path, tiny_model: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    text = RECIPE.format(
-        model=tiny_model("llama"),
-        fmt="int4_g32_asym",
-        out=tmp_path / "o",
-        tp=4,
-        sm=", trtllm_sm: 80",
-    )
-    (tmp_path / "r.yaml").write_text(text)
-    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert "export.trtllm_sm 80" in err and "multiple of 64" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+def test_trtllm_sm_refuses_shards_the_layout_cannot_hold() -> None:
+    # TensorRT-LLM's padding rule (multiples of 64 * tp, refused first by plan_export) implies
+    # these shapes today; the layout keeps its own check for a model that pads.
+    from quantlab.adapters import ADAPTERS
+    from quantlab.errors import InputError
+    from quantlab.export.trtllm import _check_gptq_layout
+
+    d = {"hidden": 96, "intermediate": 256, "heads": 3, "kv_heads": 1, "head_dim": 32, "layers": 2}
+    with pytest.raises(InputError, match=r"export.trtllm_sm 80: layers.\*.self_attn.q_proj shards"):
+        _check_gptq_layout(d, 1, 4, 80, ADAPTERS["LlamaForCausalLM"])
+    d["hidden"], d["heads"], d["kv_heads"] = 128, 4, 2
+    _check_gptq_layout(d, 1, 4, 80, ADAPTERS["LlamaForCausalLM"])
