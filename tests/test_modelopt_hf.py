@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from quantlab.cli import main
+from quantlab.export.check_hf import ST_DTYPES
 
 RECIPE = """\
 name: mo
@@ -97,23 +98,13 @@ def _modelopt_export(
     return out
 
 
-_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "F8_E4M3": torch.float8_e4m3fn,
-}
-
-
 def _layout(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     out = {}
     for f in folder.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
             for k in h.keys():  # noqa: SIM118 - safe_open is not a dict
                 t = h.get_slice(k)
-                out[k] = (_DTYPES[t.get_dtype()], tuple(t.get_shape()))
+                out[k] = (ST_DTYPES[t.get_dtype()], tuple(t.get_shape()))
     return out
 
 

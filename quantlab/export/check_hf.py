@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from quantlab.adapters import ModelAdapter, adapter_for_architectures
 from quantlab.errors import InputError
-from quantlab.export.modelopt_hf import ALGOS, QUANT_CONFIG
+from quantlab.export.modelopt_hf import ALGOS, QUANT_CONFIG, read_json
 
 # quant_algo -> (weight dtype, scale tensors each quantized linear must carry)
 RULES: dict[str, tuple[torch.dtype, tuple[str, ...]]] = {
@@ -46,16 +46,6 @@ def is_modelopt_hf(folder: Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "modelopt"
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} cannot be read as JSON ({exc}).") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{path} does not hold a JSON object.")
-    return doc
-
-
 def linear_shapes(conf: dict[str, Any], adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
     """Layer-relative linear name -> (N, K) from the HF config."""
     h, inter = int(conf["hidden_size"]), int(conf["intermediate_size"])
@@ -71,14 +61,14 @@ def linear_shapes(conf: dict[str, Any], adapter: ModelAdapter) -> dict[str, tupl
 
 def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
     """One line per consumer rule the ModelOpt HF folder breaks (empty: clean)."""
-    conf = _json(folder / "config.json")
+    conf = read_json(folder / "config.json")
     qc = conf.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "modelopt":
         raise InputError(
             f"{folder}/config.json has no quantization_config with quant_method 'modelopt'."
         )
     quant = (
-        _json(folder / QUANT_CONFIG).get("quantization", {})
+        read_json(folder / QUANT_CONFIG).get("quantization", {})
         if (folder / QUANT_CONFIG).is_file()
         else qc
     )

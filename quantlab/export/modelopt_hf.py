@@ -226,9 +226,9 @@ def read_modelopt_hf(folder: Path) -> tuple[QuantState, dict[str, torch.Tensor],
     scales reshaped to quantlab's ([1], [N], [N, K/G]); FP8 K/V scales become one attention
     scale max(k_scale, v_scale), the single scale quantlab's KV cache uses.
     """
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     quant = (
-        _read_json(folder / QUANT_CONFIG).get("quantization")
+        read_json(folder / QUANT_CONFIG).get("quantization")
         if (folder / QUANT_CONFIG).is_file()
         else config.get("quantization_config")
     )
@@ -284,7 +284,8 @@ def _module_state(
     return ms
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from path; InputError (naming the file) when unreadable or not an object."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
