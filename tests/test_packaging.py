@@ -44,5 +44,5 @@ def test_console_script_installed(tmp_path: Path) -> None:
         [str(exe), "list"], cwd=tmp_path, capture_output=True, text=True, check=False
     )
     assert r.returncode == 0, r.stderr
-    listed = "calibrators: awq, fp8, gptq, kv_cache, kv_equalize, rtn, smoothquant"
+    listed = "calibrators: awq, fp8, gptq, kv_cache, kv_equalize, modelopt, rtn, smoothquant"
     assert listed in r.stdout and "int4_g64_asym" in r.stdout
