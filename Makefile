@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 DEMO_OUT := $(if $(QUANTLAB_OUT),$(QUANTLAB_OUT),out)
 DEMO_PROMPT := It is a truth universally acknowledged, that a single man in possession of a good fortune
 
-# run (calibrate + export + accuracy) -> check-export (loader rules, manifest) -> build (engine from the INT4 checkpoint) -> generate
+# run (calibrate + export + accuracy) -> check-export (loader rules, manifest) -> the FP8 run re-exported as ModelOpt HF for vLLM/SGLang/TensorRT-LLM and checked at tp 3 -> build (engine from the INT4 checkpoint) -> generate
 # -> build --backend tensorrt (ONNX -> TensorRT-RTX engine for SM89, the W4A16 plugin kernel compiled ahead of time) -> report (where INT8 WO and INT4 lost accuracy: per linear, per layer, per model; HTML + JSON).
 demo: setup
 	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
 	$(BIN)/quantlab check-export $(DEMO_OUT)/smollm2_int4_g64_sym
+	$(BIN)/quantlab export $(DEMO_OUT)/smollm2_fp8 --format modelopt_hf --overwrite
+	$(BIN)/quantlab check-export $(DEMO_OUT)/smollm2_fp8/modelopt_hf --tp 3
 	$(BIN)/quantlab build $(DEMO_OUT)/smollm2_int4_g64_sym -o $(DEMO_OUT)/engine_int4_g64_sym \
 	  --max-batch-size 2 --max-seq-len 256 --overwrite
 	$(BIN)/quantlab generate $(DEMO_OUT)/engine_int4_g64_sym --max-output-len 32 \
