@@ -292,3 +292,17 @@ def test_check_export_names_each_broken_rule(
     assert main(["check-export", str(bad), "--tp", str(tp)]) == 1
     out = capsys.readouterr().out
     assert expect in out and out.strip().endswith(f"{count} problem(s)"), out
+
+
+def test_a_run_with_only_the_hf_format_is_checked_as_such(
+    tmp_path: Path, tiny_model: Callable[[str], Path], emma: Path, pride: Path
+) -> None:
+    steps = "  - calibrator: rtn\n    args: {format: int8_channel}"
+    text = RECIPE.format(
+        model=tiny_model("llama"), emma=emma, pride=pride, steps=steps, out=tmp_path / "out"
+    ).replace("format: [trtllm, modelopt_hf]", "format: modelopt_hf")
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
+    run = tmp_path / "out"
+    assert not (run / "config.json").exists() and (run / "modelopt_hf" / "config.json").is_file()
+    assert main(["check-export", str(run)]) == 0  # the HF folder and the manifest, no checkpoint

@@ -205,7 +205,9 @@ def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[s
     if target is None:  # the folder's own kind, else a run folder: checkpoint + HF subfolders
         target = next((t for t, (is_it, _) in checks.items() if is_it(folder)), None)
         if target is None:
-            problems += check_trtllm(folder)
+            subs = [n for n, (is_it, _) in checks.items() if is_it(folder / n)]
+            if (folder / "config.json").is_file() or not subs:
+                problems += check_trtllm(folder)
             for name, (is_it, check) in checks.items():
                 if is_it(folder / name):
                     problems += [f"{name}: {p}" for p in check(folder / name, tp)]
