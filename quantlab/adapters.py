@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from quantlab.errors import InputError
+
+if TYPE_CHECKING:  # `quantlab list` reads the table without importing torch
+    from torch import nn
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -71,7 +74,11 @@ def adapter_for_architectures(archs: list[str]) -> ModelAdapter:
     for a in archs:
         if a in ADAPTERS:
             return ADAPTERS[a]
+    name = (archs or ["(none)"])[0]
+    close = difflib.get_close_matches(name, list(ADAPTERS), n=1, cutoff=0.0)
     raise InputError(
-        f"quantlab has no model adapter for architecture {(archs or ['(none)'])[0]!r}. Supported: "
-        f"{', '.join(sorted(ADAPTERS))}. Add a ModelAdapter entry in quantlab/adapters.py for it."
+        f"quantlab has no model adapter for architecture {name!r}. Supported: "
+        f"{', '.join(sorted(ADAPTERS))}; the closest by name is {close[0]}. If {name} has that "
+        "family's layout, add a ModelAdapter entry for it in quantlab/adapters.py: docs/models.md "
+        "(adding an architecture) shows how."
     )

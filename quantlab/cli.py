@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -177,6 +178,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     # The entry points themselves, not quantlab.calibrator: listing them must not import torch.
     names = {ep.name for ep in entry_points(group="quantlab.calibrators")}
     print("calibrators:", ", ".join(sorted(names)))
+    from quantlab.adapters import ADAPTERS
+
+    print("architectures:")
+    for arch, a in sorted(ADAPTERS.items()):
+        print(f"  {arch:<24} family {a.family}, TensorRT-LLM {a.trtllm_architecture}")
     print("format presets:")
     for name, f in sorted(PRESETS.items()):
         print(f"  {name:<16} {f.describe()}")
@@ -517,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"quantlab: error: {e}", file=sys.stderr)
         return e.exit_code
+    except (
+        BrokenPipeError
+    ):  # whoever read our output stopped (`quantlab list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(
             "quantlab: interrupted (SIGINT or SIGTERM); nothing was published. Any resume "

@@ -248,3 +248,14 @@ def test_import_gguf_float16_overwrite(tmp_path: Path, folder_model) -> None:
     assert not torch.equal(got, want)
     assert (got - want).abs().max().item() < 0.5
     assert torch.equal(got[0, -4:].argmax(-1), want[0, -4:].argmax(-1))
+
+
+def test_unsupported_architecture_names_the_closest_family_and_the_docs() -> None:
+    from quantlab.adapters import adapter_for_architectures
+    from quantlab.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        adapter_for_architectures(["Qwen3ForCausalLM"])
+    msg = str(e.value)
+    assert "'Qwen3ForCausalLM'" in msg and "closest by name is Qwen2ForCausalLM" in msg
+    assert "docs/models.md" in msg

@@ -46,3 +46,4 @@ def test_console_script_installed(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     listed = "calibrators: awq, fp8, gptq, kv_cache, kv_equalize, modelopt, rtn, smoothquant"
     assert listed in r.stdout and "int4_g64_asym" in r.stdout
+    assert "Qwen2ForCausalLM         family qwen2, TensorRT-LLM Qwen2ForCausalLM" in r.stdout
