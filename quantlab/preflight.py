@@ -154,7 +154,16 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     if "compressed_tensors" in recipe.export.formats:
         from quantlab.export.compressed import planned_problem
 
-        why = planned_problem(wf, af, bool(kv_steps))
+        kv_vendor = whole is not None and getattr(whole.args, "kv_cache", None) is not None
+        why = planned_problem(wf, af, bool(kv_steps) or kv_vendor)
+        if whole is not None and getattr(whole.args, "algorithm", "") in (
+            "int4_awq",
+            "int8_smoothquant",
+        ):
+            why = why or (
+                f"ModelOpt's {whole.args.algorithm} keeps smoothing scales it cannot fold "
+                "(pre_quant_scale), which compressed-tensors cannot carry; use trtllm or modelopt_hf"
+            )
         if why:
             findings.problems.append(f"export.format: compressed_tensors cannot be written: {why}")
     if "modelopt_hf" in recipe.export.formats:

@@ -169,4 +169,10 @@ def test_modelopt_step_must_stand_alone(
     (tmp_path / "r.yaml").write_text(two)
     assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 2
     assert "must be the only step" in capsys.readouterr().err
+    awq = text.replace("algorithm: fp8", "algorithm: int4_awq").replace(
+        "format: [trtllm, modelopt_hf]", "format: [trtllm, compressed_tensors]"
+    )
+    (tmp_path / "r.yaml").write_text(awq)
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 2
+    assert "compressed-tensors cannot carry" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
