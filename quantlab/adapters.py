@@ -52,6 +52,11 @@ class ModelAdapter:
     row_parallel: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     trtllm_extra_config: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def norm_fed(self) -> frozenset[str]:
+        """The linears a smoothing group's norm feeds (a scale on their input folds into it)."""
+        return frozenset(lin for _, group in self.smoothing_groups for lin in group)
+
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "LlamaForCausalLM": ModelAdapter("llama", "LlamaForCausalLM"),

@@ -150,12 +150,17 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     except InputError as exc:
         findings.problems.append(f"steps/export: {exc}")
         return
-    kv_steps = [s for s in recipe.steps if s.calibrator in ("kv_cache", "kv_equalize")]
+    # The KV-cache format the run will export: a kv_cache step's, or the vendor step's own.
+    kv = next(
+        (str(s.args.get("format", "int8")) for s in recipe.steps if s.calibrator == "kv_cache"),
+        None,
+    )
+    kv = kv or (getattr(whole.args, "kv_cache", None) if whole is not None else None)
     if "compressed_tensors" in recipe.export.formats:
         from quantlab.export.compressed import planned_problem
 
-        kv_vendor = whole is not None and getattr(whole.args, "kv_cache", None) is not None
-        why = planned_problem(wf, af, bool(kv_steps) or kv_vendor)
+        kv_any = kv is not None or any(s.calibrator == "kv_equalize" for s in recipe.steps)
+        why = planned_problem(wf, af, kv_any)
         if whole is not None and getattr(whole.args, "algorithm", "") in (
             "int4_awq",
             "int8_smoothquant",
@@ -169,11 +174,6 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     if "modelopt_hf" in recipe.export.formats:
         from quantlab.export import modelopt_hf
 
-        kv = next(
-            (str(s.args.get("format", "int8")) for s in kv_steps if s.calibrator == "kv_cache"),
-            None,
-        )
-        kv = kv or (getattr(whole.args, "kv_cache", None) if whole is not None else None)
         why = modelopt_hf.planned_problem(wf, af, kv)
         if why:
             findings.problems.append(f"export.format: modelopt_hf cannot be written: {why}")

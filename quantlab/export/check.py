@@ -200,17 +200,18 @@ def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[s
             problems += [f"manifest: {p}" for p in verify_manifest(folder)]
         except (ValueError, KeyError) as exc:
             problems.append(f"manifest: {MANIFEST} is unreadable ({exc})")
-    checks = {"modelopt_hf": (is_modelopt_hf, check_modelopt_hf)}
-    checks["compressed_tensors"] = (is_compressed_tensors, check_compressed_tensors)
+    checks = {
+        "modelopt_hf": (is_modelopt_hf, check_modelopt_hf),
+        "compressed_tensors": (is_compressed_tensors, check_compressed_tensors),
+    }
     if target is None:  # the folder's own kind, else a run folder: checkpoint + HF subfolders
         target = next((t for t, (is_it, _) in checks.items() if is_it(folder)), None)
         if target is None:
             subs = [n for n, (is_it, _) in checks.items() if is_it(folder / n)]
             if (folder / "config.json").is_file() or not subs:
                 problems += check_trtllm(folder)
-            for name, (is_it, check) in checks.items():
-                if is_it(folder / name):
-                    problems += [f"{name}: {p}" for p in check(folder / name, tp)]
+            for name in subs:
+                problems += [f"{name}: {p}" for p in checks[name][1](folder / name, tp)]
             return problems
     if target == "trtllm":
         return problems + check_trtllm(folder)

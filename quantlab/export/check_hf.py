@@ -201,8 +201,7 @@ def _check_linear(
         out.append(
             f"{name}.weight_scale has shape {list(ws[1])}; W4A16_AWQ g{group} needs [{n}, {k // group}]"
         )
-    fed_by_norm = {x for _, g in adapter.smoothing_groups for x in g}
-    if algo == "W4A16_AWQ" and lin not in fed_by_norm:
+    if algo == "W4A16_AWQ" and lin not in adapter.norm_fed:
         pre = tensors.get(f"{name}.pre_quant_scale")
         if pre is None:
             out.append(

@@ -72,13 +72,14 @@ def reexport(run_dir: Path, fmt: str, overwrite: bool = False) -> Path:
     dest = run_dir / fmt
     if dest.exists() and not overwrite:
         raise InputError(f"{dest} exists; pass --overwrite to write it again.")
-    why = HF_FORMATS[fmt][1](QuantState.load(reload_dir))
+    state = QuantState.load(reload_dir)
+    why = HF_FORMATS[fmt][1](state)
     if why:
         raise InputError(f"{fmt} cannot express this run: {why}")
     tmp = run_dir / f".{fmt}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_format(fmt, reload_dir, tmp, _export_dtype(reload_dir))
+        write_format(fmt, reload_dir, tmp, _export_dtype(state))
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -89,10 +90,9 @@ def reexport(run_dir: Path, fmt: str, overwrite: bool = False) -> Path:
     return dest
 
 
-def _export_dtype(reload_dir: Path) -> torch.dtype | None:
+def _export_dtype(state: QuantState) -> torch.dtype | None:
     """The recipe's export.dtype recorded in the run's QuantState (None when absent)."""
     from quantlab.export.trtllm import DTYPES
 
-    recipe = QuantState.load(reload_dir).recipe
-    name = (recipe.get("export") or {}).get("dtype")
+    name = (state.recipe.get("export") or {}).get("dtype")
     return DTYPES.get(name) if isinstance(name, str) else None

@@ -199,8 +199,7 @@ def _needs_pre(adapter: ModelAdapter, name: str, algo: str) -> bool:
         return True
     if algo != "W4A16_AWQ":
         return False
-    fed_by_norm = {lin for _, group in adapter.smoothing_groups for lin in group}
-    return not any(name.endswith("." + lin) for lin in fed_by_norm)
+    return not any(name.endswith("." + lin) for lin in adapter.norm_fed)
 
 
 def _excludes(
