@@ -19,6 +19,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from quantlab.adapters import Pair
 from quantlab.calibrator import CalibratorArgs, LayerContext, param, record_fold
 from quantlab.errors import InputError
 from quantlab.formats import PRESETS, QuantFormat
@@ -28,11 +29,6 @@ from quantlab.state import FOLD_IN, FOLD_OUT, ModuleState
 log = logging.getLogger(__name__)
 
 FORMATS = ("int4_channel", *(f"int4_g{g}_{k}" for g in (32, 64, 128) for k in ("sym", "asym")))
-# (producer, consumer): the consumer's input channels are the producer's output rows (times a
-# per-channel factor: attention probabilities for v -> o, act(gate) for up -> down), so a scale on
-# those channels folds exactly. Belongs in ModelAdapter (see docs/awq.md); identical for the
-# Llama, Mistral and Qwen2 layouts the adapters cover.
-PAIRS = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
 
 
 class AWQArgs(CalibratorArgs):
@@ -46,6 +42,9 @@ class AWQArgs(CalibratorArgs):
     max_clip_shrink: float = Field(0.5, gt=0.0, lt=1.0)
     # Raw inputs kept per observed module (every 2^k-th calibration token; see TokenSample).
     max_tokens: int = Field(4096, ge=16)
+    # An MoE expert linear that saw fewer calibration tokens (the router rarely picks it) gets no
+    # scale or clip search: plain round-to-nearest, counted in the run's summary.
+    min_tokens: int = Field(16, ge=1)
 
     @field_validator("format")
     @classmethod
@@ -198,23 +197,57 @@ class TokenSample:
 
 @torch.no_grad()
 def fold_scale(
-    ctx: LayerContext, producer: str | None, consumers: tuple[str, ...], s: torch.Tensor
+    ctx: LayerContext,
+    producer: str | None,
+    consumers: tuple[str, ...],
+    s: torch.Tensor,
+    rows: tuple[int, int] | None = None,
 ) -> None:
-    """Divide producer's output channels (norm weight/bias or linear rows/bias) by s [C] and multiply
-    each consumer's input columns [N, C] by s [C] (float32); the layer's float output is unchanged.
+    """Divide producer's output channels (norm weight/bias or linear rows/bias; only rows [start,
+    stop) of a fused linear when rows is given) by s [C] and multiply each consumer's input columns
+    [N, C] by s [C] (float32); the layer's float output is unchanged. A norm of an adapter with
+    norm_offset o computes x_hat * (o + w): its weight becomes (o + w) / s - o.
     """
     prod = ctx.module(producer) if producer is not None else None
     if isinstance(prod, nn.Linear) and producer is not None:
-        record_fold(ctx, producer, FOLD_OUT, s)
+        full = torch.ones(prod.out_features, device=s.device)
+        a, b = rows if rows is not None else (0, prod.out_features)
+        full[a:b] = s
+        record_fold(ctx, producer, FOLD_OUT, full)
+    offset = 0.0 if isinstance(prod, nn.Linear) else ctx.adapter.norm_offset
     for attr in ("weight", "bias") if prod is not None else ():
         t = getattr(prod, attr, None)
         if isinstance(t, torch.Tensor):
             d = t.detach()
-            d.copy_((d.float() / (s if d.dim() == 1 else s[:, None])).to(d.dtype))
+            a, b = rows if rows is not None else (0, d.shape[0])
+            part = d[a:b]
+            div = s if d.dim() == 1 else s[:, None]
+            off = offset if attr == "weight" else 0.0
+            part.copy_(((part.float() + off) / div - off).to(d.dtype))
     for c in consumers:
         w = param(ctx.module(c), "weight")
         w.copy_((w.float() * s[None, :]).to(w.dtype))
         record_fold(ctx, c, FOLD_IN, s)
+
+
+def pair_index(ctx: LayerContext, pair: Pair, who: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(index [K_consumer] int64 onto the producer's feeding rows, their (start, stop) range).
+
+    GQA: the o_proj channels of query heads that read one KV head map onto that head's V rows.
+    """
+    a, b = pair.row_range(ctx.weight(pair.producer).shape[0])
+    n_out, n_in = b - a, ctx.weight(pair.consumer).shape[1]
+    dev = ctx.weight(pair.consumer).device
+    if n_out == n_in:
+        return torch.arange(n_in, device=dev), (a, b)
+    hd = getattr(ctx.module(pair.producer.rpartition(".")[0]), "head_dim", None)
+    if not isinstance(hd, int):
+        raise InputError(
+            f"{who}: {pair.producer} has {n_out} outputs for {n_in} inputs of {pair.consumer} and "
+            "its parent module has no integer head_dim to map grouped-query heads; set "
+            "fold_pairs: false (SmoothQuant) or fix the adapter's pair."
+        )
+    return gqa_index(n_in, n_out, hd).to(dev), (a, b)
 
 
 def gqa_index(n_in: int, n_kv: int, head_dim: int) -> torch.Tensor:
@@ -247,7 +280,10 @@ class AWQCalibrator:
     def targets(self, ctx: LayerContext) -> list[str]:
         """First linear of each smoothing group with a quantized member, and each pair's consumer."""
         first = [m[0] for _, m in ctx.adapter.smoothing_groups if set(m) & set(ctx.linears)]
-        return first + [c for _, c in PAIRS if c in ctx.linears]
+        pairs = [p.consumer for p in ctx.adapter.pairs if p.consumer in ctx.linears]
+        # Each expert's gate|up input: the tokens routed to it, for its clip search.
+        experts = [g[0] for g in ctx.adapter.expert_groups() if g[0] in ctx.linears]
+        return first + pairs + experts
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         """Mean |x| over all tokens and at most max_tokens raw rows of x [..., K]."""
@@ -274,21 +310,18 @@ class AWQCalibrator:
                 fold_scale(ctx, norm, members, res.scale)
                 self._obs[members[0]].rows = [self._obs[members[0]].tokens() / res.scale]
                 found.append((members, res))
-        for producer, consumer in PAIRS:
-            if consumer not in self._obs:
+        for pair in ctx.adapter.pairs:
+            consumer = pair.consumer
+            seen = self._obs[consumer].seen if consumer in self._obs else 0
+            if seen == 0 or (seen < self.args.min_tokens and ctx.adapter.is_expert(consumer)):
                 continue
-            n_kv, n_in = ctx.weight(producer).shape[0], ctx.weight(consumer).shape[1]
-            hd = getattr(ctx.module(producer.rpartition(".")[0]), "head_dim", None)
-            if n_kv != n_in and not isinstance(hd, int):
-                raise InputError(f"AWQ: {producer}'s parent has no integer head_dim for GQA")
-            index = gqa_index(n_in, n_kv, hd if isinstance(hd, int) else n_in).to(
-                ctx.weight(consumer).device
-            )
+            index, rows = pair_index(ctx, pair, "AWQ")
             res = self._search(ctx, consumer, [consumer], index)
-            fold_scale(ctx, producer, (), res.scale)
+            fold_scale(ctx, pair.producer, (), res.scale, rows)
             fold_scale(ctx, None, (consumer,), res.scale[index])
             self._obs[consumer].rows = [self._obs[consumer].tokens() / res.scale[index]]
             found.append(((consumer,), res))
+        src.update({m: g[0] for g in ctx.adapter.expert_groups() for m in g})
         out = {n: self._quantize(ctx, n, src.get(n, n)) for n in ctx.linears}
         self._obs.clear()
         for members, r in found:
@@ -306,7 +339,12 @@ class AWQCalibrator:
 
     def _quantize(self, ctx: LayerContext, name: str, src: str) -> ModuleState:
         w = ctx.weight(name).float()
-        if self.args.clip_search and src in self._obs:
+        seen = self._obs[src].seen if src in self._obs else 0
+        meta: dict[str, object] = {"calib_tokens": seen}
+        short = seen == 0 or (seen < self.args.min_tokens and ctx.adapter.is_expert(name))
+        if short:
+            meta["fallback"] = "rtn"
+        if self.args.clip_search and not short:
             a = self.args
             x = self._obs[src].tokens()
             lo, hi = search_clip(x, w, self.fmt, a.grid, a.max_clip_shrink, ctx.scale_dtype)
@@ -316,4 +354,4 @@ class AWQCalibrator:
         tensors = {"qweight": quantize(w, scale, zero, self.fmt), "weight_scale": scale}
         if zero is not None:
             tensors["weight_zero"] = zero
-        return ModuleState(weight_format=self.fmt, tensors=tensors)
+        return ModuleState(weight_format=self.fmt, tensors=tensors, meta=meta)

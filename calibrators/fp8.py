@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 import torch
 
 from quantlab.calibrator import CalibratorArgs, LayerContext
+from quantlab.errors import InputError
 from quantlab.formats import FP8_E4M3_MAX, QuantFormat
 from quantlab.primitives import check_finite, compute_qparams, quantize
 from quantlab.state import ModuleState
@@ -70,12 +71,26 @@ class FP8Calibrator:
             else:
                 scale = compute_qparams(w, self.wfmt, f"{n}.weight")[0]
             tensors = {"qweight": quantize(w, scale, None, self.wfmt), "weight_scale": scale}
+            meta: dict[str, object] = {}
             if self.afmt.granularity == "tensor":
-                per_window = torch.stack([torch.stack(self._amax[m]) for m in members]).amax(dim=0)
+                if all(m in self._amax for m in members):
+                    per_window = torch.stack([torch.stack(self._amax[m]) for m in members])
+                    per_window = per_window.amax(dim=0)
+                else:  # an expert no calibration token was routed to: its peers' inputs bound it
+                    peers = [p for p in ctx.adapter.expert_peers(n) if p in self._amax]
+                    if not peers:
+                        raise InputError(
+                            f"FP8: no calibration input reached {ctx.prefix}.{n} or any peer "
+                            "expert; use more calibration windows or dynamic activations."
+                        )
+                    per_window = torch.stack([a for p in peers for a in self._amax[p]])
+                    meta = {"calib_tokens": 0, "fallback": "peer_input_scale"}
                 a = per_window.amax() if self.args.activation_amax == "max" else per_window.mean()
                 tensors["input_scale"] = (
                     torch.where(a > 0, a, torch.ones_like(a)) / FP8_E4M3_MAX
                 ).reshape(1)
-            out[n] = ModuleState(weight_format=self.wfmt, input_format=self.afmt, tensors=tensors)
+            out[n] = ModuleState(
+                weight_format=self.wfmt, input_format=self.afmt, tensors=tensors, meta=meta
+            )
         self._amax.clear()
         return out

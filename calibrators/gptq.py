@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
+from quantlab.calibrators.rtn import rtn_quantize
 
 from quantlab.calibrator import CalibratorArgs, LayerContext
 from quantlab.errors import QuantlabError
@@ -46,6 +47,9 @@ class GPTQArgs(CalibratorArgs):
     act_order: bool = False  # quantize columns by descending diag(H)
     static_groups: bool = False  # group scales from the unupdated weights, in natural order
     scale_method: ScaleMethod = "absmax"  # symmetric formats only; see formats.ScaleMethod
+    # An MoE expert that saw fewer calibration tokens gets round-to-nearest codes (counted in the
+    # run's summary); dense linears see every calibration token.
+    min_tokens: int = Field(16, ge=1)
 
     @field_validator("format")
     @classmethod
@@ -246,9 +250,18 @@ class GPTQCalibrator:
         for n in ctx.linears:
             full = f"{ctx.prefix}.{n}"
             key = self._alias.get(n, n)
-            if key not in self._h:
-                raise RuntimeError(f"{full}: no calibration input was observed")
             w = ctx.weight(n)
+            tokens = self._n.get(key, 0)
+            if tokens == 0 and not ctx.adapter.is_expert(n):
+                raise RuntimeError(f"{full}: no calibration input was observed")
+            if tokens < a.min_tokens and ctx.adapter.is_expert(n):
+                # An expert the router (almost) never picked: too few tokens for a Hessian.
+                out[n] = ModuleState(
+                    weight_format=self.fmt,
+                    tensors=rtn_quantize(w, self.fmt, ctx.scale_dtype),
+                    meta={"calib_tokens": tokens, "fallback": "rtn", "loss": 0.0, "damp": 0.0},
+                )
+                continue
             r = gptq_quantize(
                 w, self._h[key], self.fmt, a.block_size, a.damp, a.act_order,
                 a.static_groups, ctx.scale_dtype, full,

@@ -31,9 +31,6 @@ from quantlab.primitives import check_finite
 from quantlab.state import ModuleState
 
 INT8_MAX = 127.0
-# The linear that reads V (through the attention probabilities): where the V scale is undone.
-# Same layout as AWQ's v_proj -> o_proj pair; belongs in ModelAdapter with it (see docs/awq.md).
-V_CONSUMER = "o_proj"
 
 
 def int8_kv_scale(k_amax: torch.Tensor, v_amax: torch.Tensor) -> torch.Tensor:
@@ -182,14 +179,16 @@ class KVEqualizeCalibrator(_KVObserver):
         out: dict[str, ModuleState] = {}
         for name, (k_amax, v_amax, windows) in self._amax.pop(ctx, self.name).items():
             c = v_equalize_factor(k_amax, v_amax)
-            v_proj = ctx.module(ctx.adapter.v_proj)
-            o_proj = ctx.module(f"{name}.{V_CONSUMER}")
+            # The adapter's first pair is V's producer -> o_proj (rows: the V rows of a fused qkv).
+            pair = ctx.adapter.pairs[0]
+            v_proj, o_proj = ctx.module(pair.producer), ctx.module(pair.consumer)
+            a, b = pair.row_range(param(v_proj, "weight").shape[0])
             with torch.no_grad():
                 # V = x W_v^T + b_v feeds softmax(...) V W_o^T: (c V)(W_o / c)^T is the same output.
-                param(v_proj, "weight").mul_(float(c))
+                param(v_proj, "weight")[a:b].mul_(float(c))
                 bias = getattr(v_proj, "bias", None)
                 if isinstance(bias, torch.Tensor):
-                    bias.detach().mul_(float(c))
+                    bias.detach()[a:b].mul_(float(c))
                 param(o_proj, "weight").div_(float(c))
             out[name] = ModuleState(
                 tensors={"v_equalize_scale": c},

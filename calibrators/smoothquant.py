@@ -20,7 +20,7 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
-from quantlab.calibrators.awq import PAIRS, TokenSample, fold_scale, gqa_index
+from quantlab.calibrators.awq import TokenSample, fold_scale, pair_index
 
 from quantlab.calibrator import CalibratorArgs, LayerContext
 from quantlab.errors import InputError
@@ -268,22 +268,14 @@ class SmoothQuantCalibrator:
         """Output channel maxima [S] of producer: V as attention saw it for v_proj, else the
         consumer's input maxima mapped through index (attention averages V; the MLP does not)."""
         v = self._v_amax
-        if producer.endswith("v_proj") and v is not None and v.numel() == int(index.max()) + 1:
+        if (
+            producer == ctx.adapter.pairs[0].producer
+            and v is not None
+            and v.numel() == int(index.max()) + 1
+        ):
             return v.to(index.device)
         a = torch.stack(self._amax[consumer]).float().amax(dim=0)
         return channel_amax(a, index, int(index.max()) + 1)
-
-    def _pair_index(self, ctx: LayerContext, producer: str, consumer: str) -> torch.Tensor:
-        n_out, n_in = ctx.weight(producer).shape[0], ctx.weight(consumer).shape[1]
-        if n_out == n_in:
-            return torch.arange(n_in, device=ctx.weight(consumer).device)
-        hd = getattr(ctx.module(producer.rpartition(".")[0]), "head_dim", None)
-        if not isinstance(hd, int):
-            raise InputError(
-                f"SmoothQuant: {producer} has {n_out} outputs for {n_in} inputs of {consumer} and its "
-                "parent module has no integer head_dim to map grouped-query heads; set fold_pairs: false."
-            )
-        return gqa_index(n_in, n_out, hd).to(ctx.weight(consumer).device)
 
     def solve(self, ctx: LayerContext) -> dict[str, ModuleState]:
         """Fold the migration scales group by group, then INT8 codes + input format for each linear."""
@@ -300,15 +292,16 @@ class SmoothQuantCalibrator:
                 fold_scale(ctx, norm, members, res.scale)
                 div[members[0]] = res.scale
                 found.append((tuple(q), res))
-            for producer, consumer in PAIRS if self.args.fold_pairs else ():
+            for pair in ctx.adapter.pairs if self.args.fold_pairs else ():
+                producer, consumer = pair.producer, pair.consumer
                 if consumer not in lin or consumer not in self._amax:
                     continue
-                index = self._pair_index(ctx, producer, consumer)
+                index, rows = pair_index(ctx, pair, "SmoothQuant")
                 res = self._scale(ctx, consumer, [consumer], index)
-                if self.args.keep_v_range and producer.endswith("v_proj"):
+                if self.args.keep_v_range and pair == ctx.adapter.pairs[0]:
                     v = self._producer_amax(ctx, producer, consumer, index)
                     res.scale = keep_range(v, res.scale)
-                fold_scale(ctx, producer, (), res.scale)
+                fold_scale(ctx, producer, (), res.scale, rows)
                 fold_scale(ctx, None, (consumer,), res.scale[index])
                 div[consumer] = res.scale[index]
                 found.append(((consumer,), res))
@@ -345,7 +338,15 @@ class SmoothQuantCalibrator:
         for n in ctx.linears:
             tensors = {"qweight": codes[n][0], "weight_scale": codes[n][1]}
             if self.afmt.granularity == "tensor":
-                windows = torch.stack(self._amax[src[n]])
+                # An expert no calibration token was routed to: its peers' inputs bound it.
+                peers = [m for m in ctx.adapter.expert_peers(src[n]) if m in self._amax]
+                obs = [src[n]] if src[n] in self._amax else peers
+                if not obs:
+                    raise InputError(
+                        f"SmoothQuant: no calibration input reached {ctx.prefix}.{n} or any peer "
+                        "expert; use more calibration windows or dynamic_token activations."
+                    )
+                windows = torch.stack([w for m in obs for w in self._amax[m]])
                 s = div.get(src[n], torch.ones(windows.shape[1], device=windows.device))
                 tensors["input_scale"] = static_input_scale(windows, s, self.args.activation_amax)
             out[n] = ModuleState(weight_format=self.wfmt, input_format=self.afmt, tensors=tensors)

@@ -166,7 +166,14 @@ def _cmd_import_gguf(args: argparse.Namespace) -> int:
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from quantlab.embedded import embedded_model_dir
 
-    print(embedded_model_dir())
+    if args.model == "embedded":
+        print(embedded_model_dir())
+        return 0
+    from quantlab.zoo import ZOO_PREFIX, zoo_model_dir
+
+    print(
+        zoo_model_dir(args.model if args.model.startswith(ZOO_PREFIX) else ZOO_PREFIX + args.model)
+    )
     return 0
 
 
@@ -491,7 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=_cmd_import_gguf)
     f = sub.add_parser(
-        "fetch-model", help="fetch and convert the embedded SmolLM2-135M-Instruct; print its folder"
+        "fetch-model",
+        help="fetch and convert the embedded SmolLM2-135M-Instruct (or a zoo model); print its folder",
+    )
+    f.add_argument(
+        "model",
+        nargs="?",
+        default="embedded",
+        help="embedded (default) or a zoo model: gemma3-270m (quantlab/zoo.py)",
     )
     f.set_defaults(func=_cmd_fetch_model)
     sub.add_parser("list", help="list calibrators and format presets").set_defaults(func=_cmd_list)

@@ -34,7 +34,9 @@ from quantlab.embedded import (  # noqa: F401  (re-exported: the public names of
     embedded_model_dir,
 )
 from quantlab.errors import InputError, QuantlabError, first_line
+from quantlab.moe import prepare_model
 from quantlab.tensorio import check_safetensors
+from quantlab.zoo import is_zoo, zoo_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def load_model(
     source: str, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model in eval mode with weights of `dtype` on `device`, tokenizer) from a folder,
-    `embedded[:smollm2]` or a Hub id; weights are read from safetensors only, never unpickled."""
+    `embedded[:smollm2]`, `zoo:<name>` (quantlab.zoo) or a Hub id; weights are read from safetensors only, never unpickled."""
     torch_dt = torch_dtype(dtype)
     try:
         dev = torch.device(device)
@@ -81,6 +83,8 @@ def load_model(
 
     if source in EMBEDDED_ALIASES:
         folder: str = str(embedded_model_dir())
+    elif is_zoo(source):
+        folder = str(zoo_model_dir(source))
     else:
         path = Path(source).expanduser()
         if path.exists():
@@ -120,6 +124,7 @@ def load_model(
     # transformers wraps .to in a decorator whose typing mypy misreads as unbound.
     model.to(dev)  # type: ignore[call-arg, arg-type]
     model.eval()
+    prepare_model(model)
     log.info("loaded %s (%s, %s) in %.1f s", folder, dtype, dev, time.perf_counter() - t0)
     return model, tokenizer
 

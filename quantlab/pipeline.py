@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -99,7 +100,7 @@ def whole_model_step(steps: list[Calibrator], recipe: Recipe) -> Any | None:
 
 
 def _model_source(source: str, base: Path) -> str:
-    if source.startswith("embedded"):
+    if source.startswith(("embedded", "zoo:")):
         return source
     local = resolve_path(base, source)
     if local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
@@ -162,6 +163,60 @@ TRTLLM_DEFAULT_EXCLUDES = (
     "*shared_expert_gate",
     "*fused_a",
 )
+
+
+def check_architecture_formats(recipe: Recipe, adapter: Any, arch: str) -> None:
+    """InputError, before any work, when an export format has no layout for this architecture."""
+    formats = recipe.export.formats
+    if "trtllm" in formats and adapter.trtllm_architecture is None:
+        others = [f for f in formats if f != "trtllm"]
+        raise InputError(
+            f"export.format: quantlab writes no TensorRT-LLM checkpoint for {arch} (docs/models.md, "
+            "architectures: which families have one). Its deployment path is an HF-layout export: "
+            "set export.format to modelopt_hf and/or compressed_tensors"
+            + (f" (drop trtllm from {formats})." if others else ".")
+        )
+    hf = [f for f in formats if f != "trtllm"]
+    if adapter.experts is not None and hf:
+        raise InputError(
+            f"export.format: {', '.join(hf)} of a sparse-MoE model ({arch}) is not written yet: "
+            "quantlab calibrates each expert, but its HF-layout writers do not map experts back to "
+            "the checkpoint's per-expert names. Export the quantlab folder only (export.format: "
+            "[]) and evaluate it; docs/models.md lists what each architecture exports."
+        )
+
+
+def under_calibrated(state: QuantState, adapter: Any) -> dict[str, Any] | None:
+    """The linears a calibrator fell back on for lack of calibration tokens (MoE experts the router
+    rarely picked): counts, what was done, and the names; None for a dense model."""
+    if adapter.experts is None:
+        return None
+    fell = {n: ms.meta for n, ms in state.modules.items() if "fallback" in ms.meta}
+    where = re.compile(
+        re.escape(adapter.layers) + r"\.(\d+)\." + re.escape(adapter.experts.fused) + r"\.(\d+)\."
+    )
+    experts = {tuple(int(g) for g in m.groups()) for n in fell if (m := where.match(n))}
+    n_exp = len({n for n in adapter.linears if adapter.is_expert(n)}) // 3
+    actions = sorted({str(m["fallback"]) for m in fell.values()})
+    names = sorted(fell)
+    out: dict[str, Any] = {
+        "linears": len(fell),
+        "experts": len(experts),
+        "experts_per_layer": n_exp,
+        "layer_expert": [f"{i}:{e}" for i, e in sorted(experts)],
+        "actions": actions,
+        "names": names[:50],
+    }
+    if fell:
+        log.warning(
+            "%d expert linear(s) saw too few calibration tokens and were quantized by fallback "
+            "(%s): %s%s",
+            len(fell),
+            ", ".join(actions),
+            ", ".join(names[:5]),
+            " ..." if len(fell) > 5 else "",
+        )
+    return out
 
 
 def trtllm_excludes(
@@ -340,11 +395,17 @@ def _run_stages(
         recipe.export.tp_size,
         recipe.export.pp_size,
         recipe.export.trtllm_sm,
+        "trtllm" in recipe.export.formats,
     )
     plan = plan_export(
         model.config, adapter, wf, af, ecfg
     )  # refuses bad tp/pp/group before calibrating
-    excludes = trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)
+    arch = type(model).__name__
+    check_architecture_formats(recipe, adapter, arch)
+    trt = "trtllm" in recipe.export.formats
+    excludes = (
+        trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size) if trt else []
+    )
     needs_data = any(c.needs_data for c in steps)
     check_tokenizer(tok, model)
     stage.now = "reading the data"
@@ -406,8 +467,12 @@ def _run_stages(
             chosen = apply_budget(
                 model, quant, adapter, state, eval_windows, budget, recipe, show_progress
             )
-            excludes = trtllm_excludes(
-                recipe, adapter, plan.dims["layers"], recipe.export.pp_size, chosen.float_layers
+            excludes = (
+                trtllm_excludes(
+                    recipe, adapter, plan.dims["layers"], recipe.export.pp_size, chosen.float_layers
+                )
+                if trt
+                else []
             )
         stage.now = f"writing the checkpoint into {tmp}"
         formats = recipe.export.formats
@@ -445,6 +510,7 @@ def _run_stages(
             "calibration_profile": _profile_summary(profile, recipe.model.device, offload),
             "checkpoint_bytes": sum(p.stat().st_size for p in tmp.glob("rank*.safetensors")),
             "budget": chosen.to_dict() if chosen else None,
+            "under_calibrated": under_calibrated(state, adapter),
             "accuracy": report.to_dict() if report else None,
             "evaluation_data": recipe.evaluation.data.model_dump(mode="json")
             if recipe.evaluation.data

@@ -20,6 +20,7 @@ from quantlab.embedded import embedded_cached_dir, embedded_model_dir, is_embedd
 from quantlab.errors import InputError, QuantlabError
 from quantlab.outdir import check_writable, lock_path, read_lock, resume_dir
 from quantlab.recipe import Recipe, resolve_path
+from quantlab.zoo import is_zoo
 
 # The fields the export and the runtime read from config.json.
 REQUIRED_CONFIG = (
@@ -66,6 +67,17 @@ def model_folder(recipe: Recipe, base: Path, fetch: bool) -> tuple[Path | None, 
             return embedded_model_dir(), None
         cached = embedded_cached_dir()
         return cached, None if cached else "note: the embedded model is fetched on first use"
+    if is_zoo(source):
+        from quantlab.zoo import zoo_cached_dir, zoo_entry, zoo_model_dir
+
+        try:
+            zoo_entry(source)
+        except InputError as exc:
+            return None, f"model.source: {exc}"
+        if fetch:
+            return zoo_model_dir(source), None
+        cached = zoo_cached_dir(source)
+        return cached, None if cached else f"note: {source} is fetched on first use"
     local = resolve_path(base, source)
     if local.exists():
         return local, None
@@ -131,10 +143,17 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
     from quantlab.adapters import adapter_for_architectures
     from quantlab.calibrator import build_calibrator
     from quantlab.export.trtllm import ExportConfig, plan_export
-    from quantlab.pipeline import planned_formats, trtllm_excludes, whole_model_step
+    from quantlab.pipeline import (
+        check_architecture_formats,
+        planned_formats,
+        trtllm_excludes,
+        whole_model_step,
+    )
 
     try:
-        adapter = adapter_for_architectures(list(cfg.get("architectures") or []))
+        archs = list(cfg.get("architectures") or [])
+        adapter = adapter_for_architectures(archs).resolve(cfg)
+        check_architecture_formats(recipe, adapter, archs[0] if archs else "?")
         steps = [build_calibrator(s.calibrator, s.args) for s in recipe.steps]
         whole = whole_model_step(steps, recipe)
         wf, af = planned_formats(steps)
@@ -144,9 +163,11 @@ def _export_checks(recipe: Recipe, cfg: ConfigView, findings: Findings) -> None:
             recipe.export.tp_size,
             recipe.export.pp_size,
             recipe.export.trtllm_sm,
+            "trtllm" in recipe.export.formats,
         )
         plan = plan_export(cfg, adapter, wf, af, ecfg)
-        trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)
+        if "trtllm" in recipe.export.formats:
+            trtllm_excludes(recipe, adapter, plan.dims["layers"], recipe.export.pp_size)
     except InputError as exc:
         findings.problems.append(f"steps/export: {exc}")
         return

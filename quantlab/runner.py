@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from quantlab.adapters import ModelAdapter
 from quantlab.calibrator import Calibrator, LayerContext
+from quantlab.errors import QuantlabError
 from quantlab.memory import device_peak_mb, host_peak_mb, reset_peaks
 from quantlab.primitives import check_finite
 from quantlab.qmodules import apply_module_states
@@ -88,29 +89,74 @@ def quantizable_linears(adapter: ModelAdapter, prefix: str, exclude: Sequence[st
     ]
 
 
+# Models whose layers differ in attention (Gemma's sliding and global layers: another mask and
+# another rotary table per type) get each type's keyword arguments; run_layer picks by the tag.
+BY_LAYER_TYPE = "quantlab_kwargs_by_layer_type"
+LAYER_TYPE_ATTR = "quantlab_layer_type"
+
+
+def tag_layer_types(model: nn.Module, adapter: ModelAdapter) -> list[str]:
+    """Tag each decoder layer with its config.layer_types entry; the distinct types (empty when the
+    model has one kind of layer, which needs no tag)."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else config
+    types = [str(t) for t in (getattr(cfg, "layer_types", None) or [])]
+    layers = decoder_layers(model, adapter)
+    if len(set(types)) < 2 or len(types) < len(layers):
+        return []
+    for layer, t in zip(layers, types, strict=False):
+        setattr(layer, LAYER_TYPE_ATTR, t)
+    return list(dict.fromkeys(types))
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, adapter: ModelAdapter, windows: Sequence[torch.Tensor]
 ) -> list[LayerInput]:
-    """Inputs (hidden [1, L, H], kwargs) of the first decoder layer for each window [L] (int64)."""
-    first = decoder_layers(model, adapter)[0]
+    """Inputs (hidden [1, L, H], kwargs) of the first decoder layer for each window [L] (int64).
+
+    With several layer types the kwargs also hold each type's own (under BY_LAYER_TYPE), taken
+    from the first layer of that type.
+    """
+    layers = decoder_layers(model, adapter)
+    kinds = tag_layer_types(model, adapter)
+    first = {
+        k: next(i for i, la in enumerate(layers) if getattr(la, LAYER_TYPE_ATTR) == k)
+        for k in kinds
+    }
+    last = max(first.values(), default=0)
     captured: list[LayerInput] = []
+    by_type: dict[str, dict[str, Any]] = {}
 
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kw = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("past_key_values", "past_key_value", "cache")
+        }
         kw["use_cache"] = False
-        captured.append((hidden.detach(), kw))
-        raise _StopForward
+        if m is layers[0]:
+            captured.append((hidden.detach(), kw))
+        if kinds:
+            by_type[getattr(m, LAYER_TYPE_ATTR)] = dict(kw)
+        if m is layers[last]:
+            if kinds:
+                captured[-1][1][BY_LAYER_TYPE] = dict(by_type)
+                by_type.clear()
+            raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    hooked = {id(layers[0]): layers[0], **{id(layers[i]): layers[i] for i in first.values()}}
+    handles = [la.register_forward_pre_hook(hook, with_kwargs=True) for la in hooked.values()]
     device = next(model.parameters()).device
     try:
         for w in windows:
             with contextlib.suppress(_StopForward):
                 model(input_ids=w.view(1, -1).to(device), use_cache=False)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return captured
 
 
@@ -118,10 +164,24 @@ def _layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def layer_kwargs(layer: nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a captured input gives this decoder layer (its type's, if typed)."""
+    by_type = kw.get(BY_LAYER_TYPE)
+    if by_type is None:
+        return kw
+    kind = getattr(layer, LAYER_TYPE_ATTR, None)
+    if kind not in by_type:
+        raise QuantlabError(
+            f"decoder layer {type(layer).__name__} has layer type {kind!r}, but inputs were "
+            f"captured for {sorted(by_type)}; this is a quantlab bug, please report it."
+        )
+    return by_type[kind]  # type: ignore[no-any-return]
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: Sequence[LayerInput]) -> list[torch.Tensor]:
     """Outputs [1, L, H] of one decoder layer for each cached input."""
-    return [_layer_output(layer(h, **kw)) for h, kw in inputs]
+    return [_layer_output(layer(h, **layer_kwargs(layer, kw))) for h, kw in inputs]
 
 
 def quantize_model(

@@ -97,3 +97,105 @@ def tiny_model(
         return out
 
     return make
+
+
+# One tiny random config per adapter architecture, each keeping its family's quirks: GQA (and a
+# single KV head for Gemma), sliding windows shorter than the test windows, Gemma's softcapping and
+# query scalar, Llama 3's rope scaling and tied embeddings, experts. Norm weights are perturbed
+# (random init leaves them at 1, or 0 for Gemma's 1 + w), so folds into them are really tested.
+ARCH_TINY: dict[str, tuple[str, dict[str, object]]] = {
+    "llama3": (
+        "LlamaConfig",
+        {
+            "tie_word_embeddings": True,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+        },
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "query_pre_attn_scalar": 24,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_local_base_freq": 10000.0,
+        },
+    ),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(
+    tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path
+) -> Callable[[str], Path]:
+    """Factory: ARCH_TINY key -> folder of that architecture's tiny random model (cached)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    made: dict[str, Path] = {}
+    tok = AutoTokenizer.from_pretrained(str(embedded_dir))
+
+    def make(arch: str) -> Path:
+        if arch in made:
+            return made[arch]
+        cls_name, extra = ARCH_TINY[arch]
+        kw: dict[str, object] = {
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            **extra,
+        }
+        cfg = getattr(transformers, cls_name)(vocab_size=len(tok), **kw)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.1)
+        out = tmp_path_factory.mktemp(f"arch-{arch}")
+        model.save_pretrained(str(out), safe_serialization=True)
+        tok.save_pretrained(str(out))
+        made[arch] = out
+        return out
+
+    return make

@@ -255,7 +255,7 @@ def test_unsupported_architecture_names_the_closest_family_and_the_docs() -> Non
     from quantlab.errors import InputError
 
     with pytest.raises(InputError) as e:
-        adapter_for_architectures(["Qwen3ForCausalLM"])
+        adapter_for_architectures(["Qwen3NextForCausalLM"])
     msg = str(e.value)
-    assert "'Qwen3ForCausalLM'" in msg and "closest by name is Qwen2ForCausalLM" in msg
+    assert "'Qwen3NextForCausalLM'" in msg and "closest by name is Qwen3" in msg
     assert "docs/models.md" in msg

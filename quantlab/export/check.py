@@ -208,7 +208,9 @@ def check_export(folder: Path, target: str | None = None, tp: int = 1) -> list[s
         target = next((t for t, (is_it, _) in checks.items() if is_it(folder)), None)
         if target is None:
             subs = [n for n, (is_it, _) in checks.items() if is_it(folder / n)]
-            if (folder / "config.json").is_file() or not subs:
+            # A run folder exported as the quantlab folder only has no consumer checkpoint.
+            run_only = (folder / "quantlab").is_dir()
+            if (folder / "config.json").is_file() or not (subs or run_only):
                 problems += check_trtllm(folder)
             for name in subs:
                 problems += [f"{name}: {p}" for p in checks[name][1](folder / name, tp)]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from quantlab.adapters import adapter_for_architectures
+from quantlab.adapters import adapter_for_config
 from quantlab.errors import InputError
 from quantlab.export.check_hf import check_scale, check_tp, linear_shapes, read_layout
 
@@ -62,7 +62,7 @@ def check_compressed_tensors(folder: Path, tp: int = 1) -> list[str]:
     tensors = read_layout(folder, problems)
     if tensors is None:
         return problems
-    adapter = adapter_for_architectures(list(conf.get("architectures") or []))
+    adapter = adapter_for_config(conf)
     ignore = list(cfg.ignore or [])
     modules = {adapter.lm_head, adapter.embed}
     w, a = scheme.weights, scheme.input_activations

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from quantlab.adapters import ModelAdapter, adapter_for_architectures
+from quantlab.adapters import ModelAdapter, adapter_for_config
 from quantlab.errors import InputError
 from quantlab.export.modelopt_hf import ALGOS, QUANT_CONFIG, read_json
 
@@ -47,16 +47,8 @@ def is_modelopt_hf(folder: Path) -> bool:
 
 
 def linear_shapes(conf: dict[str, Any], adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
-    """Layer-relative linear name -> (N, K) from the HF config."""
-    h, inter = int(conf["hidden_size"]), int(conf["intermediate_size"])
-    heads, kv = (
-        int(conf["num_attention_heads"]),
-        int(conf.get("num_key_value_heads") or conf["num_attention_heads"]),
-    )
-    d = int(conf.get("head_dim") or h // heads)
-    n = dict(zip(adapter.linears, (heads * d, kv * d, kv * d, h, inter, inter, h), strict=True))
-    k = dict(zip(adapter.linears, (h, h, h, heads * d, h, h, inter), strict=True))
-    return {name: (n[name], k[name]) for name in adapter.linears}
+    """Layer-relative linear name -> (N, K) from the HF config (adapter resolved for conf)."""
+    return adapter.shapes(conf)
 
 
 def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
@@ -83,7 +75,7 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
         return [*problems, f"quant_algo {algo!r} is not one quantlab checks ({', '.join(ALGOS)})"]
     if kv_algo not in (None, "FP8"):
         problems.append(f"kv_cache_quant_algo {kv_algo!r}: vLLM and SGLang read FP8 KV scales only")
-    adapter = adapter_for_architectures(list(conf.get("architectures") or []))
+    adapter = adapter_for_config(conf)
     tensors = read_layout(folder, problems)
     if tensors is None:
         return problems

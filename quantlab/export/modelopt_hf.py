@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from quantlab.adapters import ModelAdapter, adapter_for_architectures
+from quantlab.adapters import ModelAdapter, adapter_for_config
 from quantlab.attention import KV_FORMAT_KEY, KV_SCALE_KEY
 from quantlab.errors import InputError
 from quantlab.formats import QuantFormat
@@ -161,7 +161,7 @@ def write_modelopt_hf(reload_dir: Path, out_dir: Path, dtype: torch.dtype | None
     state = QuantState.load(reload_dir)
     algo, group, kv_algo = state_algo(state)
     config = json.loads((reload_dir / "config.json").read_text())
-    adapter = adapter_for_architectures(list(config.get("architectures") or []))
+    adapter = adapter_for_config(config)
     floats = load_tensors(reload_dir / FLOAT_FILE, "Re-run the recipe that wrote this folder.")
     if dtype is None:
         dtype = next(iter(floats.values())).dtype
@@ -199,6 +199,8 @@ def _needs_pre(adapter: ModelAdapter, name: str, algo: str) -> bool:
         return True
     if algo != "W4A16_AWQ":
         return False
+    if not adapter.modelopt_folds_norms:
+        return True
     return not any(name.endswith("." + lin) for lin in adapter.norm_fed)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from quantlab.errors import InputError
+from quantlab.moe import prepare_model
 from quantlab.qmodules import QuantLinear, apply_state
 from quantlab.state import QuantState
 from quantlab.tensorio import load_tensors
@@ -58,6 +59,7 @@ def load_quantized(
     dtype = next(iter(float_tensors.values())).dtype
     # Built on a real device (not meta) so non-persistent buffers such as rotary inv_freq are computed.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    prepare_model(model)  # MoE experts unfused as they were when the state was made
     missing, unexpected = model.load_state_dict(float_tensors, strict=False)
     allowed = {f"{m}.weight" for m in state.modules}
     if getattr(config, "tie_word_embeddings", False):

@@ -100,6 +100,7 @@ class ExportConfig:
     tp_size: int = 1
     pp_size: int = 1
     sm: int | None = None  # GPTQ weights in TensorRT-LLM's preprocessed layout for this SM
+    trtllm: bool = True  # False: only HF-layout folders are written (no TensorRT-LLM padding rule)
 
 
 @dataclass
@@ -166,7 +167,10 @@ def _shard_problems(
     wf: QuantFormat | None,
     adapter: ModelAdapter,
     algo: str | None = None,
+    shapes: dict[str, tuple[int, int]] | None = None,
+    trtllm: bool = True,
 ) -> list[str]:
+    shapes = shapes if shapes is not None else linear_shapes(d)
     probs = []
     for key, label in (
         ("heads", "num_attention_heads"),
@@ -187,12 +191,14 @@ def _shard_problems(
         probs.append(f"pp_size {pp} does not divide num_hidden_layers = {d['layers']}")
     if wf is None:
         return probs
-    mult = weight_only_multiple(algo, wf, tp)
+    mult = weight_only_multiple(algo, wf, tp) if trtllm else None
     if mult is not None:
         fused_n = (d["heads"] + 2 * d["kv_heads"] * kv_head_copies(d, tp)) * d["head_dim"]
-        shapes = {**linear_shapes(d), "self_attn.qkv": (fused_n, d["hidden"])}
+        padded = {**shapes, "self_attn.qkv": (fused_n, d["hidden"])}
         for name in ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-            n, k = shapes[name]
+            if name not in padded or adapter.trtllm_architecture is None:
+                continue
+            n, k = padded[name]
             if n % mult or k % mult:
                 probs.append(
                     f"TensorRT-LLM pads the weight-only layers.*.{name} (N = {n}, K = {k}) to "
@@ -200,7 +206,7 @@ def _shard_problems(
                     "which its loader refuses"
                 )
     g = wf.group_size if wf.granularity == "group" else None
-    for name, (n, k) in linear_shapes(d).items():
+    for name, (n, k) in shapes.items():
         row = name in adapter.row_parallel
         k_shard = k // tp if row else k
         n_shard = n if row else n // tp
@@ -234,17 +240,22 @@ def plan_export(
         raise InputError("export.tp_size and export.pp_size must be >= 1.")
     algo = quant_algo_for(wf, af)
     d = model_dims(hf_config)
-    probs = _shard_problems(d, cfg.tp_size, cfg.pp_size, wf, adapter, algo)
+    shapes = adapter.shapes(hf_config)
+    probs = _shard_problems(d, cfg.tp_size, cfg.pp_size, wf, adapter, algo, shapes, cfg.trtllm)
     if probs:
-        valid_tp = [t for t in range(1, 65) if not _shard_problems(d, t, 1, wf, adapter, algo)]
+        valid_tp = [
+            t
+            for t in range(1, 65)
+            if not _shard_problems(d, t, 1, wf, adapter, algo, shapes, cfg.trtllm)
+        ]
         valid_pp = [p for p in range(1, d["layers"] + 1) if d["layers"] % p == 0]
         hint = f"Valid tp_size values for this model and format: {', '.join(map(str, valid_tp)) or 'none'}; valid pp_size values: {', '.join(map(str, valid_pp))}."
         if wf is not None and wf.granularity == "group":
-            ks = sorted({k for _, k in linear_shapes(d).values()})
+            ks = sorted({k for _, k in shapes.values()})
             ok = [gs for gs in (32, 64, 128, 256) if all(k % gs == 0 for k in ks)]
             hint += f" Group sizes that divide every input dimension ({', '.join(map(str, ks))}): {', '.join(map(str, ok)) or 'none'}."
         raise InputError(
-            f"Cannot export {adapter.trtllm_architecture} with tp_size={cfg.tp_size}, pp_size={cfg.pp_size}"
+            f"Cannot export {adapter.trtllm_architecture or adapter.family} with tp_size={cfg.tp_size}, pp_size={cfg.pp_size}"
             f"{', ' + wf.describe() if wf else ''}: " + "; ".join(probs) + ". " + hint
         )
     if cfg.sm is not None and algo in GPTQ_ALGOS:
