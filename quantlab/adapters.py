@@ -75,6 +75,7 @@ class Experts:
     count: tuple[str, ...]  # config keys of E, first present wins (releases renamed them)
     router: str
     checkpoint: tuple[str, str, str]
+    checkpoint_router: str = ""  # the router's checkpoint name where it differs (Mixtral's)
 
 
 @dataclass(frozen=True)
@@ -208,17 +209,36 @@ class ModelAdapter:
         pat = re.sub(r"\\.\d+\\.", r"\\.\\d+\\.", re.escape(name), count=1)
         return [n for n in self.linears if n != name and re.fullmatch(pat, n)]
 
-    def checkpoint_name(self, name: str) -> str:
-        """The HF checkpoint's name of an in-memory module name (differs only for unfused experts)."""
+    def _renames(self) -> list[tuple[str, str]]:
+        """(in-memory, checkpoint) name pieces, {e} for the expert index; empty for dense models."""
         ex = self.experts
         if ex is None:
-            return name
-        for i, kind in enumerate(("gate_proj", "up_proj", "down_proj")):
-            pat = re.escape(f"{ex.fused}.") + r"(\d+)" + re.escape(f".{kind}")
-            m = re.search(pat, name)
+            return []
+        kinds = ("gate_proj", "up_proj", "down_proj")
+        out = [(f"{ex.fused}.{{e}}.{k}", c) for k, c in zip(kinds, ex.checkpoint, strict=True)]
+        if ex.checkpoint_router:
+            out.append((ex.router, ex.checkpoint_router))
+        return out
+
+    @staticmethod
+    def _rename(name: str, pairs: list[tuple[str, str]]) -> str:
+        for src, dst in pairs:
+            pat = re.escape(src).replace(re.escape("{e}"), r"(\d+)")
+            m = re.search(r"(?:^|\.)" + pat + r"(?=\.|$)", name)
             if m:
-                return name[: m.start()] + ex.checkpoint[i].format(e=m.group(1)) + name[m.end() :]
+                start = m.start() + (name[m.start()] == ".")
+                e = m.group(1) if m.groups() else ""
+                return name[:start] + dst.format(e=e) + name[m.end() :]
         return name
+
+    def checkpoint_name(self, name: str) -> str:
+        """The HF checkpoint's name of an in-memory module or tensor name (differs only for MoE
+        experts, which quantlab unfuses, and Mixtral's router)."""
+        return self._rename(name, self._renames())
+
+    def memory_name(self, name: str) -> str:
+        """The inverse of checkpoint_name."""
+        return self._rename(name, [(d, s) for s, d in self._renames()])
 
 
 def _text_config(config: Any) -> Any:
@@ -371,6 +391,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
                 "block_sparse_moe.experts.{e}.w3",
                 "block_sparse_moe.experts.{e}.w2",
             ),
+            "block_sparse_moe.gate",
         ),
         dims={**_ATTN_DIMS, **_EXPERT_DIMS},
         float_modules=("mlp.gate",),

