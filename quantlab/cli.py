@@ -190,8 +190,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("architectures (docs/models.md):")
     for arch, a in sorted(ADAPTERS.items()):
         trt = a.trtllm_architecture or "none (HF-layout exports)"
-        if a.experts is not None:
-            trt = "none (quantlab folder only)"
         print(f"  {arch:<24} family {a.family}, TensorRT-LLM {trt}")
     from quantlab.zoo import ZOO, ZOO_PREFIX
 
