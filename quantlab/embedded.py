@@ -115,12 +115,16 @@ def embedded_model_dir() -> Path:
     cached = embedded_cached_dir()
     if cached is not None:
         return cached
+    target = cache_dir() / "models" / EMBEDDED_DIR_NAME
+    log.info("converting the embedded model once into %s (about 20 s)", target)
+    return convert_into_cache(embedded_gguf_path(), target)
+
+
+def convert_into_cache(gguf_file: Path, target: Path) -> Path:
+    """Convert gguf_file to an fp32 HF folder at target, built beside it and renamed into place."""
     from quantlab.models import import_gguf  # deferred: imports torch and transformers
 
-    target = cache_dir() / "models" / EMBEDDED_DIR_NAME
-    gguf_file = embedded_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting the embedded model once into %s (about 20 s)", target)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.build-", dir=target.parent) as tmp:
         built = import_gguf(gguf_file, Path(tmp) / "model", dtype="float32")
         try:

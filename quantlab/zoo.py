@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlab.embedded import cache_dir, sha256_file
+from quantlab.embedded import cache_dir, convert_into_cache, sha256_file
 from quantlab.errors import EnvironmentFailure, InputError
 
 log = logging.getLogger(__name__)
@@ -142,19 +142,8 @@ def zoo_model_dir(source: str) -> Path:
     cached = zoo_cached_dir(source)
     if cached is not None:
         return cached
-    from quantlab.models import import_gguf  # deferred: imports torch and transformers
-
     _, m = zoo_entry(source)
     target = cache_dir() / "models" / m.dir_name
     gguf_file = zoo_gguf_path(source)
     log.info("converting %s once into %s", gguf_file.name, target)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.build-", dir=target.parent) as tmp:
-        built = import_gguf(gguf_file, Path(tmp) / "model", dtype="float32")
-        try:
-            if target.exists() and not (target / "config.json").is_file():
-                shutil.rmtree(target)
-            built.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    return target
+    return convert_into_cache(gguf_file, target)

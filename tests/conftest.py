@@ -199,3 +199,82 @@ def tiny_arch(
         return out
 
     return make
+
+
+def _perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
+    import math
+
+    import torch.nn.functional as F
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w.view(1, -1)).logits[0, :-1].float()
+            nll -= float(F.log_softmax(logits, -1).gather(-1, w[1:, None]).sum())
+            n += w.numel() - 1
+    return math.exp(nll / n)
+
+
+@pytest.fixture(scope="session")
+def perplexity() -> Callable[[torch.nn.Module, list[torch.Tensor]], float]:
+    """(model, windows [L] int64) -> perplexity over every predicted token of the windows."""
+    return _perplexity
+
+
+def _modelopt_export(
+    model_dir: Path, cfg_name: str, block: int | None, kv: bool, out: Path
+) -> Path:
+    """ModelOpt's own quantize + export_hf_checkpoint of model_dir (fp16, 2 random windows)."""
+    import copy
+    import warnings
+    from typing import Any
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16)
+    cfg: dict[str, Any] = copy.deepcopy(getattr(mtq, cfg_name))
+    for entry in cfg["quant_cfg"]:
+        if block and entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"] = {-1: block, "type": "static"}
+    if kv:
+        cfg["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for row in ids:
+                m(row[None])
+
+    model = mtq.quantize(model, cfg, forward_loop)
+    export_hf_checkpoint(model, export_dir=str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def modelopt_export() -> Callable[[Path, str, int | None, bool, Path], Path]:
+    """ModelOpt's own export of a model folder: (folder, mtq config name, block, FP8 KV, out)."""
+    return _modelopt_export
+
+
+def _tensor_layout(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    from quantlab.export.check_hf import ST_DTYPES
+
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open is not a dict
+                t = h.get_slice(k)
+                out[k] = (ST_DTYPES[t.get_dtype()], tuple(t.get_shape()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tensor_layout() -> Callable[[Path], dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """folder -> {tensor name: (dtype, shape)} over its safetensors files."""
+    return _tensor_layout

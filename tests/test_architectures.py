@@ -7,14 +7,12 @@ exactly (quantlab's folder, the HF-layout folders through their own readers and 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from quantlab.calibrators.awq import fold_scale, pair_index
 from torch import nn
 
@@ -61,16 +59,6 @@ ALGOS: dict[str, tuple[str, list[str]]] = {
     ),
 }
 QUICK = ("awq_int8kv", "sq_fp8kv")
-
-
-def _ppl(model: nn.Module, windows: list[torch.Tensor]) -> float:
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(input_ids=w.view(1, -1)).logits[0, :-1].float()
-            nll -= float(F.log_softmax(logits, -1).gather(-1, w[1:, None]).sum())
-            n += w.numel() - 1
-    return math.exp(nll / n)
 
 
 def _run(
@@ -185,7 +173,9 @@ def test_sliding_and_global_layers_get_their_own_mask_and_rope(
     assert (model.get_submodule(adapter.final_norm)(wrong) - hs[2]).abs().max() > 1e-3
 
 
-def _check_reload(out: Path, pride: Path, kv: bool) -> None:
+def _check_reload(
+    out: Path, pride: Path, kv: bool, perplexity: Callable[[nn.Module, list[torch.Tensor]], float]
+) -> None:
     """quantlab's folder rebuilds the run's quantized model: same perplexity, KV quantized inside."""
     from quantlab.attention import clear_kv_quant, kv_spec
     from quantlab.data import DataSpec, load_windows
@@ -195,7 +185,7 @@ def _check_reload(out: Path, pride: Path, kv: bool) -> None:
     spec = DataSpec(source="file", path=str(pride), num_samples=2, seq_len=64, bos_id=0)
     windows = load_windows(spec, tok)
     reported = json.loads((out / "accuracy.json").read_text())["accuracy"]["ppl_quant"]
-    assert _ppl(model, windows) == pytest.approx(reported, rel=1e-6)
+    assert perplexity(model, windows) == pytest.approx(reported, rel=1e-6)
     attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     assert attn and all((kv_spec(m) is not None) == kv for m in attn)
     if kv:  # the KV quantization really runs inside this architecture's attention
@@ -236,14 +226,20 @@ def _check_compressed_tensors(out: Path) -> None:
 
 
 def _calibrate(
-    arch: str, algo: str, tmp_path: Path, tiny_arch: Callable[[str], Path], emma: Path, pride: Path
+    arch: str,
+    algo: str,
+    tmp_path: Path,
+    tiny_arch: Callable[[str], Path],
+    emma: Path,
+    pride: Path,
+    perplexity: Callable[[nn.Module, list[torch.Tensor]], float],
 ) -> dict[str, Any]:
     steps, formats = ALGOS[algo]
     if arch in MOE:  # MoE: no compressed-tensors yet (docs/models.md)
         formats = [f for f in formats if f != "compressed_tensors"]
     rc, out = _run(tmp_path, tiny_arch(arch), steps, formats, emma, pride)
     assert rc == 0
-    _check_reload(out, pride, kv="kv" in algo or algo == "fp8")
+    _check_reload(out, pride, "kv" in algo or algo == "fp8", perplexity)
     if "modelopt_hf" in formats:
         _check_modelopt_hf(out)
     if "compressed_tensors" in formats:
@@ -251,7 +247,9 @@ def _calibrate(
     return dict(json.loads((out / "accuracy.json").read_text()))
 
 
-@pytest.mark.parametrize("algo", QUICK)
+@pytest.mark.parametrize(
+    "algo", [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow) for a in ALGOS]
+)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibrators_run_and_reload(
     arch: str,
@@ -260,25 +258,11 @@ def test_calibrators_run_and_reload(
     tiny_arch: Callable[[str], Path],
     emma: Path,
     pride: Path,
+    perplexity: Callable[[nn.Module, list[torch.Tensor]], float],
 ) -> None:
-    summary = _calibrate(arch, algo, tmp_path, tiny_arch, emma, pride)
+    summary = _calibrate(arch, algo, tmp_path, tiny_arch, emma, pride, perplexity)
     assert summary["accuracy"]["kl_mean"] < 0.05
     assert (summary["under_calibrated"] is None) == (arch in DENSE)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algo", [a for a in ALGOS if a not in QUICK])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_other_calibrators_run_and_reload(
-    arch: str,
-    algo: str,
-    tmp_path: Path,
-    tiny_arch: Callable[[str], Path],
-    emma: Path,
-    pride: Path,
-) -> None:
-    summary = _calibrate(arch, algo, tmp_path, tiny_arch, emma, pride)
-    assert summary["accuracy"]["kl_mean"] < 0.05
 
 
 def test_experts_short_of_tokens_fall_back_and_are_counted(
@@ -340,51 +324,18 @@ MODELOPT: dict[str, tuple[str, int | None, bool, str]] = {
 }
 
 
-def _modelopt_layout(model_dir: Path, algo: str, out: Path) -> dict[str, tuple[str, Any]]:
-    import copy
-    import warnings
-
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import modelopt.torch.quantization as mtq
-        from modelopt.torch.export import export_hf_checkpoint
-    cfg_name, block, kv, _ = MODELOPT[algo]
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16)
-    cfg: dict[str, Any] = copy.deepcopy(getattr(mtq, cfg_name))
-    for entry in cfg["quant_cfg"]:
-        if block and entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["block_sizes"] = {-1: block, "type": "static"}
-    if kv:
-        cfg["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
-
-    def loop(m: nn.Module) -> None:
-        with torch.no_grad():
-            for row in _ids():
-                m(row[None])
-
-    export_hf_checkpoint(mtq.quantize(model, cfg, loop), export_dir=str(out))
-    return _layout(out)
-
-
-def _layout(folder: Path) -> dict[str, tuple[str, Any]]:
-    from safetensors import safe_open
-
-    out: dict[str, tuple[str, Any]] = {}
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open is not a dict
-                t = h.get_slice(k)
-                out[k] = (t.get_dtype(), tuple(t.get_shape()))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", list(MODELOPT))
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3", "phi3", "mixtral", "qwen2_moe"])
 def test_modelopt_hf_has_modelopts_own_layout(
-    arch: str, algo: str, tmp_path: Path, tiny_arch: Callable[[str], Path], emma: Path, pride: Path
+    arch: str,
+    algo: str,
+    tmp_path: Path,
+    tiny_arch: Callable[[str], Path],
+    emma: Path,
+    pride: Path,
+    modelopt_export: Callable[..., Path],
+    tensor_layout: Callable[[Path], Any],
 ) -> None:
     pytest.importorskip("modelopt")
     if arch in MOE and algo == "W4A16_AWQ":
@@ -395,7 +346,8 @@ def test_modelopt_hf_has_modelopts_own_layout(
     ).replace("dtype: float32", "dtype: float16")  # fmt: skip
     (tmp_path / "r.yaml").write_text(text)
     assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
-    ours = _layout(tmp_path / "ql" / "modelopt_hf")
-    assert ours == _modelopt_layout(tiny_arch(arch), algo, tmp_path / "mo")
+    cfg_name, block, kv, _ = MODELOPT[algo]
+    theirs = modelopt_export(tiny_arch(arch), cfg_name, block, kv, tmp_path / "mo")
+    assert tensor_layout(tmp_path / "ql" / "modelopt_hf") == tensor_layout(theirs)
     quant = json.loads((tmp_path / "ql" / "modelopt_hf" / "hf_quant_config.json").read_text())
     assert quant["quantization"]["quant_algo"] == algo

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from quantlab.cli import main
 from quantlab.data import DataSpec, load_windows
@@ -36,16 +34,6 @@ evaluation:
 """
 
 
-def _ppl(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(input_ids=w.view(1, -1)).logits[0, :-1].float()
-            nll -= float(F.log_softmax(logits, -1).gather(-1, w[1:, None]).sum())
-            n += w.numel() - 1
-    return math.exp(nll / n)
-
-
 @pytest.mark.parametrize(
     ("cal", "fmt", "bits"),
     [
@@ -59,6 +47,7 @@ def test_transformers_loads_it_with_quantlabs_perplexity(
     tiny_model: Callable[[str], Path],
     emma: Path,
     pride: Path,
+    perplexity: Callable[[torch.nn.Module, list[torch.Tensor]], float],
     cal: str,
     fmt: str,
     bits: int,
@@ -85,7 +74,7 @@ def test_transformers_loads_it_with_quantlabs_perplexity(
         DataSpec(source="file", path=str(pride), num_samples=2, seq_len=64, bos_id=0), tok
     )
     reported = json.loads((tmp_path / "out" / "accuracy.json").read_text())["accuracy"]
-    assert _ppl(loaded, windows) == pytest.approx(reported["ppl_quant"], rel=1e-3)
+    assert perplexity(loaded, windows) == pytest.approx(reported["ppl_quant"], rel=1e-3)
     # A random tiny model's perplexity hardly moves: the logits must be quantlab's exactly.
     from quantlab.export.reload import load_quantized
 
@@ -114,6 +103,7 @@ def test_w8a8_and_fp8_load_with_quantlabs_perplexity(
     tiny_model: Callable[[str], Path],
     emma: Path,
     pride: Path,
+    perplexity: Callable[[torch.nn.Module, list[torch.Tensor]], float],
     cal: str,
     args: str,
     fmt: str,
@@ -143,7 +133,7 @@ def test_w8a8_and_fp8_load_with_quantlabs_perplexity(
         DataSpec(source="file", path=str(pride), num_samples=2, seq_len=64, bos_id=0), tok
     )
     reported = json.loads((tmp_path / "out" / "accuracy.json").read_text())["accuracy"]
-    got = _ppl(loaded, windows)
+    got = perplexity(loaded, windows)
     if expect[1:] != ("int", "token", True):
         assert got == pytest.approx(reported["ppl_quant"], rel=1e-3)
     # Perplexity alone cannot tell (a random tiny model is near-uniform): the logits must be

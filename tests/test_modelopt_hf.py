@@ -9,19 +9,15 @@ reads back into exactly the run's QuantState.
 
 from __future__ import annotations
 
-import copy
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from quantlab.cli import main
-from quantlab.export.check_hf import ST_DTYPES
 
 RECIPE = """\
 name: mo
@@ -69,51 +65,13 @@ CASES: dict[str, tuple[str, str, int | None, bool]] = {
 }
 
 
-def _modelopt_export(
-    model_dir: Path, cfg_name: str, block: int | None, kv: bool, out: Path
-) -> Path:
-    """ModelOpt's own quantize + export_hf_checkpoint of model_dir (fp16, 2 random windows)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import modelopt.torch.quantization as mtq
-        from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16)
-    cfg: dict[str, Any] = copy.deepcopy(getattr(mtq, cfg_name))
-    for entry in cfg["quant_cfg"]:
-        if block and entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["block_sizes"] = {-1: block, "type": "static"}
-    if kv:
-        cfg["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
-    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
-
-    def forward_loop(m: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for row in ids:
-                m(row[None])
-
-    model = mtq.quantize(model, cfg, forward_loop)
-    export_hf_checkpoint(model, export_dir=str(out))
-    return out
-
-
-def _layout(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    out = {}
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open is not a dict
-                t = h.get_slice(k)
-                out[k] = (ST_DTYPES[t.get_dtype()], tuple(t.get_shape()))
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_model: Callable[[str], Path],
     emma: Path,
     pride: Path,
+    modelopt_export: Callable[..., Path],
 ) -> dict[str, tuple[Path, Path]]:
     """quant_algo -> (quantlab's run folder, ModelOpt's export folder), tiny Llama, fp16."""
     pytest.importorskip("modelopt")
@@ -126,16 +84,16 @@ def runs(
             RECIPE.format(model=model_dir, emma=emma, pride=pride, steps=steps, out=run)
         )
         assert main(["--quiet", "run", str(root / f"{algo}.yaml")]) == 0
-        out[algo] = (run, _modelopt_export(model_dir, cfg, block, kv, root / f"mo-{algo}"))
+        out[algo] = (run, modelopt_export(model_dir, cfg, block, kv, root / f"mo-{algo}"))
     return out
 
 
 @pytest.mark.parametrize("algo", list(CASES))
 def test_same_tensors_dtypes_shapes_and_config_as_modelopt(
-    runs: dict[str, tuple[Path, Path]], algo: str
+    runs: dict[str, tuple[Path, Path]], algo: str, tensor_layout: Callable[[Path], Any]
 ) -> None:
     ours_dir, theirs_dir = runs[algo][0] / "modelopt_hf", runs[algo][1]
-    ours, theirs = _layout(ours_dir), _layout(theirs_dir)
+    ours, theirs = tensor_layout(ours_dir), tensor_layout(theirs_dir)
     assert set(ours) == set(theirs)
     for k, v in ours.items():
         assert v == theirs[k], k
