@@ -114,6 +114,12 @@ class ModelAdapter:
     # Column-parallel linears split N across tp ranks; row-parallel ones split K.
     row_parallel: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     trtllm_extra_config: dict[str, object] = field(default_factory=dict)
+    # Per-layer float tensors besides the two norms: layer-relative HF module -> TensorRT-LLM name.
+    trtllm_extra_norms: dict[str, str] = field(default_factory=dict)
+    # config.json keys copied from the HF config when present: HF key -> TensorRT-LLM key.
+    trtllm_hf_config: dict[str, str] = field(default_factory=dict)
+    # Gemma 3: write HF's layer_types as TensorRT-LLM's `_sliding_window_pattern`.
+    trtllm_layer_pattern: bool = False
     # Norms computing x_hat * (offset + w): Gemma's are (1 + w), which changes how scales fold.
     norm_offset: float = 0.0
     # Per-head RMSNorms after q_proj / k_proj (Qwen3, Gemma 3): K is normalized before rope and
@@ -287,6 +293,25 @@ def _rows(key: str | tuple[int, int], cfg: Any) -> str | tuple[int, int]:
 
 
 _GEMMA_GROUPS = (("input_layernorm", _ATTN), ("pre_feedforward_layernorm", _MLP_IN))
+# TensorRT-LLM's Gemma checkpoint (tensorrt_llm/models/gemma): Llama's names plus the sandwich
+# norms, every norm stored as 1 + w, gelu (tanh), the attention scalars and softcapping.
+_GEMMA_NORMS = {
+    "pre_feedforward_layernorm": "pre_feedforward_layernorm",
+    "post_feedforward_layernorm": "post_feedforward_layernorm",
+}
+_GEMMA_HF = {
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "final_logit_softcapping": "final_logit_softcapping",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "sliding_window": "sliding_window",
+    "rope_local_base_freq": "rope_local_base_freq",
+}
+_QK_TRTLLM = {
+    "self_attn.q_norm": "attention.q_layernorm",
+    "self_attn.k_norm": "attention.k_layernorm",
+}
+_GEMMA_EXTRA = {"hidden_act": "gelu", "inter_layernorms": True, "attn_bias": False}
+_GEMMA_TRTLLM = {**_LLAMA_TRTLLM, "pre_feedforward_layernorm": "pre_feedforward_layernorm"}
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 _GEMMA_NOTES = (
     "(1 + w) RMSNorms (folds divide 1 + w); sandwich norms around attention and MLP; embeddings "
@@ -322,14 +347,20 @@ ADAPTERS: dict[str, ModelAdapter] = {
     ),
     "Qwen3ForCausalLM": ModelAdapter(
         "qwen3",
-        None,
+        "Qwen3ForCausalLM",
+        trtllm_extra_config={"qwen_type": "qwen3", "attn_bias": False},
+        trtllm_extra_norms=_QK_TRTLLM,
         qk_norms=_QK_NORMS,
         notes="q/k RMSNorms after q_proj/k_proj: K is observed for the KV cache after k_norm and "
         "rope; only V is rescaled by kv_equalize.",
     ),
     "Gemma2ForCausalLM": ModelAdapter(
         "gemma2",
-        None,
+        "Gemma2ForCausalLM",
+        trtllm_extra_config=_GEMMA_EXTRA,
+        trtllm_extra_norms=_GEMMA_NORMS,
+        trtllm_hf_config=_GEMMA_HF,
+        trtllm_layer_names=_GEMMA_TRTLLM,
         smoothing_groups=_GEMMA_GROUPS,
         norm_offset=1.0,
         extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
@@ -337,7 +368,12 @@ ADAPTERS: dict[str, ModelAdapter] = {
     ),
     "Gemma3ForCausalLM": ModelAdapter(
         "gemma3",
-        None,
+        "Gemma3ForCausalLM",
+        trtllm_extra_config={**_GEMMA_EXTRA, "qk_layernorm": True},
+        trtllm_extra_norms={**_GEMMA_NORMS, **_QK_TRTLLM},
+        trtllm_hf_config=_GEMMA_HF,
+        trtllm_layer_pattern=True,
+        trtllm_layer_names=_GEMMA_TRTLLM,
         smoothing_groups=_GEMMA_GROUPS,
         norm_offset=1.0,
         qk_norms=_QK_NORMS,

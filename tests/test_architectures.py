@@ -286,7 +286,7 @@ def test_experts_short_of_tokens_fall_back_and_are_counted(
 @pytest.mark.parametrize(
     ("arch", "formats", "needle"),
     [
-        ("gemma3", ["trtllm"], "no TensorRT-LLM checkpoint for Gemma3ForCausalLM"),
+        ("phi3", ["trtllm"], "no TensorRT-LLM checkpoint for Phi3ForCausalLM"),
         ("mixtral", ["compressed_tensors"], "sparse-MoE model (MixtralForCausalLM) is not written"),
     ],
 )
@@ -351,3 +351,55 @@ def test_modelopt_hf_has_modelopts_own_layout(
     assert tensor_layout(tmp_path / "ql" / "modelopt_hf") == tensor_layout(theirs)
     quant = json.loads((tmp_path / "ql" / "modelopt_hf" / "hf_quant_config.json").read_text())
     assert quant["quantization"]["quant_algo"] == algo
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen3"])
+def test_trtllm_checkpoint_of_gemma_and_qwen3(
+    arch: str, tmp_path: Path, tiny_arch: Callable[[str], Path], emma: Path, pride: Path
+) -> None:
+    """TensorRT-LLM's own layouts (tensorrt_llm/models/gemma, qwen): the extra norms under their
+    names, Gemma's norms as 1 + w, the attention config; linears fused as for Llama."""
+    from safetensors.torch import load_file
+
+    from quantlab.state import QuantState
+
+    steps = "  - calibrator: fp8\n  - calibrator: kv_cache\n    args: {format: fp8}"
+    rc, out = _run(tmp_path, tiny_arch(arch), steps, ["trtllm"], emma, pride)
+    assert rc == 0  # the run also passed check-export's TensorRT-LLM rules before publishing
+    conf = json.loads((out / "config.json").read_text())
+    t = load_file(str(out / "rank0.safetensors"))
+    floats = load_file(str(out / "quantlab" / "float_weights.safetensors"))
+    gemma = arch.startswith("gemma")
+    off = 1.0 if gemma else 0.0
+    hf = "model.layers.1."
+    pairs = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_layernorm"}
+    if gemma:
+        pairs |= {n: n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
+    if arch != "gemma2":
+        pairs |= {"self_attn.q_norm": "attention.q_layernorm"}
+        pairs |= {"self_attn.k_norm": "attention.k_layernorm"}
+    for src, dst in pairs.items():
+        want = floats[f"{hf}{src}.weight"].float() + off
+        assert torch.equal(t[f"transformer.layers.1.{dst}.weight"], want)  # float32 export
+    ln_f = floats["model.norm.weight"].float() + off
+    assert torch.equal(t["transformer.ln_f.weight"], ln_f)
+    assert (
+        conf["architecture"]
+        == {
+            "gemma2": "Gemma2ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }[arch]
+    )
+    if gemma:
+        assert conf["hidden_act"] == "gelu" and conf["query_pre_attn_scalar"] == 24
+        assert conf["inter_layernorms"] is True
+    if arch == "gemma3":  # layer_types [sliding, full]: every 2nd layer is global
+        assert conf["_sliding_window_pattern"] == 2 and conf["qk_layernorm"] is True
+    if arch == "qwen3":
+        assert conf["qwen_type"] == "qwen3"
+    # The fused q|k|v codes are the run's codes (FP8: one shared per-tensor scale).
+    state = QuantState.load(out / "quantlab")
+    codes = [state.modules[f"{hf}self_attn.{p}_proj"].tensors["qweight"] for p in "qkv"]
+    got = t["transformer.layers.1.attention.qkv.weight"]
+    assert torch.equal(got.view(torch.uint8), torch.cat(codes).view(torch.uint8))

@@ -523,8 +523,12 @@ def layer_tensors(
     kv_heads = kv_heads or tp
     names = adapter.trtllm_layer_names
     out: dict[str, torch.Tensor] = {}
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[f"{names[norm]}.weight"] = param(layer.get_submodule(norm), "weight").to(dtype)
+    # TensorRT-LLM stores a (1 + w) norm (Gemma) as its full scale 1 + w.
+    off = adapter.norm_offset
+    norms = {n: names[n] for n in ("input_layernorm", "post_attention_layernorm")}
+    for hf, trt in {**norms, **adapter.trtllm_extra_norms}.items():
+        w = param(layer.get_submodule(hf), "weight")
+        out[f"{trt}.weight"] = (w.float() + off).to(dtype) if off else w.to(dtype)
 
     def parts_of(n: str) -> dict[str, Part]:
         return linear_parts(layer.get_submodule(n), state.modules.get(f"{prefix}.{n}"), algo, dtype)
@@ -624,8 +628,28 @@ def trtllm_config(
             "exclude_modules": exclude,
         },
         "producer": {"name": "quantlab", "version": quantlab.__version__},
+        **{t: h[k] for k, t in adapter.trtllm_hf_config.items() if h.get(k) is not None},
+        **(_layer_pattern(h) if adapter.trtllm_layer_pattern else {}),
         **adapter.trtllm_extra_config,
     }
+
+
+def _layer_pattern(h: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's sliding/global layout as TensorRT-LLM's `_sliding_window_pattern` (every n-th
+    layer is global), from HF's layer_types; empty for models with one kind of layer."""
+    types = list(h.get("layer_types") or [])
+    if len(set(types)) < 2 or "full_attention" not in types:
+        return {}
+    n = types.index("full_attention") + 1
+    expect = [
+        "full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(len(types))
+    ]
+    if types != expect:
+        raise InputError(
+            f"layer_types {types} is not 'every {n}-th layer global', the one layout TensorRT-LLM's "
+            "Gemma checkpoint expresses (_sliding_window_pattern); export an HF layout instead."
+        )
+    return {"_sliding_window_pattern": n}
 
 
 def write_trtllm_checkpoint(
@@ -657,7 +681,8 @@ def write_trtllm_checkpoint(
     head = param(model.get_submodule(adapter.lm_head), "weight").to(dtype)
     if head.data_ptr() == embed.data_ptr():  # tied and already in the export dtype
         head = head.clone()
-    norm = param(model.get_submodule(adapter.final_norm), "weight").to(dtype)
+    norm = param(model.get_submodule(adapter.final_norm), "weight")
+    norm = (norm.float() + adapter.norm_offset).to(dtype) if adapter.norm_offset else norm.to(dtype)
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             t: dict[str, torch.Tensor] = {}
