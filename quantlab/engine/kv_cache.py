@@ -104,6 +104,14 @@ class PagedKVCache:
                 pool, codes = pool.view(torch.uint8), codes.view(torch.uint8)
             pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, codes)
 
+    def write_fused(
+        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """write in one Triton launch (CUDA); k, v [T, H_kv, D] may be strided rows of a qkv."""
+        from quantlab.kernels.fused_ops import kv_write
+
+        kv_write(k, v, slots, self.k[layer], self.v[layer], self.storage, self.scales[layer])
+
     def gather(
         self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

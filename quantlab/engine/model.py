@@ -10,6 +10,7 @@ engine reproduces transformers' greedy tokens.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,16 @@ from torch import nn
 from quantlab.engine.config import ModelSpec
 from quantlab.engine.kv_cache import PagedKVCache
 from quantlab.engine.linear import EngineLinear
+from quantlab.kernels import fused_ops
 from quantlab.kernels.paged_attention import paged_decode_attention
+
+# QUANTLAB_ENGINE_FUSED=0 runs the step in plain torch ops on CUDA too (the benchmark's baseline).
+FUSED = os.environ.get("QUANTLAB_ENGINE_FUSED", "1") != "0"
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """Whether this step runs the fused Triton elementwise kernels (CUDA, triton, not disabled)."""
+    return FUSED and fused_ops.available(x)
 
 
 @dataclass
@@ -101,10 +111,38 @@ class DecoderLayer(nn.Module):
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """proj(silu(gate(h)) * up(h)); h [T, C]."""
         if "gate_up" in self.lin:
-            g, u = self.lin["gate_up"](h).chunk(2, dim=-1)
+            gu = self.lin["gate_up"](h)
+            if use_fused(gu):
+                return self.lin["proj"](fused_ops.silu_mul(gu))
+            g, u = gu.chunk(2, dim=-1)
         else:
             g, u = self.lin["gate"](h), self.lin["up"](h)
         return self.lin["proj"](F.silu(g) * u)
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        index: int,
+    ) -> torch.Tensor:
+        """forward with the fused kernels: 1 launch each for the norms (+ residual), rope, the KV
+        write and silu * up, instead of 30-40 small torch kernels per layer."""
+        s = self.spec
+        h, _ = fused_ops.rms_norm(x, self.input_norm, s.norm_epsilon)
+        qkv = self.lin["qkv"](h).contiguous()
+        nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        fused_ops.rope_qk_(qkv, cos[:, 0], sin[:, 0], s.num_heads, s.num_kv_heads, s.head_dim)
+        q = qkv[:, :nq].view(-1, s.num_heads, s.head_dim)
+        k = qkv[:, nq : nq + nkv].view(-1, s.num_kv_heads, s.head_dim)
+        v = qkv[:, nq + nkv :].view(-1, s.num_kv_heads, s.head_dim)
+        cache.write_fused(index, batch.slots, k, v)
+        attn = attention(q, batch, cache, index, s)
+        dense = self.lin["dense"](attn.reshape(attn.shape[0], -1))
+        h, x = fused_ops.rms_norm(x, self.post_norm, s.norm_epsilon, residual=dense)
+        return x + self.mlp(h)
 
     def forward(
         self,
@@ -116,6 +154,8 @@ class DecoderLayer(nn.Module):
         index: int,
     ) -> torch.Tensor:
         """x [T, C] -> [T, C]; writes this layer's K/V of the T tokens into cache."""
+        if use_fused(x):
+            return self._forward_fused(x, cos, sin, batch, cache, index)
         s = self.spec
         h = rms_norm(x, self.input_norm, s.norm_epsilon)
         qkv = self.lin["qkv"](h)

@@ -1,0 +1,82 @@
+"""The engine's fused elementwise kernels equal their torch references (exactly: they round where
+torch rounds). On CPU they run under TRITON_INTERPRET=1 (set by conftest), in fp16 and fp32; the
+interpreter has no bfloat16, which the GPU run of benchmarks/engine_gpu.py check covers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quantlab.kernels import fused_ops as F
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+# The interpreter has no bfloat16 and converts to float8 with its own rounding (not the GPU's
+# cvt.rn.satfinite): those cases run on the GPU only.
+DTYPES = [torch.float16, torch.float32, *([torch.bfloat16] if CUDA else [])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, residual: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 96, generator=g) * 3).to(DEV, dtype)
+    r = torch.randn(5, 96, generator=g).to(DEV, dtype) if residual else None
+    w = torch.randn(96, generator=g).to(DEV, dtype)
+    got, s = F.rms_norm(x, w, 1e-6, r)
+    want, s_want = F.ref_rms_norm(x, w, 1e-6, r)
+    assert torch.equal(s, s_want)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_rotates_q_and_k_in_place_and_leaves_v(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    nq, nkv, d = 4, 2, 16
+    qkv = torch.randn(6, (nq + 2 * nkv) * d, generator=g).to(DEV, dtype)
+    pos = torch.arange(6).float()[:, None] * (1e-2 ** (torch.arange(0, d, 2) / d))[None]
+    emb = torch.cat((pos, pos), dim=-1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    want = qkv.clone()
+    F.ref_rope_qk_(want, cos, sin, nq, nkv, d)
+    got = qkv.clone()
+    F.rope_qk_(got, cos, sin, nq, nkv, d)
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, (nq + nkv) * d :], qkv[:, (nq + nkv) * d :])  # V untouched
+    assert not torch.equal(got[:, : nq * d], qkv[:, : nq * d])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype: torch.dtype) -> None:
+    gu = (torch.randn(3, 2 * 1100, generator=torch.Generator().manual_seed(2)) * 4).to(DEV, dtype)
+    got, want = F.silu_mul(gu), F.ref_silu_mul(gu)
+    if dtype == torch.float32 or CUDA:  # exp may differ in the last bit from torch's
+        torch.testing.assert_close(
+            got, want, rtol=3e-7 if dtype == torch.float32 else 8e-3, atol=1e-7
+        )
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("storage", ["int8", *(["fp8"] if CUDA else []), "fp16"])
+def test_kv_write_encodes_like_the_cache_and_lands_in_the_slots(storage: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(3, 6 * 16, generator=g) * 3).to(DEV, torch.float16)
+    if storage == "int8":  # ties round to even (fp8 ties: the interpreter rounds them away)
+        qkv[0, 32:36] = torch.tensor([0.5, 1.5, -0.5, 2.5], device=DEV).half()
+    k = qkv[:, 32:64].view(3, 2, 16)  # strided rows of a fused qkv
+    v = qkv[:, 64:].view(3, 2, 16)
+    dtype = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "fp16": torch.float16}[storage]
+    scale = {"int8": 1.0, "fp8": 0.01, "fp16": 1.0}[storage]
+    k_pool = torch.zeros(4, 2, 2, 16, dtype=dtype, device=DEV)
+    v_pool = torch.zeros_like(k_pool)
+    slots = torch.tensor([5, 1, 7], device=DEV)
+    F.kv_write(k, v, slots, k_pool, v_pool, storage, scale)
+    for pool, x in ((k_pool, k), (v_pool, v)):
+        flat = pool.view(-1, 2, 16)
+        want = F.ref_encode(x, storage, scale, dtype)
+        assert torch.equal(flat[slots].float(), want.float())
+        others = [i for i in range(8) if i not in slots.tolist()]
+        assert not bool(flat[others].float().any())
+    if storage == "int8":  # 0.5 -> 0, 1.5 -> 2, -0.5 -> -0, 2.5 -> 2
+        assert k_pool.view(-1, 32)[5, :4].tolist() == [0, 2, 0, 2]
