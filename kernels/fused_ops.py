@@ -21,6 +21,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - CPU installs without triton use the references
     triton = None
 
@@ -79,7 +80,7 @@ if triton is not None:
             x = x + tl.load(r_ptr + row * C + cols, mask=m, other=0.0)  # rounded in the dtype
             tl.store(s_ptr + row * C + cols, x, mask=m)
         xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / C + eps)
+        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / C + eps)  # torch.rsqrt: rsqrtf
         y = (xf * rstd).to(x.dtype)
         w = tl.load(w_ptr + cols, mask=m, other=0.0)
         tl.store(out_ptr + row * C + cols, w * y, mask=m)
@@ -98,20 +99,27 @@ if triton is not None:
         s1 = tl.load(sin_ptr + t * D + i)
         s2 = tl.load(sin_ptr + t * D + half + i)
         # torch: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum.
-        lo = (a * c1).to(a.dtype) + (-b * s1).to(a.dtype)
-        hi = (b * c2).to(a.dtype) + (a * s2).to(a.dtype)
-        tl.store(base + i, lo.to(a.dtype))
-        tl.store(base + half + i, hi.to(a.dtype))
+        # Products of two fp16/bf16 values are exact in fp32, so rounding each one to the dtype
+        # is torch's rounding, and the casts keep the compiler from contracting into an FMA.
+        f32 = tl.float32
+        p1 = (a.to(f32) * c1.to(f32)).to(a.dtype).to(f32)
+        p2 = (-(b.to(f32)) * s1.to(f32)).to(a.dtype).to(f32)
+        p3 = (b.to(f32) * c2.to(f32)).to(a.dtype).to(f32)
+        p4 = (a.to(f32) * s2.to(f32)).to(a.dtype).to(f32)
+        tl.store(base + i, (p1 + p2).to(a.dtype))
+        tl.store(base + half + i, (p3 + p4).to(a.dtype))
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < inter
         g = tl.load(gu_ptr + row * 2 * inter + cols, mask=m, other=0.0)
         u = tl.load(gu_ptr + row * 2 * inter + inter + cols, mask=m, other=0.0)
         gf = g.to(tl.float32)
-        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        # torch's silu uses expf; tl.exp is the fast ex2.approx (the interpreter: numpy's exp)
+        e = libdevice.exp(-gf) if CUDA_EXP else tl.exp(-gf)
+        s = (gf / (1.0 + e)).to(g.dtype)
         tl.store(out_ptr + row * inter + cols, s * u, mask=m)
 
     @triton.jit
@@ -178,7 +186,8 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     out = torch.empty((t, inter), dtype=gu.dtype, device=gu.device)
     block = 1024
-    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gu.contiguous(), out, inter, BLOCK=block)
+    grid = (t, triton.cdiv(inter, block))
+    _silu_mul_kernel[grid](gu.contiguous(), out, inter, BLOCK=block, CUDA_EXP=gu.is_cuda)
     return out
 
 

@@ -16,6 +16,16 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.float32, *([torch.bfloat16] if CUDA else [])]
 
 
+def same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Exact under the interpreter; on the GPU within one rounding step of the dtype (the compiler
+    may contract a multiply-add into an FMA, and its exp/rsqrt differ in the last bit)."""
+    if not CUDA:
+        assert torch.equal(got, want)
+        return
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * eps, atol=2 * eps)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm(dtype: torch.dtype, residual: bool) -> None:
@@ -25,8 +35,8 @@ def test_rms_norm(dtype: torch.dtype, residual: bool) -> None:
     w = torch.randn(96, generator=g).to(DEV, dtype)
     got, s = F.rms_norm(x, w, 1e-6, r)
     want, s_want = F.ref_rms_norm(x, w, 1e-6, r)
-    assert torch.equal(s, s_want)
-    assert torch.equal(got, want)
+    assert torch.equal(s, s_want)  # the residual add rounds once in both
+    same(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,7 +51,7 @@ def test_rope_rotates_q_and_k_in_place_and_leaves_v(dtype: torch.dtype) -> None:
     F.ref_rope_qk_(want, cos, sin, nq, nkv, d)
     got = qkv.clone()
     F.rope_qk_(got, cos, sin, nq, nkv, d)
-    assert torch.equal(got, want)
+    same(got, want)
     assert torch.equal(got[:, (nq + nkv) * d :], qkv[:, (nq + nkv) * d :])  # V untouched
     assert not torch.equal(got[:, : nq * d], qkv[:, : nq * d])
 
