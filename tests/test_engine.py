@@ -295,3 +295,32 @@ def test_build_never_replaces_an_engine_without_overwrite(
     rc, _, err = _cli(["build", str(run), "-o", str(eng)], capsys)
     assert rc == 2 and "--overwrite" in err
     assert (eng / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("algo", "dtype"),
+    [pytest.param("FLOAT", "float32", marks=pytest.mark.slow), ("INT8KV", "float16")],
+)
+def test_fused_kernels_compute_the_torch_step(
+    engine_for: Callable[..., tuple[Path, Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    algo: str,
+    dtype: str,
+) -> None:
+    """The engine's CUDA path with the fused kernels (run here by Triton's interpreter on CPU
+    tensors) gives the torch step's logits and greedy tokens: fp32 cache, and an INT8 cache."""
+    pytest.importorskip("triton")
+    import quantlab.engine.model as engine_model
+
+    run, eng = engine_for("llama", algo, dtype)
+    tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
+    ids = [0, *tok(PROMPT, add_special_tokens=False).input_ids]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    want = Engine(eng).score(ids)
+    want_toks = Engine(eng).generate([ids[:20]], params)[0].token_ids
+    monkeypatch.setattr(engine_model, "use_fused", lambda x: True)
+    got = Engine(eng).score(ids)
+    got_toks = Engine(eng).generate([ids[:20]], params)[0].token_ids
+    tol = 1e-5 if dtype == "float32" else 2e-3  # fp16: the norm's reduction order
+    assert _rel(got, want) < tol, _rel(got, want)
+    assert got_toks == want_toks

@@ -119,31 +119,6 @@ class DecoderLayer(nn.Module):
             g, u = self.lin["gate"](h), self.lin["up"](h)
         return self.lin["proj"](F.silu(g) * u)
 
-    def _forward_fused(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        batch: StepBatch,
-        cache: PagedKVCache,
-        index: int,
-    ) -> torch.Tensor:
-        """forward with the fused kernels: 1 launch each for the norms (+ residual), rope, the KV
-        write and silu * up, instead of 30-40 small torch kernels per layer."""
-        s = self.spec
-        h, _ = fused_ops.rms_norm(x, self.input_norm, s.norm_epsilon)
-        qkv = self.lin["qkv"](h).contiguous()
-        nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        fused_ops.rope_qk_(qkv, cos[:, 0], sin[:, 0], s.num_heads, s.num_kv_heads, s.head_dim)
-        q = qkv[:, :nq].view(-1, s.num_heads, s.head_dim)
-        k = qkv[:, nq : nq + nkv].view(-1, s.num_kv_heads, s.head_dim)
-        v = qkv[:, nq + nkv :].view(-1, s.num_kv_heads, s.head_dim)
-        cache.write_fused(index, batch.slots, k, v)
-        attn = attention(q, batch, cache, index, s)
-        dense = self.lin["dense"](attn.reshape(attn.shape[0], -1))
-        h, x = fused_ops.rms_norm(x, self.post_norm, s.norm_epsilon, residual=dense)
-        return x + self.mlp(h)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -153,22 +128,38 @@ class DecoderLayer(nn.Module):
         cache: PagedKVCache,
         index: int,
     ) -> torch.Tensor:
-        """x [T, C] -> [T, C]; writes this layer's K/V of the T tokens into cache."""
-        if use_fused(x):
-            return self._forward_fused(x, cos, sin, batch, cache, index)
+        """x [T, C] -> [T, C]; writes this layer's K/V of the T tokens into cache.
+
+        On CUDA the fused kernels (kernels/fused_ops.py) run the norms (+ residual), rope, the KV
+        write and silu * up in one launch each, instead of 30-40 small torch kernels per layer.
+        """
         s = self.spec
-        h = rms_norm(x, self.input_norm, s.norm_epsilon)
+        fused = use_fused(x)
+        if fused:
+            h, _ = fused_ops.rms_norm(x, self.input_norm, s.norm_epsilon)
+        else:
+            h = rms_norm(x, self.input_norm, s.norm_epsilon)
         qkv = self.lin["qkv"](h)
+        if fused:
+            qkv = qkv.contiguous()
+            fused_ops.rope_qk_(qkv, cos[:, 0], sin[:, 0], s.num_heads, s.num_kv_heads, s.head_dim)
         nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q = qkv[:, :nq].reshape(-1, s.num_heads, s.head_dim)
         k = qkv[:, nq : nq + nkv].reshape(-1, s.num_kv_heads, s.head_dim)
         v = qkv[:, nq + nkv :].reshape(-1, s.num_kv_heads, s.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        cache.write(index, batch.slots, k, v)
+        if fused:
+            cache.write_fused(index, batch.slots, k, v)
+        else:
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.write(index, batch.slots, k, v)
         attn = attention(q, batch, cache, index, s)
-        x = x + self.lin["dense"](attn.reshape(attn.shape[0], -1))
-        h = rms_norm(x, self.post_norm, s.norm_epsilon)
+        dense = self.lin["dense"](attn.reshape(attn.shape[0], -1))
+        if fused:
+            h, x = fused_ops.rms_norm(x, self.post_norm, s.norm_epsilon, residual=dense)
+        else:
+            x = x + dense
+            h = rms_norm(x, self.post_norm, s.norm_epsilon)
         return x + self.mlp(h)
 
 
