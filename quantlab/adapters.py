@@ -122,11 +122,6 @@ class ModelAdapter:
     trtllm_layer_pattern: bool = False
     # Norms computing x_hat * (offset + w): Gemma's are (1 + w), which changes how scales fold.
     norm_offset: float = 0.0
-    # Per-head RMSNorms after q_proj / k_proj (Qwen3, Gemma 3): K is normalized before rope and
-    # the cache, so a per-channel scale on k_proj's rows would not survive; only V is rescaled.
-    qk_norms: tuple[str, ...] = ()
-    # Norms besides the smoothing groups' (Gemma's post-attention / post-feedforward norms).
-    extra_norms: tuple[str, ...] = ()
     experts: Experts | None = None
     # False where ModelOpt's AWQ export keeps a pre_quant_scale on the norm-fed linears too (it
     # folds into the norms of layouts it recognises); quantlab's modelopt_hf folder then writes
@@ -145,11 +140,6 @@ class ModelAdapter:
         return frozenset(
             lin for _, group in self.smoothing_groups for lin in group if lin in self.linears
         )
-
-    @property
-    def qkv(self) -> tuple[str, ...]:
-        """The attention input linears (one fused group: q|k|v, or Phi-3's qkv_proj)."""
-        return self.fused_groups[0]
 
     def resolve(self, config: Any) -> ModelAdapter:
         """This adapter for one model: expert templates expanded to E names, pair rows as ranges.
@@ -312,7 +302,6 @@ _QK_TRTLLM = {
 }
 _GEMMA_EXTRA = {"hidden_act": "gelu", "inter_layernorms": True, "attn_bias": False}
 _GEMMA_TRTLLM = {**_LLAMA_TRTLLM, "pre_feedforward_layernorm": "pre_feedforward_layernorm"}
-_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 _GEMMA_NOTES = (
     "(1 + w) RMSNorms (folds divide 1 + w); sandwich norms around attention and MLP; embeddings "
     "scaled by sqrt(hidden); tied lm_head; query_pre_attn_scalar, softcapping and sliding layers "
@@ -350,7 +339,6 @@ ADAPTERS: dict[str, ModelAdapter] = {
         "Qwen3ForCausalLM",
         trtllm_extra_config={"qwen_type": "qwen3", "attn_bias": False},
         trtllm_extra_norms=_QK_TRTLLM,
-        qk_norms=_QK_NORMS,
         notes="q/k RMSNorms after q_proj/k_proj: K is observed for the KV cache after k_norm and "
         "rope; only V is rescaled by kv_equalize.",
     ),
@@ -363,7 +351,6 @@ ADAPTERS: dict[str, ModelAdapter] = {
         trtllm_layer_names=_GEMMA_TRTLLM,
         smoothing_groups=_GEMMA_GROUPS,
         norm_offset=1.0,
-        extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         notes=_GEMMA_NOTES,
     ),
     "Gemma3ForCausalLM": ModelAdapter(
@@ -376,8 +363,6 @@ ADAPTERS: dict[str, ModelAdapter] = {
         trtllm_layer_names=_GEMMA_TRTLLM,
         smoothing_groups=_GEMMA_GROUPS,
         norm_offset=1.0,
-        qk_norms=_QK_NORMS,
-        extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         notes=_GEMMA_NOTES + " q/k norms as Qwen3 (also (1 + w)).",
     ),
     "Phi3ForCausalLM": ModelAdapter(
@@ -476,7 +461,6 @@ ADAPTERS: dict[str, ModelAdapter] = {
 ADAPTERS["Qwen3MoeForCausalLM"] = replace(
     ADAPTERS["MixtralForCausalLM"],
     family="qwen3_moe",
-    qk_norms=_QK_NORMS,
     experts=ADAPTERS["Qwen2MoeForCausalLM"].experts,
     dims={**_ATTN_DIMS, **{n: (k.replace("i", "mi"), m.replace("i", "mi")) for n, (k, m) in _EXPERT_DIMS.items()}},
     notes="Qwen3's q/k norms with sparse experts (no shared expert); experts as Mixtral's.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,13 +61,37 @@ def embedded_dir() -> Path:
     return embedded_model_dir()
 
 
+def _tiny_folder(
+    cls_name: str, kw: dict[str, object], tok: Any, out: Path, perturb_norms: bool = False
+) -> Path:
+    """Save a random 2-layer model of transformers config class cls_name (4 heads, 2 KV heads
+    unless kw says otherwise; seed 0) with tok into out. perturb_norms: norm weights (random init
+    leaves them at 1, or 0 for Gemma's 1 + w) get noise, so folds into them are really tested."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    base = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=len(tok), bos_token_id=0, eos_token_id=2, **{**base, **kw}
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if perturb_norms:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(
     tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path
 ) -> Callable[[str], Path]:
     """Factory: family name -> folder of a random-init tiny model of that family (cached per session)."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     made: dict[str, Path] = {}
     tok = AutoTokenizer.from_pretrained(str(embedded_dir))
@@ -75,34 +100,22 @@ def tiny_model(
         if family in made:
             return made[family]
         cls_name, extra = TINY[family]
-        cfg = getattr(transformers, cls_name)(
-            vocab_size=len(tok),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=family == "llama",
-            bos_token_id=0,
-            eos_token_id=2,
+        kw: dict[str, object] = {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": family == "llama",
             **extra,
-        )
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-        out = tmp_path_factory.mktemp(f"tiny-{family}")
-        model.save_pretrained(str(out), safe_serialization=True)
-        tok.save_pretrained(str(out))
-        made[family] = out
-        return out
+        }
+        made[family] = _tiny_folder(cls_name, kw, tok, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return made[family]
 
     return make
 
 
 # One tiny random config per adapter architecture, each keeping its family's quirks: GQA (and a
 # single KV head for Gemma), sliding windows shorter than the test windows, Gemma's softcapping and
-# query scalar, Llama 3's rope scaling and tied embeddings, experts. Norm weights are perturbed
-# (random init leaves them at 1, or 0 for Gemma's 1 + w), so folds into them are really tested.
+# query scalar, Llama 3's rope scaling and tied embeddings, experts. Norm weights are perturbed.
 ARCH_TINY: dict[str, tuple[str, dict[str, object]]] = {
     "llama3": (
         "LlamaConfig",
@@ -164,8 +177,7 @@ def tiny_arch(
     tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path
 ) -> Callable[[str], Path]:
     """Factory: ARCH_TINY key -> folder of that architecture's tiny random model (cached)."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     made: dict[str, Path] = {}
     tok = AutoTokenizer.from_pretrained(str(embedded_dir))
@@ -174,29 +186,10 @@ def tiny_arch(
         if arch in made:
             return made[arch]
         cls_name, extra = ARCH_TINY[arch]
-        kw: dict[str, object] = {
-            "hidden_size": 64,
-            "intermediate_size": 96,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-            **extra,
-        }
-        cfg = getattr(transformers, cls_name)(vocab_size=len(tok), **kw)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.add_(torch.randn_like(p) * 0.1)
+        kw = {"hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 256, **extra}
         out = tmp_path_factory.mktemp(f"arch-{arch}")
-        model.save_pretrained(str(out), safe_serialization=True)
-        tok.save_pretrained(str(out))
-        made[arch] = out
-        return out
+        made[arch] = _tiny_folder(cls_name, kw, tok, out, perturb_norms=True)
+        return made[arch]
 
     return make
 
@@ -227,7 +220,6 @@ def _modelopt_export(
     """ModelOpt's own quantize + export_hf_checkpoint of model_dir (fp16, 2 random windows)."""
     import copy
     import warnings
-    from typing import Any
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

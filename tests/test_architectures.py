@@ -225,28 +225,6 @@ def _check_compressed_tensors(out: Path) -> None:
         assert torch.equal(loaded(input_ids=_ids()).logits, sim(input_ids=_ids()).logits)
 
 
-def _calibrate(
-    arch: str,
-    algo: str,
-    tmp_path: Path,
-    tiny_arch: Callable[[str], Path],
-    emma: Path,
-    pride: Path,
-    perplexity: Callable[[nn.Module, list[torch.Tensor]], float],
-) -> dict[str, Any]:
-    steps, formats = ALGOS[algo]
-    if arch in MOE:  # MoE: no compressed-tensors yet (docs/models.md)
-        formats = [f for f in formats if f != "compressed_tensors"]
-    rc, out = _run(tmp_path, tiny_arch(arch), steps, formats, emma, pride)
-    assert rc == 0
-    _check_reload(out, pride, "kv" in algo or algo == "fp8", perplexity)
-    if "modelopt_hf" in formats:
-        _check_modelopt_hf(out)
-    if "compressed_tensors" in formats:
-        _check_compressed_tensors(out)
-    return dict(json.loads((out / "accuracy.json").read_text()))
-
-
 @pytest.mark.parametrize(
     "algo", [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow) for a in ALGOS]
 )
@@ -260,7 +238,17 @@ def test_calibrators_run_and_reload(
     pride: Path,
     perplexity: Callable[[nn.Module, list[torch.Tensor]], float],
 ) -> None:
-    summary = _calibrate(arch, algo, tmp_path, tiny_arch, emma, pride, perplexity)
+    steps, formats = ALGOS[algo]
+    if arch in MOE:  # MoE: no compressed-tensors yet (docs/models.md)
+        formats = [f for f in formats if f != "compressed_tensors"]
+    rc, out = _run(tmp_path, tiny_arch(arch), steps, formats, emma, pride)
+    assert rc == 0
+    _check_reload(out, pride, "kv" in algo or algo == "fp8", perplexity)
+    if "modelopt_hf" in formats:
+        _check_modelopt_hf(out)
+    if "compressed_tensors" in formats:
+        _check_compressed_tensors(out)
+    summary = json.loads((out / "accuracy.json").read_text())
     assert summary["accuracy"]["kl_mean"] < 0.05
     assert (summary["under_calibrated"] is None) == (arch in DENSE)
 
