@@ -8,6 +8,7 @@ from quantlab.kernels.ops import (
     KernelArgumentError,
     linear_fp8,
     linear_w4a16,
+    linear_w8a8,
     linear_w8a16,
 )
 from quantlab.kernels.packing import (
@@ -30,6 +31,7 @@ __all__ = [
     "is_mma_layout",
     "linear_fp8",
     "linear_w4a16",
+    "linear_w8a8",
     "linear_w8a16",
     "pack_int4_asym",
     "pack_int4_rows",

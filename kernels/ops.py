@@ -36,7 +36,12 @@ from __future__ import annotations
 
 import torch
 from quantlab.kernels import packing
-from quantlab.kernels.reference import ref_linear_fp8, ref_linear_w4a16, ref_linear_w8a16
+from quantlab.kernels.reference import (
+    ref_linear_fp8,
+    ref_linear_w4a16,
+    ref_linear_w8a8,
+    ref_linear_w8a16,
+)
 
 W4_BACKENDS = (
     "auto",
@@ -53,6 +58,7 @@ W4_BACKENDS = (
 )
 W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant", "cuda_mma", "cutlass")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
+W8A8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled")
 TRITON_GROUPS = (32, 64, 128)
 
 
@@ -356,3 +362,63 @@ def linear_fp8(
     if weight.shape[0] % 16 or weight.shape[1] % 16:
         raise KernelArgumentError("linear_fp8: N and K must be multiples of 16 (cuBLASLt fp8)")
     return _linear_fp8_op(x, weight, weight_scale, bias, x_scale, granularity, backend, fast_accum)
+
+
+# ---- SmoothQuant W8A8 (int8 activations) -----------------------------------------------------
+
+
+@torch.library.custom_op("quantlab::linear_w8a8", mutates_args=())
+def _linear_w8a8_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
+    pre: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if _use_reference(x, backend):
+        y = ref_linear_w8a8(x2, qweight, weight_scale, bias, x_scale, pre)
+    else:
+        from quantlab.kernels.triton_w8a8 import w8a8_gemm
+
+        y = w8a8_gemm(x2, qweight, weight_scale, bias, x_scale, pre, backend)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@_linear_w8a8_op.register_fake
+def _(x, qweight, weight_scale, bias, x_scale, pre, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def linear_w8a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    pre: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SmoothQuant W8A8: y [..., N] from x [..., K] (* pre [K]) quantized to int8 (static x_scale
+    or per token) and int8 qweight [N, K] with fp32 weight_scale [1] or [N]; int32 accumulation.
+
+    The reference also takes fp32 activations (CPU engines); the Triton path wants fp16/bf16."""
+    if backend not in W8A8_BACKENDS:
+        raise KernelArgumentError(f"linear_w8a8: backend must be one of {W8A8_BACKENDS}")
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise KernelArgumentError("linear_w8a8: qweight must be int8 [N, K]")
+    if x.shape[-1] != qweight.shape[1]:
+        raise KernelArgumentError(
+            f"linear_w8a8: x has K={x.shape[-1]} but the weight has K={qweight.shape[1]}"
+        )
+    if weight_scale.numel() not in (1, qweight.shape[0]):
+        raise KernelArgumentError(f"linear_w8a8: weight_scale must be [1] or [{qweight.shape[0]}]")
+    if x_scale is not None and x_scale.numel() != 1:
+        raise KernelArgumentError("linear_w8a8: x_scale must be one static scale")
+    if pre is not None and pre.shape != (qweight.shape[1],):
+        raise KernelArgumentError(f"linear_w8a8: pre must be [{qweight.shape[1]}]")
+    if not _use_reference(x, backend):
+        _check_x(x, qweight.shape[1], "linear_w8a8")
+    return _linear_w8a8_op(x, qweight, weight_scale, bias, x_scale, pre, backend)

@@ -111,3 +111,48 @@ def ref_linear_fp8(
     w = weight.to(compute_dtype) * weight_scale.to(compute_dtype).reshape(-1, 1)
     y = (xq.to(compute_dtype) * sx.to(compute_dtype)) @ w.t()
     return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
+
+
+INT8_MAX = 127.0
+
+
+def quantize_int8_act(
+    x: torch.Tensor, x_scale: torch.Tensor | None, pre: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (* pre [K] in x's dtype) -> (codes int8 [M, K], scale fp32 [1, 1] or [M, 1]).
+
+    Per token: s = amax / 127 (1 for a zero row); static: the checkpoint's scale. Codes are
+    round(x / s) half to even, saturated to [-128, 127]: the simulated QuantLinear's rule
+    (primitives.fake_quant / fake_quant_static).
+    """
+    if pre is not None:
+        x = x * pre.to(x.dtype)
+    if x_scale is not None:
+        s = x_scale.float().reshape(1, 1)
+    else:
+        s = x.abs().amax(dim=1, keepdim=True).float() / INT8_MAX
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(x.float() / s).clamp(-128, 127).to(torch.int8)
+    return q, s
+
+
+def ref_linear_w8a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    pre: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SmoothQuant W8A8: y [M, N] in x's dtype from x [M, K] and int8 qweight [N, K].
+
+    The product of the codes is exact (float64 holds every int32 sum); then (acc * sx) * sw
+    (+ bias) in fp32.
+    weight_scale fp32 [1] or [N]; x_scale a static scale or None (per token); pre [K] or None.
+    """
+    xq, sx = quantize_int8_act(x, x_scale, pre)
+    acc = xq.double() @ qweight.double().t()
+    y = acc.float() * sx * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -15,6 +15,20 @@ import torch
 # run on CPU-only machines instead of skipping.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        import triton.runtime.interpreter as _interp
+    except ImportError:  # pragma: no cover - installs without triton
+        _interp = None
+    if _interp is not None:
+        _orig_patch = _interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+            # Triton 3.6 turns a scalar into a 1-element array and calls int() on it (range()
+            # over a runtime bound), which numpy 2.4 rejects; take the element explicitly.
+            _orig_patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _interp._patch_lang_tensor = _patch_lang_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUANTLAB_DATA_DIR", REPO.parent / "shared" / "data"))

@@ -5,7 +5,7 @@ path, and the split-K reduce, with fresh random inputs, NaN-poisoned outputs and
 per-dtype norm-wise tolerances (output rounding alone gives ~3e-4 in fp16 and ~3e-3 in bf16).
 Known Triton 3.6 interpreter gaps, worked around here and covered by the GPU script instead:
 bf16 tl.dot runs in fp32 under the interpreter (see triton_w4a16.interpreter_bf16), and
-range() over a runtime bound fails with numpy >= 2.4 (patched below, test process only).
+range() over a runtime bound fails with numpy >= 2.4 (patched in conftest, test processes only).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import triton
-import triton.runtime.interpreter as _interp
 
 if not triton.knobs.runtime.interpret:
     pytest.skip(
@@ -34,21 +33,8 @@ if not triton.knobs.runtime.interpret:
     )
 
 from quantlab.kernels import packing, reference
-
-_orig_patch = _interp._patch_lang_tensor
-
-
-def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
-    # Triton 3.6 turns a scalar into a 1-element array and calls int() on it, which numpy 2.4
-    # rejects; take the element explicitly.
-    _orig_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-
-_interp._patch_lang_tensor = _patch_lang_tensor
-
-from quantlab.kernels import triton_w4a16 as t4  # noqa: E402
-from quantlab.kernels import triton_w8a16 as t8  # noqa: E402
+from quantlab.kernels import triton_w4a16 as t4
+from quantlab.kernels import triton_w8a16 as t8
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MS = (1, 3, 16, 33)

@@ -8,37 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a16
-
-INT8_MAX = 127.0
-
-
-def quantize_int8(
-    x: torch.Tensor, x_scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes int8 [M, K], dequantization scale fp32 [1, 1] static or [M, 1] per token).
-
-    Per token: s = amax / 127; static: the checkpoint's scale. round half to even, saturate to
-    [-128, 127]: the simulated QuantLinear's rule (primitives.fake_quant / fake_quant_static).
-    """
-    if x_scale is not None:
-        s = x_scale.float().reshape(1, 1)
-    else:
-        s = x.abs().amax(dim=1, keepdim=True).float() / INT8_MAX
-        s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(x.float() / s).clamp(-128, 127).to(torch.int8)
-    return q, s
-
-
-def int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """int32 [M, N] = xq int8 [M, K] @ wq int8 [N, K]^T through torch._int_mm.
-
-    cuBLASLt's int8 GEMM wants M > 16 and K, N multiples of 8: smaller M is padded with zero rows.
-    """
-    m = xq.shape[0]
-    if xq.is_cuda and m <= 16:
-        xq = F.pad(xq, (0, 0, 0, 17 - m))
-    return torch._int_mm(xq, wq.t())[:m]
+from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a8, linear_w8a16
 
 
 class EngineLinear(nn.Module):
@@ -74,6 +44,17 @@ class EngineLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] in x's dtype."""
         pre, bias = self.t("pre_quant_scale"), self.t("bias")
+        b = self._buffers
+        if self.kind == "w8a8":  # the smoothing multiply runs inside the quantization kernel
+            return linear_w8a8(
+                x,
+                b["qweight"],  # type: ignore[arg-type]
+                b["weight_scale"],  # type: ignore[arg-type]
+                bias,
+                self.t("x_scale"),
+                pre,
+                "reference" if self.backend == "reference" else "auto",
+            )
         if pre is not None:
             x = x * pre
         if self.kind == "float":
@@ -84,7 +65,6 @@ class EngineLinear(nn.Module):
                     x.dtype
                 )
             return F.linear(x, w, bias)
-        b = self._buffers
         if self.kind == "w8a16":
             return linear_w8a16(x, b["qweight"], b["scales"], bias, self.backend)  # type: ignore[arg-type]
         if self.kind == "w4a16":
@@ -107,14 +87,4 @@ class EngineLinear(nn.Module):
                 self.meta["granularity"],
                 "auto" if self.backend not in ("reference", "scaled_mm") else self.backend,
             )
-        if self.kind == "w8a8":
-            x2 = x.reshape(-1, x.shape[-1])
-            xq, sx = quantize_int8(x2, self.t("x_scale"))
-            acc = int8_gemm(xq, b["qweight"])  # type: ignore[arg-type]
-            ws = b["weight_scale"]
-            assert ws is not None
-            y = acc.float() * sx * ws.reshape(1, -1)
-            if bias is not None:
-                y = y + bias.float()
-            return y.to(x.dtype).reshape(*x.shape[:-1], -1)
         raise AssertionError(self.kind)
