@@ -78,6 +78,19 @@ SMALL = {
 }
 
 
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+}
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+SHAPE = LLAMA2_7B  # --shape
+
 DEV = "cuda"  # --device cpu: a dry run of the script's logic (slow, no speed meaning)
 HF = True  # --no-hf: skip the transformers baseline
 LAYERS = 32  # --dry-run: the small shape with 2 layers
@@ -238,7 +251,7 @@ def _sync() -> None:
 
 def _hf_row(model: Any, bs: int, inp: int, out: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, LLAMA2_7B["vocab_size"], (bs, inp), generator=g).to(DEV)
+    ids = torch.randint(3, SHAPE["vocab_size"], (bs, inp), generator=g).to(DEV)
     kw = {"max_new_tokens": out, "min_new_tokens": out, "do_sample": False, "pad_token_id": 0}
     model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
     _sync()
@@ -253,8 +266,8 @@ def _hf_row(model: Any, bs: int, inp: int, out: int) -> dict[str, Any]:
 def stage_speed(
     work: Path, modes: list[str], batches: list[int], io: tuple[int, int]
 ) -> dict[str, Any]:
-    """Export -> build -> bench per mode on the random Llama-2-7B shape; HF eager baseline."""
-    shape = {**(LLAMA2_7B if LAYERS == 32 else SMALL), "max_position_embeddings": 32768}
+    """Export -> build -> bench per mode on the random SHAPE model; HF eager baseline."""
+    shape = {**(SHAPE if LAYERS == 32 else SMALL), "max_position_embeddings": 32768}
     model = random_llama(shape, LAYERS)
     windows = _windows(16, 512, shape["vocab_size"])
     res: dict[str, Any] = {"speed": [], "hf": []}
@@ -399,11 +412,13 @@ def main() -> None:
     ap.add_argument("--ctxs", default="8192,16384,32000")
     ap.add_argument("--long-out", type=int, default=34)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--dry-run", action="store_true", help="speed stage on a 2-layer small model")
     ap.add_argument("--check-modes", default="", help="comma-separated mode prefixes (check)")
     args = ap.parse_args()
-    global ROWS, DEV, LAYERS, HF
+    global ROWS, DEV, LAYERS, HF, SHAPE
+    SHAPE = SHAPES[args.shape]
     HF = not args.no_hf
     DEV = args.device
     LAYERS = 2 if args.dry_run else 32
@@ -412,7 +427,7 @@ def main() -> None:
     ROWS = out / "engine_rows.jsonl"
     work.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
-    meta = {"date": str(datetime.date.today()), "device": name,
+    meta = {"date": str(datetime.date.today()), "device": name, "shape": args.shape,
             "torch": torch.__version__}  # fmt: skip
     for stage in args.stages:
         t0 = time.perf_counter()

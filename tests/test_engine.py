@@ -195,6 +195,35 @@ def test_inflight_batching_gives_each_request_its_alone_tokens(
     assert batched.cache.allocator.free == batched.cache.allocator.num_blocks - 1  # all freed
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_kv_cache_doubles_the_batch_that_fits(
+    engine_for: Callable[..., tuple[Path, Path]], kv: str
+) -> None:
+    """At one KV budget (12 fp16 blocks), an int8 / fp8 cache runs twice the concurrent requests of
+    an fp16 cache, and gives the same greedy tokens to the requests both run."""
+    from quantlab.engine.kv_cache import kv_bytes_per_block
+    from quantlab.engine.runtime import load_engine_config
+
+    run, built = engine_for("llama", "FP8KV" if kv == "fp8" else "INT8KV")
+    spec = load_engine_config(built).model
+    per_block = kv_bytes_per_block(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim, "fp16")
+    peaks, outs = {}, {}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (20,), generator=g).tolist() for _ in range(16)]
+    for storage in ("fp16", kv):
+        eng = run.parent / f"engine-fit-{storage}"
+        s = BuildSettings(max_batch_size=16, max_input_len=96, max_seq_len=128, block_size=16,
+                          kv_cache_dtype=storage, kv_cache_mem_gb=12 * per_block / 2**30)  # fmt: skip
+        build_engine(run, eng, s, show_progress=False, overwrite=True)
+        e = Engine(eng)
+        outs[storage] = e.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        peaks[storage] = e.scheduler.peak_running
+        assert e.cache.allocator.num_blocks == (12 if storage == "fp16" else 24)
+    # 2 blocks per request (24 tokens), block 0 is scratch: 11 // 2 = 5 vs 23 // 2 = 11
+    assert peaks == {"fp16": 5, kv: 11}
+    assert all(len(o.token_ids) == 4 for o in outs[kv])
+
+
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     from quantlab.cli import main
 

@@ -63,6 +63,7 @@ class Scheduler:
         self.max_num_tokens = max_num_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.peak_running = 0  # the largest running batch seen (the KV pool's real capacity)
         # Static batching (the baseline in-flight batching is measured against): new requests
         # join only when every request of the running batch has finished.
         self.static_batching = False
@@ -138,4 +139,5 @@ class Scheduler:
             budget -= n
         if len(self.running) >= self.max_batch_size or not self.waiting:
             self._batch_open = False  # static batching: this batch is complete
+        self.peak_running = max(self.peak_running, len(self.running))
         return plan
