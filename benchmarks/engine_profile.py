@@ -1,0 +1,293 @@
+"""Where a decode step of the engine goes, what bounds it, and how it compares with HF transformers.
+
+Stages (GPU, repo root; rows appended to --out/profile_rows.jsonl as they are measured):
+  bw       copy bandwidth (read + write bytes / time of a 4 GiB device copy, median of 10)
+  profile  fp16 and W4A16 (RTN g128 + INT8 KV) engines on the SHAPE with RANDOM weights, bs 1 and
+           64: the decode step's wall time with CUDA graphs, its graph replay alone, and per-kernel
+           GPU time from torch.profiler with graphs off (a 66-token minus a 2-token generation,
+           divided by 64 steps: the context phase cancels); the bandwidth floor = engine bytes /
+           copy bandwidth
+  hf       HF generate on the same fp16 model: eager (dynamic cache) and static cache +
+           torch.compile (mode reduce-overhead), against our fp16 engine, bs 1 and 64, 128/128
+  kvfit    at one KV budget, the largest running batch and tokens/s of an fp16 vs an int8 KV cache
+           (64 requests of 1000 + 32 tokens)
+Usage: python3 benchmarks/engine_profile.py bw profile hf kvfit --out $OUT [--shape llama2-7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_gpu as eg
+
+from quantlab.engine import bench
+from quantlab.engine.build import build_engine
+from quantlab.engine.config import ENGINE_WEIGHTS, BuildSettings
+from quantlab.engine.runtime import Engine
+from quantlab.engine.sampling import SamplingParams
+
+W4 = "W4A16_AWQ g128 (RTN int4_g128_sym)"
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """GB/s of a device-to-device copy, counting read + write bytes (median of 10)."""
+    n = int(gib * (1 << 30)) // 2
+    a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        _sync()
+        times.append(s.elapsed_time(e) / 1e3)
+    t = sorted(times[2:])[len(times[2:]) // 2]
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / t / 1e9
+
+
+def _category(name: str) -> str:
+    n = name.lower()
+    for key, cat in (
+        ("paged", "attention (decode kernel)"),
+        ("merge", "attention (decode kernel)"),
+        ("rms_norm", "fused norm"),
+        ("rope", "fused rope"),
+        ("silu", "fused silu*up"),
+        ("kv_write", "fused kv write"),
+        ("quant", "activation quant"),
+        ("reduce", "split-k reduce"),
+        ("w4", "gemm"),
+        ("w8", "gemm"),
+        ("gemm", "gemm"),
+        ("gemv", "gemm"),
+        ("nvjet", "gemm"),
+        ("sm90", "gemm"),
+        ("cutlass", "gemm"),
+        ("mma", "gemm"),
+        ("argmax", "sampling"),
+    ):
+        if key in n:
+            return cat
+    return "other torch ops"
+
+
+def _kernel_times(e: Engine, bs: int, out_len: int) -> dict[str, tuple[float, int]]:
+    """{kernel name: (total GPU us, count)} of one profiled generation (graphs off)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        bench.bench_static(e, bs, 128, out_len)
+    res: dict[str, tuple[float, int]] = {}
+    for item in prof.key_averages():
+        us = getattr(item, "self_device_time_total", None)
+        if us is None:
+            us = getattr(item, "self_cuda_time_total", 0.0)
+        if us > 0:
+            res[item.key] = (float(us), int(item.count))
+    return res
+
+
+def decode_profile(e: Engine, bs: int) -> dict[str, Any]:
+    """Step wall time (graphs), graph replay, and per-kernel GPU time per decode step (graphs off)."""
+    full = bench.bench_static(e, bs, 128, 66)
+    short = bench.bench_static(e, bs, 128, 2)
+    step_ms = (full.latency_ms - short.latency_ms) / 64
+    replay_ms = float("nan")
+    if e.graphs is not None and bs in e.graphs.graphs:
+        g = e.graphs.graphs[bs]
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            g.replay()
+        _sync()
+        replay_ms = (time.perf_counter() - t0) / 50 * 1e3
+    graphs, e.graphs = e.graphs, None
+    try:
+        a, b = _kernel_times(e, bs, 66), _kernel_times(e, bs, 2)
+    finally:
+        e.graphs = graphs
+    per: dict[str, list[float]] = {}
+    for k, (us, n) in a.items():
+        us0, n0 = b.get(k, (0.0, 0))
+        per[k] = [(us - us0) / 64 / 1e3, (n - n0) / 64]
+    cats: dict[str, float] = defaultdict(float)
+    for k, (ms, _) in per.items():
+        cats[_category(k)] += ms
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:14]
+    return {
+        "batch_size": bs,
+        "decode_step_ms": step_ms,
+        "graph_replay_ms": replay_ms,
+        "kernel_ms_per_step": sum(v[0] for v in per.values()),
+        "kernels_per_step": sum(v[1] for v in per.values()),
+        "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [
+            {"name": k[:90], "ms": v[0], "per_step": v[1], "category": _category(k)} for k, v in top
+        ],
+    }
+
+
+def _engine(model: Any, mode: str, work: Path, kv: str, batch: int, **kw: Any) -> Path:
+    tag = "".join(c for c in mode.split()[0] if c.isalnum())
+    ckpt, eng = work / f"p-ckpt-{tag}", work / f"p-engine-{tag}-{kv}"
+    if not ckpt.is_dir():
+        eg.export(model, eg.MODES[mode], eg._windows(16, 512, eg.SHAPE["vocab_size"]), ckpt)
+        torch.cuda.empty_cache()
+    s = BuildSettings(max_batch_size=batch, max_input_len=kw.get("max_input_len", 2048),
+                      max_seq_len=kw.get("max_seq_len", 4096), max_num_tokens=8192,
+                      kv_cache_dtype=kv, kv_cache_mem_gb=kw.get("kv_gb", 20.0))  # fmt: skip
+    build_engine(ckpt, eng, s, overwrite=True, show_progress=False)
+    return eng
+
+
+def stage_profile(model: Any, work: Path, bw: float | None) -> None:
+    """Decode-step profiles of the fp16 and W4A16 + INT8 KV engines at bs 1 and 64."""
+    for mode, kv in (("fp16", "fp16"), (W4, "auto")):
+        try:
+            eng = _engine(model, mode, work, kv, 64)
+            e = Engine(eng, device="cuda")
+            bench.warm_up(e)
+            gb = (eng / ENGINE_WEIGHTS).stat().st_size / 1e9
+            for bs in (1, 64):
+                r = decode_profile(e, bs)
+                r.update(mode=mode, kv=e.cfg.kv_storage, engine_gb=gb)
+                if bw:
+                    r["copy_bw_gbs"] = bw
+                    r["floor_ms"] = gb / bw * 1e3
+                    r["step_over_floor"] = r["decode_step_ms"] / r["floor_ms"]
+                eg.record({"stage": "profile", **r})
+            del e
+            gc.collect()
+        except Exception as exc:
+            eg.record({"stage": "profile", "mode": mode, "error": repr(exc)[:800]})
+        torch.cuda.empty_cache()
+
+
+def _hf_static(model: Any, bs: int, inp: int, out: int) -> dict[str, Any]:
+    """HF generate with a static cache and the forward compiled (reduce-overhead); the compile
+    happens in two untimed warm-up generations of the same shapes."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, eg.SHAPE["vocab_size"], (bs, inp), generator=g).cuda()
+    kw = {"max_new_tokens": out, "min_new_tokens": out, "do_sample": False, "pad_token_id": 0,
+          "cache_implementation": "static"}  # fmt: skip
+    t0 = time.perf_counter()
+    for _ in range(2):
+        model.generate(ids, **kw)
+    _sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids, **kw)
+    _sync()
+    dt = time.perf_counter() - t0
+    return {"batch_size": bs, "input_len": inp, "output_len": out, "latency_ms": dt * 1e3,
+            "tokens_per_s": bs * out / dt, "warm_up_s": warm}  # fmt: skip
+
+
+def stage_hf(model: Any, work: Path, batches: list[int]) -> None:
+    """Our fp16 engine, HF eager, HF static + compile: same model, same process, 128/128."""
+    try:
+        eng = _engine(model, "fp16", work, "fp16", max(batches))
+        e = Engine(eng, device="cuda")
+        bench.warm_up(e)
+        for bs in batches:
+            eg.record({"stage": "hf", "impl": "quantlab fp16", **bench.bench_static(e, bs, 128, 128).__dict__})  # fmt: skip
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+    except Exception as exc:
+        eg.record({"stage": "hf", "impl": "quantlab fp16", "error": repr(exc)[:800]})
+    for bs in batches:
+        try:
+            eg.record({"stage": "hf", "impl": "HF eager", **eg._hf_row(model, bs, 128, 128)})
+        except Exception as exc:
+            eg.record({"stage": "hf", "impl": "HF eager", "error": repr(exc)[:800]})
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    for bs in batches:
+        try:
+            eg.record({"stage": "hf", "impl": "HF static+compile", **_hf_static(model, bs, 128, 128)})  # fmt: skip
+        except Exception as exc:
+            eg.record({"stage": "hf", "impl": "HF static+compile", "error": repr(exc)[:800]})
+
+
+def stage_kvfit(model: Any, work: Path, gb: float) -> None:
+    """64 requests of 1000 prompt + 32 new tokens at a gb KV budget: fp16 vs int8 KV cache."""
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, eg.SHAPE["vocab_size"], (64, 1000), generator=g).tolist()
+    for kv in ("fp16", "int8"):
+        try:
+            eng = _engine(model, "fp16", work, kv, 64, kv_gb=gb, max_input_len=1024,
+                          max_seq_len=1088)  # fmt: skip
+            e = Engine(eng, device="cuda")
+            bench.warm_up(e)
+            e.scheduler.peak_running = 0
+            _sync()
+            t0 = time.perf_counter()
+            outs = e.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+            _sync()
+            dt = time.perf_counter() - t0
+            eg.record({"stage": "kvfit", "kv": kv, "kv_budget_gib": gb,
+                       "blocks": e.cache.allocator.num_blocks, "peak_running": e.scheduler.peak_running,
+                       "requests": len(outs), "seconds": dt,
+                       "output_tokens_per_s": sum(len(o.token_ids) for o in outs) / dt})  # fmt: skip
+            del e
+            gc.collect()
+            shutil.rmtree(eng, ignore_errors=True)
+        except Exception as exc:
+            eg.record({"stage": "kvfit", "kv": kv, "error": repr(exc)[:800]})
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    """Run the stages given on the command line."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stages", nargs="+", choices=["bw", "profile", "hf", "kvfit"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default=".gpuwork")
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(eg.SHAPES))
+    ap.add_argument("--hf-batches", default="1,64")
+    ap.add_argument("--kv-gb", type=float, default=4.0)
+    args = ap.parse_args()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    eg.ROWS = out / "profile_rows.jsonl"
+    eg.SHAPE = eg.SHAPES[args.shape]
+    eg.record({"stage": "meta", "date": str(datetime.date.today()), "argv": sys.argv,
+               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "shape": args.shape})  # fmt: skip
+    bw = None
+    if "bw" in args.stages:
+        bw = copy_bandwidth()
+        eg.record({"stage": "bw", "copy_gbs": bw})
+    model = eg.random_llama({**eg.SHAPE, "max_position_embeddings": 4096}, 32)
+    for stage in args.stages:
+        t0 = time.perf_counter()
+        if stage == "profile":
+            stage_profile(model, work, bw)
+        elif stage == "kvfit":
+            stage_kvfit(model, work, args.kv_gb)
+        elif stage == "hf":  # last: it compiles the model's forward in place
+            stage_hf(model, work, [int(b) for b in args.hf_batches.split(",")])
+        print(f"stage {stage}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
