@@ -96,14 +96,16 @@ class DecodeGraphs:
             self.capture(b)
         bs = self.engine.cfg.build.block_size
         h = self.host[:b]
-        h.zero_()
+        hn = h.numpy()  # numpy element writes: ~30x cheaper than torch indexing (bs 64: 2.5 ms)
+        hn.fill(0)
         for i, (seq, _) in enumerate(plan):
             p = seq.computed
-            h[i, 0] = seq.tokens[p]
-            h[i, 1] = p
-            h[i, 2] = seq.blocks[p // bs] * bs + p % bs
-            h[i, 3] = p + 1
-            h[i, 4 : 4 + len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long)
+            row = hn[i]
+            row[0] = seq.prompt[p] if p < len(seq.prompt) else seq.output[p - len(seq.prompt)]
+            row[1] = p
+            row[2] = seq.blocks[p // bs] * bs + p % bs
+            row[3] = p + 1
+            row[4 : 4 + len(seq.blocks)] = seq.blocks
         d = h.to(self.engine.device, non_blocking=True)
         self.tokens[:b].copy_(d[:, 0])
         self.positions[:b].copy_(d[:, 1])

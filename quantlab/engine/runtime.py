@@ -203,7 +203,7 @@ class Engine:
             ctx = seq.computed + n
             blocks = torch.tensor(seq.blocks[: -(-ctx // bs)], dtype=torch.long)
             seqs.append(SeqSlice(start, n, ctx, blocks.to(self.device)))
-            if ctx == len(seq.tokens):
+            if ctx == seq.num_tokens:
                 rows.append(start + n - 1)
             start += n
         dev = self.device
@@ -256,7 +256,7 @@ class Engine:
         now = time.perf_counter()
         for seq, n in plan:
             seq.computed += n
-            if seq.computed < len(seq.tokens):
+            if seq.computed < seq.num_tokens:
                 continue  # prefill chunk: no token yet
             p = seq.params
             tok = greedy[row] if p.greedy else sample(logits[row], p, seq.gen)
@@ -270,7 +270,7 @@ class Engine:
                 reason = "stop"
             elif len(seq.output) >= p.max_new_tokens:
                 reason = "length"
-            elif len(seq.tokens) >= self.cfg.max_seq_len:
+            elif seq.num_tokens >= self.cfg.max_seq_len:
                 reason = "max_seq_len"
             if reason is not None:
                 seq.finish_reason, seq.finish_time = reason, now

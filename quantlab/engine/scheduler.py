@@ -46,6 +46,11 @@ class Sequence:
         """Prompt followed by the generated tokens."""
         return self.prompt + self.output
 
+    @property
+    def num_tokens(self) -> int:
+        """len(tokens), without building the list."""
+        return len(self.prompt) + len(self.output)
+
 
 class Scheduler:
     """Waiting queue + running batch over one block allocator; schedule() plans one step."""
@@ -112,7 +117,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted below by an earlier sequence
                 continue
-            n = min(len(seq.tokens) - seq.computed, budget)
+            n = min(seq.num_tokens - seq.computed, budget)
             if n <= 0:
                 continue
             while not self._grow(seq, seq.computed + n):
@@ -129,9 +134,9 @@ class Scheduler:
             seq = self.waiting[0]
             # Admit only when the whole prompt (and the first generated token) fits the free pool,
             # so a prompt in chunked prefill does not starve the batch of blocks.
-            if self._blocks_for(len(seq.tokens) + 1) > self.allocator.free:
+            if self._blocks_for(seq.num_tokens + 1) > self.allocator.free:
                 break
-            n = min(len(seq.tokens), budget)
+            n = min(seq.num_tokens, budget)
             self._grow(seq, n)
             self.waiting.popleft()
             self.running.append(seq)
