@@ -9,6 +9,8 @@ to the activation dtype where the torch code rounds, so the engine's numerics do
   rope_qk_(qkv, cos, sin, ...)    GPT-NeoX rotary on the q and k parts of a fused qkv, in place
   silu_mul(gu)                    silu(g) * u of a fused [T, 2I] gate|up output
   kv_write(...)                   K and V rows into the paged pools, quantized (int8 / fp8) or cast
+  rope_kv_write_(qkv, ...)        rope_qk_ and kv_write in one launch: q rotated in place, k
+                                  rotated (in place too) and written with v into the pools
 
 Each has a torch reference (`ref_*`) the tests compare it with; on CPU the kernels run under
 TRITON_INTERPRET=1.
@@ -86,28 +88,33 @@ if triton is not None:
         tl.store(out_ptr + row * C + cols, w * y, mask=m)
 
     @triton.jit
+    def _rotate(a, b, cos_row, sin_row, i, half: tl.constexpr):
+        """(a, b) halves of one head -> rotated halves: x * cos + rotate_half(x) * sin."""
+        c1 = tl.load(cos_row + i)
+        c2 = tl.load(cos_row + half + i)
+        s1 = tl.load(sin_row + i)
+        s2 = tl.load(sin_row + half + i)
+        # torch: each product rounded to the dtype, then the sum. Products of two fp16/bf16
+        # values are exact in fp32, so rounding each one to the dtype is torch's rounding, and
+        # the casts keep the compiler from contracting into an FMA.
+        f32 = tl.float32
+        p1 = (a.to(f32) * c1.to(f32)).to(a.dtype).to(f32)
+        p2 = (-(b.to(f32)) * s1.to(f32)).to(a.dtype).to(f32)
+        p3 = (b.to(f32) * c2.to(f32)).to(a.dtype).to(f32)
+        p4 = (a.to(f32) * s2.to(f32)).to(a.dtype).to(f32)
+        return (p1 + p2).to(a.dtype), (p3 + p4).to(a.dtype)
+
+    @triton.jit
     def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, stride, NQ, NKV, D: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)  # 0 .. NQ + NKV - 1: q heads, then k heads
         half: tl.constexpr = D // 2
         i = tl.arange(0, half)
         base = qkv_ptr + t * stride + h * D
-        a = tl.load(base + i)
-        b = tl.load(base + half + i)
-        c1 = tl.load(cos_ptr + t * D + i)
-        c2 = tl.load(cos_ptr + t * D + half + i)
-        s1 = tl.load(sin_ptr + t * D + i)
-        s2 = tl.load(sin_ptr + t * D + half + i)
-        # torch: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum.
-        # Products of two fp16/bf16 values are exact in fp32, so rounding each one to the dtype
-        # is torch's rounding, and the casts keep the compiler from contracting into an FMA.
-        f32 = tl.float32
-        p1 = (a.to(f32) * c1.to(f32)).to(a.dtype).to(f32)
-        p2 = (-(b.to(f32)) * s1.to(f32)).to(a.dtype).to(f32)
-        p3 = (b.to(f32) * c2.to(f32)).to(a.dtype).to(f32)
-        p4 = (a.to(f32) * s2.to(f32)).to(a.dtype).to(f32)
-        tl.store(base + i, (p1 + p2).to(a.dtype))
-        tl.store(base + half + i, (p3 + p4).to(a.dtype))
+        a, b = _rotate(tl.load(base + i), tl.load(base + half + i), cos_ptr + t * D,
+                       sin_ptr + t * D, i, half)  # fmt: skip
+        tl.store(base + i, a)
+        tl.store(base + half + i, b)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
@@ -123,6 +130,22 @@ if triton is not None:
         tl.store(out_ptr + row * inter + cols, s * u, mask=m)
 
     @triton.jit
+    def _encode(x, scale, MODE: tl.constexpr, out_ty: tl.constexpr):
+        """ref_encode of x: int8 round half to even + saturate, fp8 e4m3 saturate, or a cast."""
+        if MODE == 1:  # int8: round half to even, saturate (torch.round, cvt.rni.sat)
+            y = tl.math.div_rn(x.to(tl.float32), scale)
+            f = tl.floor(y)
+            odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+            up = (y - f > 0.5) | ((y - f == 0.5) & odd)
+            r = tl.where(up, f + 1.0, f)
+            return tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+        elif MODE == 2:  # fp8 e4m3: saturate, then convert
+            y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0)
+            return y.to(out_ty)
+        else:
+            return x.to(out_ty)
+
+    @triton.jit
     def _kv_write_kernel(
         k_ptr, v_ptr, slots_ptr, kc_ptr, vc_ptr, k_stride, v_stride, scale,
         W: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
@@ -135,19 +158,35 @@ if triton is not None:
             src = k_ptr + t * k_stride if which == 0 else v_ptr + t * v_stride
             dst = kc_ptr if which == 0 else vc_ptr
             x = tl.load(src + cols, mask=m, other=0.0)
-            if MODE == 1:  # int8: round half to even, saturate (torch.round, cvt.rni.sat)
-                y = tl.math.div_rn(x.to(tl.float32), scale)
-                f = tl.floor(y)
-                odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-                up = (y - f > 0.5) | ((y - f == 0.5) & odd)
-                r = tl.where(up, f + 1.0, f)
-                y = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
-            elif MODE == 2:  # fp8 e4m3: saturate, then convert
-                y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0)
-                y = y.to(dst.dtype.element_ty)
+            tl.store(dst + slot * W + cols, _encode(x, scale, MODE, dst.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_kv_write_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr, vc_ptr, stride, scale, NQ, NKV,
+        D: tl.constexpr, MODE: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        h = tl.program_id(1)  # q heads, then k heads, then v heads
+        half: tl.constexpr = D // 2
+        i = tl.arange(0, half)
+        base = qkv_ptr + t * stride + h * D
+        a = tl.load(base + i)
+        b = tl.load(base + half + i)
+        if h < NQ + NKV:  # q and k heads: rotated in place
+            a, b = _rotate(a, b, cos_ptr + t * D, sin_ptr + t * D, i, half)
+            tl.store(base + i, a)
+            tl.store(base + half + i, b)
+        if h >= NQ:
+            slot = tl.load(slots_ptr + t)
+            is_k = h < NQ + NKV
+            kv_h = tl.where(is_k, h - NQ, h - NQ - NKV)
+            off = slot * NKV * D + kv_h * D
+            if is_k:
+                tl.store(kc_ptr + off + i, _encode(a, scale, MODE, kc_ptr.dtype.element_ty))
+                tl.store(kc_ptr + off + half + i, _encode(b, scale, MODE, kc_ptr.dtype.element_ty))
             else:
-                y = x.to(dst.dtype.element_ty)
-            tl.store(dst + slot * W + cols, y, mask=m)
+                tl.store(vc_ptr + off + i, _encode(a, scale, MODE, vc_ptr.dtype.element_ty))
+                tl.store(vc_ptr + off + half + i, _encode(b, scale, MODE, vc_ptr.dtype.element_ty))
 
 
 def available(x: torch.Tensor) -> bool:
@@ -209,4 +248,27 @@ def kv_write(
     _kv_write_kernel[(t,)](
         k, v, slots, k_pool, v_pool, k.stride(0), v.stride(0), float(scale),
         W=width, MODE=mode, BLOCK=triton.next_power_of_2(width),
+    )  # fmt: skip
+
+
+def rope_kv_write_(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    nq: int,
+    nkv: int,
+    d: int,
+    slots: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    storage: str,
+    scale: float,
+) -> None:
+    """rope_qk_ then kv_write of the k and v heads of qkv [T, (nq + 2 nkv) d], in one launch.
+
+    qkv rows contiguous, cos/sin [T, d] contiguous; pools [num_blocks, block_size, nkv, d]."""
+    assert triton is not None and qkv.stride(1) == 1
+    mode = {"int8": 1, "fp8": 2}.get(storage, 0)
+    _rope_kv_write_kernel[(qkv.shape[0], nq + 2 * nkv)](
+        qkv, cos, sin, slots, k_pool, v_pool, qkv.stride(0), float(scale), nq, nkv, D=d, MODE=mode,
     )  # fmt: skip

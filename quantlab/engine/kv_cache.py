@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from quantlab.engine.config import KV_STORAGE
+from quantlab.engine.config import KV_STORAGE, ModelSpec
 from quantlab.errors import InputError
 
 FP8_MAX = 448.0
@@ -104,13 +104,21 @@ class PagedKVCache:
                 pool, codes = pool.view(torch.uint8), codes.view(torch.uint8)
             pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, codes)
 
-    def write_fused(
-        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    def write_rope_fused(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        spec: ModelSpec,
     ) -> None:
-        """write in one Triton launch (CUDA); k, v [T, H_kv, D] may be strided rows of a qkv."""
-        from quantlab.kernels.fused_ops import kv_write
+        """Rotate q and k of qkv [T, (H + 2 H_kv) D] in place and write K, V at slots [T], in one
+        Triton launch (CUDA); cos, sin [T, D]."""
+        from quantlab.kernels.fused_ops import rope_kv_write_
 
-        kv_write(k, v, slots, self.k[layer], self.v[layer], self.storage, self.scales[layer])
+        rope_kv_write_(qkv, cos, sin, spec.num_heads, spec.num_kv_heads, spec.head_dim, slots,
+                       self.k[layer], self.v[layer], self.storage, self.scales[layer])  # fmt: skip
 
     def gather(
         self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype

@@ -122,34 +122,37 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        pending: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: StepBatch,
         cache: PagedKVCache,
         index: int,
-    ) -> torch.Tensor:
-        """x [T, C] -> [T, C]; writes this layer's K/V of the T tokens into cache.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [T, C], pending [T, C] or None) -> (x, this layer's MLP output); writes this layer's
+        K/V of the T tokens into cache. The residual stream is x + pending: the previous layer's
+        MLP output is added inside this layer's input norm (EngineModel adds the last one).
 
-        On CUDA the fused kernels (kernels/fused_ops.py) run the norms (+ residual), rope, the KV
-        write and silu * up in one launch each, instead of 30-40 small torch kernels per layer.
+        On CUDA the fused kernels (kernels/fused_ops.py) run the norms (+ residual), rope with the
+        KV write, and silu * up in one launch each, instead of 30-40 small torch kernels per layer.
         """
         s = self.spec
         fused = use_fused(x)
         if fused:
-            h, _ = fused_ops.rms_norm(x, self.input_norm, s.norm_epsilon)
+            h, x = fused_ops.rms_norm(x, self.input_norm, s.norm_epsilon, residual=pending)
         else:
+            if pending is not None:
+                x = x + pending
             h = rms_norm(x, self.input_norm, s.norm_epsilon)
         qkv = self.lin["qkv"](h)
         if fused:
             qkv = qkv.contiguous()
-            fused_ops.rope_qk_(qkv, cos[:, 0], sin[:, 0], s.num_heads, s.num_kv_heads, s.head_dim)
+            cache.write_rope_fused(index, batch.slots, qkv, cos[:, 0], sin[:, 0], s)
         nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q = qkv[:, :nq].reshape(-1, s.num_heads, s.head_dim)
-        k = qkv[:, nq : nq + nkv].reshape(-1, s.num_kv_heads, s.head_dim)
-        v = qkv[:, nq + nkv :].reshape(-1, s.num_kv_heads, s.head_dim)
-        if fused:
-            cache.write_fused(index, batch.slots, k, v)
-        else:
+        if not fused:
+            k = qkv[:, nq : nq + nkv].reshape(-1, s.num_kv_heads, s.head_dim)
+            v = qkv[:, nq + nkv :].reshape(-1, s.num_kv_heads, s.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             cache.write(index, batch.slots, k, v)
@@ -160,7 +163,7 @@ class DecoderLayer(nn.Module):
         else:
             x = x + dense
             h = rms_norm(x, self.post_norm, s.norm_epsilon)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 def attention(
@@ -236,7 +239,12 @@ class EngineModel(nn.Module):
         """float32 logits [R, V] for batch.logits_rows."""
         x = F.embedding(batch.tokens, self.embed)
         cos, sin = self.rope(batch.positions, x.dtype)
+        pending: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, cache, i)
-        x = rms_norm(x.index_select(0, batch.logits_rows), self.final_norm, self.spec.norm_epsilon)
+            x, pending = layer(x, pending, cos, sin, batch, cache, i)
+        rows = batch.logits_rows
+        x = x.index_select(0, rows)
+        if pending is not None:
+            x = x + pending.index_select(0, rows)
+        x = rms_norm(x, self.final_norm, self.spec.norm_epsilon)
         return self.lm_head(x).float()
