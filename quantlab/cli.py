@@ -349,6 +349,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"seconds {r.seconds:.2f} tokensPerSec {r.tokens_per_s:.1f} "
                 f"p50_latency(s) {r.p50_latency_s:.2f} p99_latency(s) {r.p99_latency_s:.2f}"
             )
+            kinds = "; ".join(
+                f"{k} {int(v[0])} steps {v[1]:.2f} s {int(v[2])} tokens" for k, v in r.steps.items()
+            )
+            print(f"[TRACE] mode {r.mode} steps: {kinds}")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -109,8 +110,9 @@ class TraceResult:
     tokens_per_s: float
     p50_latency_s: float
     p99_latency_s: float
+    steps: dict[str, list[float]]  # step kind -> [steps, seconds, tokens run] (Engine.step_stats)
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
         return asdict(self)
 
@@ -135,6 +137,7 @@ def bench_trace(
             raise InputError(f"trace: a request does not fit the engine ({why}).")
     g = torch.Generator().manual_seed(seed)
     e.scheduler.static_batching = static
+    e.step_stats = {}
     try:
         _sync(e)
         t0 = time.perf_counter()
@@ -158,4 +161,5 @@ def bench_trace(
         toks / dt,
         float(lat.quantile(0.5)),
         float(lat.quantile(0.99)),
+        {k: list(v) for k, v in e.step_stats.items()},
     )

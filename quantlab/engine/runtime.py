@@ -109,6 +109,9 @@ class Engine:
         self._next_id = 0
         self.finished: list[RequestOutput] = []
         self.tokenizer: Any = None
+        # step kind -> [steps, seconds, tokens run]: where a trace's time goes (each step's time
+        # ends at the logits' host copy, which waits for the GPU)
+        self.step_stats: dict[str, list[float]] = {}
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -245,15 +248,28 @@ class Engine:
                     "larger --kv-cache-mem-gb or a smaller --max-seq-len."
                 )
             return []
+        t0 = time.perf_counter()
         decode = all(n == 1 for _, n in plan)
         if decode and self.graphs is not None and self.graphs.serves(len(plan)):
             logits = self.graphs.run(plan)
+            kind = "decode (graph)"
         else:
             logits = self.model(self._batch(plan), self.cache)
+            kind = (
+                "decode (eager)"
+                if decode
+                else "mixed"
+                if any(n == 1 for _, n in plan)
+                else "prefill"
+            )
         done = []
         row = 0
         greedy = logits.argmax(-1).tolist() if logits.shape[0] else []
         now = time.perf_counter()
+        st = self.step_stats.setdefault(kind, [0, 0.0, 0])
+        st[0] += 1
+        st[1] += now - t0
+        st[2] += sum(n for _, n in plan)
         for seq, n in plan:
             seq.computed += n
             if seq.computed < seq.num_tokens:
