@@ -85,6 +85,21 @@ def fp8_scaled_mm(
         xq, sx = _quant_tensor_triton(x)  # torch ops would take ~8 passes and an fp32 copy
     else:
         xq, sx = quantize_fp8_act(x, granularity, x_scale)
+    return fp8_mm_codes(xq, sx, weight, weight_scale, bias, granularity, x.dtype, fast_accum)
+
+
+def fp8_mm_codes(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    granularity: str,
+    out_dtype: torch.dtype,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """[M, N] in out_dtype from quantized activations xq e4m3 [M, K] with scale sx fp32 [1, 1]
+    (per tensor) or [M, 1] (per row), and weight e4m3 [N, K] with weight_scale [1] or [N]."""
     wt = weight.t()  # [K, N] column-major view: the layout cuBLASLt wants for the second operand
     if granularity == "tensor":
         if weight_scale.numel() != 1:
@@ -95,7 +110,7 @@ def fp8_scaled_mm(
             scale_a=sx.reshape(()),
             scale_b=weight_scale.float().reshape(()),
             bias=bias,
-            out_dtype=x.dtype,
+            out_dtype=out_dtype,
             use_fast_accum=fast_accum,
         )
     sw = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
@@ -104,4 +119,4 @@ def fp8_scaled_mm(
     )
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype)
+    return y.to(out_dtype)

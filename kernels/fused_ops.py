@@ -6,6 +6,8 @@ to the activation dtype where the torch code rounds, so the engine's numerics do
 
   rms_norm(x, w, eps, residual)   residual add (optional) + HF RMSNorm: float32 statistics,
                                   normalized value cast to the dtype, then times w in the dtype
+  rms_norm_quant(x, w, eps, ...)  rms_norm, then the static int8 / e4m3 quantization of its output
+                                  (the next linear's input), in one launch
   rope_qk_(qkv, cos, sin, ...)    GPT-NeoX rotary on the q and k parts of a fused qkv, in place
   silu_mul(gu)                    silu(g) * u of a fused [T, 2I] gate|up output
   kv_write(...)                   K and V rows into the paged pools, quantized (int8 / fp8) or cast
@@ -86,6 +88,30 @@ if triton is not None:
         y = (xf * rstd).to(x.dtype)
         w = tl.load(w_ptr + cols, mask=m, other=0.0)
         tl.store(out_ptr + row * C + cols, w * y, mask=m)
+
+    @triton.jit
+    def _rms_norm_quant_kernel(
+        x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, scale_ptr, C, eps,
+        HAS_RES: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0)
+        if HAS_RES:
+            x = x + tl.load(r_ptr + row * C + cols, mask=m, other=0.0)
+            tl.store(s_ptr + row * C + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / C + eps)
+        h = (tl.load(w_ptr + cols, mask=m, other=0.0) * (xf * rstd).to(x.dtype)).to(tl.float32)
+        scale = tl.load(scale_ptr)
+        if MODE == 1:  # int8: round(h / s) half to even, saturated (reference.quantize_int8_act)
+            v = tl.clamp(tl.math.div_rn(h, tl.zeros_like(h) + scale), -128.0, 127.0)
+            q = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+        else:  # e4m3: h * (1 / s), saturated (reference.quantize_fp8_act)
+            q = tl.clamp(h * tl.math.div_rn(tl.full([], 1.0, tl.float32), scale), -448.0, 448.0)
+            q = q.to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * C + cols, q, mask=m)
 
     @triton.jit
     def _rotate(a, b, cos_row, sin_row, i, half: tl.constexpr):
@@ -208,6 +234,46 @@ def rms_norm(
         HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
     )  # fmt: skip
     return out, s
+
+
+def ref_rms_norm_quant(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    scale: torch.Tensor,
+    storage: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 / e4m3 [T, C] of ref_rms_norm's output at the static scale, x + residual)."""
+    from quantlab.kernels.reference import quantize_fp8_act, quantize_int8_act
+
+    h, s = ref_rms_norm(x, w, eps, residual)
+    if storage == "int8":
+        return quantize_int8_act(h, scale)[0], s
+    return quantize_fp8_act(h, "tensor", scale)[0], s
+
+
+def rms_norm_quant(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    scale: torch.Tensor,
+    storage: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ref_rms_norm_quant: storage 'int8' or 'fp8'; scale fp32 (one element)."""
+    assert triton is not None
+    t, c = x.shape
+    dtype = torch.int8 if storage == "int8" else torch.float8_e4m3fn
+    q = torch.empty((t, c), dtype=dtype, device=x.device)
+    s = torch.empty_like(x) if residual is not None else x
+    block = triton.next_power_of_2(c)
+    _rms_norm_quant_kernel[(t,)](
+        x, residual if residual is not None else x, w, q, s, scale, c, eps,
+        HAS_RES=residual is not None, MODE=1 if storage == "int8" else 2, BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return q, s
 
 
 def rope_qk_(

@@ -108,9 +108,24 @@ def ref_linear_fp8(
 ) -> torch.Tensor:
     """y [M, N] from x [M, K] quantized to e4m3 and weight e4m3 [N, K] with weight_scale [1] or [N]."""
     xq, sx = quantize_fp8_act(x, granularity, x_scale)
+    out = x.dtype if compute_dtype != torch.float64 else torch.float64
+    return ref_fp8_from_codes(xq, sx, weight, weight_scale, bias, out, compute_dtype)
+
+
+def ref_fp8_from_codes(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[M, N] in dtype from e4m3 codes xq [M, K] with scale sx [1, 1] or [M, 1] (ref_linear_fp8
+    after its quantization)."""
     w = weight.to(compute_dtype) * weight_scale.to(compute_dtype).reshape(-1, 1)
     y = (xq.to(compute_dtype) * sx.to(compute_dtype)) @ w.t()
-    return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
+    return _finish(y, bias, dtype)
 
 
 INT8_MAX = 127.0
@@ -151,8 +166,21 @@ def ref_linear_w8a8(
     weight_scale fp32 [1] or [N]; x_scale a static scale or None (per token); pre [K] or None.
     """
     xq, sx = quantize_int8_act(x, x_scale, pre)
+    return ref_w8a8_from_codes(xq, sx, qweight, weight_scale, bias, x.dtype)
+
+
+def ref_w8a8_from_codes(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[M, N] in dtype from int8 codes xq [M, K] with scale sx [1, 1] or [M, 1] (ref_linear_w8a8
+    after its quantization)."""
     acc = xq.double() @ qweight.double().t()
     y = acc.float() * sx * weight_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)

@@ -231,6 +231,20 @@ def w8a8_gemm(
     pre: smoothing multiplier [K] applied before quantization, or None. 'auto' tunes per M bucket.
     """
     xq, sx = quantize_int8(x, x_scale, pre)
+    return w8a8_gemm_codes(xq, sx, qweight, weight_scale, bias, x.dtype, backend)
+
+
+def w8a8_gemm_codes(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [M, N] in dtype from int8 codes xq [M, K] (contiguous) with scale sx fp32 [M, 1] or
+    [1, 1], and int8 qweight [N, K] with weight_scale [1] or [N]; 'auto' tunes per M bucket."""
     sw = weight_scale.float().reshape(-1).contiguous()
     m, k = xq.shape
     cands = (
@@ -238,6 +252,6 @@ def w8a8_gemm(
     )
     if not cands:
         raise ValueError(f"w8a8_gemm: no plan of backend {backend!r} for M={m}")
-    key = (m_bucket(m), qweight.shape[0], k, x.dtype, sx.numel() > 1, sw.numel() > 1)
-    chosen = TUNER.pick(key, cands, lambda p: run_plan(p, xq, sx, qweight, sw, bias, x.dtype))
-    return run_plan(chosen, xq, sx, qweight, sw, bias, x.dtype)
+    key = (m_bucket(m), qweight.shape[0], k, dtype, sx.numel() > 1, sw.numel() > 1)
+    chosen = TUNER.pick(key, cands, lambda p: run_plan(p, xq, sx, qweight, sw, bias, dtype))
+    return run_plan(chosen, xq, sx, qweight, sw, bias, dtype)

@@ -328,7 +328,11 @@ def test_build_never_replaces_an_engine_without_overwrite(
 
 @pytest.mark.parametrize(
     ("algo", "dtype"),
-    [pytest.param("FLOAT", "float32", marks=pytest.mark.slow), ("INT8KV", "float16")],
+    [
+        pytest.param("FLOAT", "float32", marks=pytest.mark.slow),
+        ("INT8KV", "float16"),
+        ("W8A8_SQ_PER_CHANNEL", "float16"),
+    ],
 )
 def test_fused_kernels_compute_the_torch_step(
     engine_for: Callable[..., tuple[Path, Path]],
@@ -337,9 +341,18 @@ def test_fused_kernels_compute_the_torch_step(
     dtype: str,
 ) -> None:
     """The engine's CUDA path with the fused kernels (run here by Triton's interpreter on CPU
-    tensors) gives the torch step's logits and greedy tokens: fp32 cache, and an INT8 cache."""
+    tensors) gives the torch step's logits and greedy tokens: fp32 cache, an INT8 cache, and
+    SmoothQuant's static int8 inputs written by the norm kernel."""
     pytest.importorskip("triton")
+    from quantlab.kernels import fused_ops
+
     import quantlab.engine.model as engine_model
+
+    calls = []
+    norm_quant = fused_ops.rms_norm_quant
+    monkeypatch.setattr(
+        fused_ops, "rms_norm_quant", lambda *a: calls.append(a[-1]) or norm_quant(*a)
+    )
 
     run, eng = engine_for("llama", algo, dtype)
     tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
@@ -353,3 +366,5 @@ def test_fused_kernels_compute_the_torch_step(
     tol = 1e-5 if dtype == "float32" else 2e-3  # fp16: the norm's reduction order
     assert _rel(got, want) < tol, _rel(got, want)
     assert got_toks == want_toks
+    # qkv and gate_up of every layer take their codes from the norm under SmoothQuant, else none
+    assert set(calls) == ({"int8"} if algo.startswith("W8A8") else set())

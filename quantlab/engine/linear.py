@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a8, linear_w8a16
+from quantlab.kernels.reference import ref_fp8_from_codes, ref_w8a8_from_codes
 
 
 class EngineLinear(nn.Module):
@@ -40,6 +41,37 @@ class EngineLinear(nn.Module):
         w = self.t("weight") if self.kind in ("float", "fp8") else self.t("qweight")
         assert w is not None
         return int(w.shape[0])
+
+    def static_input(self) -> str | None:
+        """'int8' / 'fp8' when this linear quantizes its input with one static scale and nothing
+        before it (no smoothing multiply): the norm before it may then write the codes."""
+        if self.t("x_scale") is None or self.t("pre_quant_scale") is not None:
+            return None
+        if self.kind == "w8a8":
+            return "int8"
+        if self.kind == "fp8" and self.meta["granularity"] == "tensor":
+            return "fp8"
+        return None
+
+    def forward_codes(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y [T, N] in dtype from the input already quantized at x_scale (static_input's dtype)."""
+        b = self._buffers
+        xs, bias = b["x_scale"], self.t("bias")
+        assert xs is not None
+        sx = xs.float().reshape(1, 1)
+        if self.kind == "w8a8":
+            args = (codes, sx, b["qweight"], b["weight_scale"], bias, dtype)
+            if codes.is_cuda:
+                from quantlab.kernels.triton_w8a8 import w8a8_gemm_codes
+
+                return w8a8_gemm_codes(*args)  # type: ignore[arg-type]
+            return ref_w8a8_from_codes(*args)  # type: ignore[arg-type]
+        args8 = (codes, sx, b["weight"], b["weight_scale"], bias)
+        if codes.is_cuda and torch.cuda.get_device_capability(codes.device) >= (8, 9):
+            from quantlab.kernels.fp8 import fp8_mm_codes
+
+            return fp8_mm_codes(*args8, "tensor", dtype)  # type: ignore[arg-type]
+        return ref_fp8_from_codes(*args8, dtype)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] in x's dtype."""

@@ -108,16 +108,44 @@ class DecoderLayer(nn.Module):
         self.input_norm = nn.Parameter(torch.empty(0), requires_grad=False)
         self.post_norm = nn.Parameter(torch.empty(0), requires_grad=False)
 
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """proj(silu(gate(h)) * up(h)); h [T, C]."""
-        if "gate_up" in self.lin:
-            gu = self.lin["gate_up"](h)
-            if use_fused(gu):
-                return self.lin["proj"](fused_ops.silu_mul(gu))
-            g, u = gu.chunk(2, dim=-1)
-        else:
-            g, u = self.lin["gate"](h), self.lin["up"](h)
+    def mlp_split(self, h: torch.Tensor) -> torch.Tensor:
+        """proj(silu(gate(h)) * up(h)) with separate gate and up linears; h [T, C]."""
+        g, u = self.lin["gate"](h), self.lin["up"](h)
         return self.lin["proj"](F.silu(g) * u)
+
+    def down(self, gu: torch.Tensor) -> torch.Tensor:
+        """proj(silu(g) * u) of the fused gate|up output gu [T, 2I]."""
+        if use_fused(gu):
+            return self.lin["proj"](fused_ops.silu_mul(gu))
+        g, u = gu.chunk(2, dim=-1)
+        return self.lin["proj"](F.silu(g) * u)
+
+    def norm_into(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        res: torch.Tensor | None,
+        name: str | None,
+        fused: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lin[name](norm(x + res)) or the norm itself when name is None, x + res): on the fused
+        path a linear that quantizes its input with a static scale gets its codes from the norm
+        kernel itself."""
+        s = self.spec
+        lin = self.lin[name] if name is not None else None
+        storage = lin.static_input() if fused and lin is not None else None
+        if storage is not None and lin is not None:
+            xs = lin.t("x_scale")
+            assert xs is not None
+            codes, x = fused_ops.rms_norm_quant(x, w, s.norm_epsilon, res, xs, storage)
+            return lin.forward_codes(codes, x.dtype), x
+        if fused:
+            h, x = fused_ops.rms_norm(x, w, s.norm_epsilon, residual=res)
+        else:
+            if res is not None:
+                x = x + res
+            h = rms_norm(x, w, s.norm_epsilon)
+        return (lin(h) if lin is not None else h), x
 
     def forward(
         self,
@@ -138,13 +166,7 @@ class DecoderLayer(nn.Module):
         """
         s = self.spec
         fused = use_fused(x)
-        if fused:
-            h, x = fused_ops.rms_norm(x, self.input_norm, s.norm_epsilon, residual=pending)
-        else:
-            if pending is not None:
-                x = x + pending
-            h = rms_norm(x, self.input_norm, s.norm_epsilon)
-        qkv = self.lin["qkv"](h)
+        qkv, x = self.norm_into(x, self.input_norm, pending, "qkv", fused)
         if fused:
             qkv = qkv.contiguous()
             cache.write_rope_fused(index, batch.slots, qkv, cos[:, 0], sin[:, 0], s)
@@ -158,12 +180,11 @@ class DecoderLayer(nn.Module):
             cache.write(index, batch.slots, k, v)
         attn = attention(q, batch, cache, index, s)
         dense = self.lin["dense"](attn.reshape(attn.shape[0], -1))
-        if fused:
-            h, x = fused_ops.rms_norm(x, self.post_norm, s.norm_epsilon, residual=dense)
-        else:
-            x = x + dense
-            h = rms_norm(x, self.post_norm, s.norm_epsilon)
-        return x, self.mlp(h)
+        if "gate_up" in self.lin:
+            gu, x = self.norm_into(x, self.post_norm, dense, "gate_up", fused)
+            return x, self.down(gu)
+        h, x = self.norm_into(x, self.post_norm, dense, None, fused)
+        return x, self.mlp_split(h)
 
 
 def attention(
