@@ -352,7 +352,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             kinds = "; ".join(
                 f"{k} {int(v[0])} steps {v[1]:.2f} s {int(v[2])} tokens" for k, v in r.steps.items()
             )
-            print(f"[TRACE] mode {r.mode} steps: {kinds}")
+            print(f"[TRACE-STEPS] mode {r.mode}: {kinds}")
     return 0
 
 

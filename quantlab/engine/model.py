@@ -133,6 +133,7 @@ class DecoderLayer(nn.Module):
         kernel itself."""
         s = self.spec
         lin = self.lin[name] if name is not None else None
+        assert lin is None or isinstance(lin, EngineLinear)
         storage = lin.static_input() if fused and lin is not None else None
         if storage is not None and lin is not None:
             xs = lin.t("x_scale")
