@@ -195,6 +195,30 @@ def test_inflight_batching_gives_each_request_its_alone_tokens(
     assert batched.cache.allocator.free == batched.cache.allocator.num_blocks - 1  # all freed
 
 
+def test_equal_prompts_prefill_in_one_attention_call(
+    engine_for: Callable[..., tuple[Path, Path]],
+) -> None:
+    """Three prompts of one length prefill together (one batched causal attention per layer) and
+    get the tokens each gets alone; the run grouping is what makes that call."""
+    from quantlab.engine.model import SeqSlice, fresh_prompt_runs
+
+    e = torch.empty(0)
+    seqs = [
+        SeqSlice(0, 5, 5, e),
+        SeqSlice(5, 5, 5, e),
+        SeqSlice(10, 1, 9, e),
+        SeqSlice(11, 5, 5, e),
+    ]
+    assert fresh_prompt_runs(seqs) == [seqs[:2]]  # the decode row breaks the run
+    _, eng = engine_for("llama", "INT8KV")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 1000, (21,), generator=g).tolist() for _ in range(3)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    together = Engine(eng).generate(prompts, params)
+    for p, out in zip(prompts, together, strict=True):
+        assert Engine(eng).generate([p], params)[0].token_ids == out.token_ids
+
+
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 def test_quantized_kv_cache_doubles_the_batch_that_fits(
     engine_for: Callable[..., tuple[Path, Path]], kv: str

@@ -120,6 +120,18 @@ class PagedKVCache:
         rope_kv_write_(qkv, cos, sin, spec.num_heads, spec.num_kv_heads, spec.head_dim, slots,
                        self.k[layer], self.v[layer], self.storage, self.scales[layer])  # fmt: skip
 
+    def gather_batch(
+        self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` cached K, V [B, length, H_kv, D] of B sequences, block lists
+        blocks [B, nb] (gather for several sequences of one length at once)."""
+        b = blocks.shape[0]
+        out = []
+        for pool in (self.k[layer], self.v[layer]):
+            x = pool.index_select(0, blocks.reshape(-1)).view(b, -1, *pool.shape[2:])[:, :length]
+            out.append(self.decode(x, layer, dtype))
+        return out[0], out[1]
+
     def gather(
         self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -188,6 +188,24 @@ class DecoderLayer(nn.Module):
         return x, self.mlp_split(h)
 
 
+def fresh_prompt_runs(seqs: list[SeqSlice]) -> list[list[SeqSlice]]:
+    """Runs of >= 2 consecutive whole prompts (n == ctx_len > 1) of one length in adjacent rows:
+    their causal attention is one batched call."""
+    runs: list[list[SeqSlice]] = []
+    cur: list[SeqSlice] = []
+    for sq in seqs:
+        fresh = sq.n == sq.ctx_len and sq.n > 1
+        if fresh and cur and sq.n == cur[0].n and sq.start == cur[-1].start + cur[-1].n:
+            cur.append(sq)
+            continue
+        if len(cur) > 1:
+            runs.append(cur)
+        cur = [sq] if fresh else []
+    if len(cur) > 1:
+        runs.append(cur)
+    return runs
+
+
 def attention(
     q: torch.Tensor, batch: StepBatch, cache: PagedKVCache, layer: int, spec: ModelSpec
 ) -> torch.Tensor:
@@ -214,8 +232,18 @@ def attention(
     if rows is not None:  # the mixed step's one-token rows: one kernel call for all of them
         out[rows] = paged(q[rows])
     groups = spec.num_heads // spec.num_kv_heads
+    batched: set[int] = set()
+    for run in fresh_prompt_runs(batch.seqs):  # a static batch's prompts: one SDPA call
+        n, b, s0 = run[0].n, len(run), run[0].start
+        k, v = cache.gather_batch(layer, torch.stack([sq.blocks for sq in run]), n, q.dtype)
+        qs = q[s0 : s0 + b * n].view(b, n, *q.shape[1:]).transpose(1, 2)  # [B, H, n, D]
+        ks = k.repeat_interleave(groups, dim=2).transpose(1, 2)
+        vs = v.repeat_interleave(groups, dim=2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale)
+        out[s0 : s0 + b * n] = o.transpose(1, 2).reshape(b * n, *q.shape[1:])
+        batched.update(id(sq) for sq in run)
     for sq in batch.seqs:
-        if rows is not None and sq.n == 1:
+        if (rows is not None and sq.n == 1) or id(sq) in batched:
             continue
         k, v = cache.gather(layer, sq.blocks, sq.ctx_len, q.dtype)
         qs = q[sq.start : sq.start + sq.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
