@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call (<= 10 min): the new kernels' GPU tests, the engine correctness check, the
+# per-mode speed table, then the decode-step profile with whatever time is left.
+# Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" [speed modes] [batches]
+set -u
+out=${1:?OUT}; modes=${2:-"fp16,W8A8 SQ per-channel,FP8 (,W4A16_AWQ,W8A16"}; batches=${3:-1,16,32,64}
+start=$SECONDS
+left() { echo $((580 - (SECONDS - start))); }
+python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --find-links .gpuwheels pydantic
+export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w8a8.py \
+  tests/test_kernels_fused.py 2>&1 | tail -12 | tee "$out/pytest.txt"
+timeout 140 python3 benchmarks/engine_gpu.py check --check-modes "fp16,W4A16_AWQ,FP8 (,W8A8" \
+  --out "$out/check" --work /tmp/w > "$out/check.log" 2>&1
+timeout $(($(left) - 120)) python3 benchmarks/engine_gpu.py speed --no-hf --modes "$modes" \
+  --batches "$batches" --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
+rm -rf /tmp/w
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(left)" python3 benchmarks/engine_profile.py bw profile --out "$out/profile" \
+    --work /tmp/p > "$out/profile.log" 2>&1
+fi
+python3 benchmarks/summarize_rows.py "$out"
