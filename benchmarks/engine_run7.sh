@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# One device call (<= 10 min): the new kernels' GPU tests, the engine correctness check, the
-# per-mode speed table, then the decode-step profile with whatever time is left.
-# Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" [speed modes] [batches]
+# One device call (<= 10 min). Part "a": the new kernels' GPU tests, the engine correctness
+# check, the per-mode speed table, then the decode-step profile with whatever time is left.
+# Part "b": bandwidth floor + decode profile, KV fit, the in-flight trace, HF eager and static +
+# compile against the engine.
+# Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" a|b [speed modes] [batches]
 set -u
-out=${1:?OUT}; modes=${2:-"fp16,W8A8 SQ per-channel,FP8 (,W4A16_AWQ,W8A16"}; batches=${3:-1,16,32,64}
+out=${1:?OUT}; part=${2:-a}; modes=${3:-"fp16,W8A8 SQ per-channel,FP8 (,W4A16_AWQ,W8A16"}
+batches=${4:-1,16,32,64}
 start=$SECONDS
 left() { echo $((580 - (SECONDS - start))); }
 python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --find-links .gpuwheels pydantic
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+if [ "$part" = b ]; then
+  timeout 330 python3 benchmarks/engine_profile.py bw profile kvfit hf --out "$out/profile" \
+    --work /tmp/p > "$out/profile.log" 2>&1
+  rm -rf /tmp/p
+  timeout "$(left)" python3 benchmarks/engine_gpu.py trace --out "$out/trace" --work /tmp/w \
+    > "$out/trace.log" 2>&1
+  python3 benchmarks/summarize_rows.py "$out"
+  exit 0
+fi
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w8a8.py \
   tests/test_kernels_fused.py 2>&1 | tail -12 | tee "$out/pytest.txt"
 timeout 140 python3 benchmarks/engine_gpu.py check --check-modes "fp16,W4A16_AWQ,FP8 (,W8A8" \
