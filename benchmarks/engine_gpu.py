@@ -263,6 +263,19 @@ def _hf_row(model: Any, bs: int, inp: int, out: int) -> dict[str, Any]:
             "tokens_per_s": bs * out / dt}  # fmt: skip
 
 
+def replay_ms(e: Engine, bs: int, n: int = 50) -> float:
+    """Mean ms of one replay of the decode graph of bucket bs (nan without that graph)."""
+    if e.graphs is None or bs not in e.graphs.graphs:
+        return float("nan")
+    g = e.graphs.graphs[bs]
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        g.replay()
+    _sync()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def stage_speed(
     work: Path, modes: list[str], batches: list[int], io: tuple[int, int]
 ) -> dict[str, Any]:
@@ -380,15 +393,7 @@ def stage_trace(work: Path) -> dict[str, Any]:
         step = bench.bench_static(e, bs, 128, 66)
         short = bench.bench_static(e, bs, 128, 2)
         per_step = (step.latency_ms - short.latency_ms) / 64
-        replay = float("nan")
-        if e.graphs is not None:
-            g = e.graphs.graphs[bs]
-            _sync()
-            t1 = time.perf_counter()
-            for _ in range(50):
-                g.replay()
-            _sync()
-            replay = (time.perf_counter() - t1) / 50 * 1e3
+        replay = replay_ms(e, bs)
         r = {"batch_size": bs, "decode_step_ms": per_step, "graph_replay_ms": replay}
         record({"stage": "breakdown", **r})
         res["breakdown"].append(r)

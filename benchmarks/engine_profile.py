@@ -110,15 +110,7 @@ def decode_profile(e: Engine, bs: int) -> dict[str, Any]:
     full = bench.bench_static(e, bs, 128, 66)
     short = bench.bench_static(e, bs, 128, 2)
     step_ms = (full.latency_ms - short.latency_ms) / 64
-    replay_ms = float("nan")
-    if e.graphs is not None and bs in e.graphs.graphs:
-        g = e.graphs.graphs[bs]
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            g.replay()
-        _sync()
-        replay_ms = (time.perf_counter() - t0) / 50 * 1e3
+    replay_ms = eg.replay_ms(e, bs)
     graphs, e.graphs = e.graphs, None
     try:
         a, b = _kernel_times(e, bs, 66), _kernel_times(e, bs, 2)

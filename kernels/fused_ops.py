@@ -72,13 +72,8 @@ def ref_encode(x: torch.Tensor, storage: str, scale: float, dtype: torch.dtype) 
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(
-        x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, C, eps,
-        HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        m = cols < C
+    def _norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, cols, m, C, eps, HAS_RES: tl.constexpr):
+        """One row of w * norm(x + r) in x's dtype; stores x + r into s when HAS_RES."""
         x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0)
         if HAS_RES:
             x = x + tl.load(r_ptr + row * C + cols, mask=m, other=0.0)  # rounded in the dtype
@@ -86,8 +81,18 @@ if triton is not None:
         xf = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / C + eps)  # torch.rsqrt: rsqrtf
         y = (xf * rstd).to(x.dtype)
-        w = tl.load(w_ptr + cols, mask=m, other=0.0)
-        tl.store(out_ptr + row * C + cols, w * y, mask=m)
+        return tl.load(w_ptr + cols, mask=m, other=0.0) * y
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, C, eps,
+        HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        h = _norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, cols, m, C, eps, HAS_RES)
+        tl.store(out_ptr + row * C + cols, h, mask=m)
 
     @triton.jit
     def _rms_norm_quant_kernel(
@@ -97,13 +102,7 @@ if triton is not None:
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < C
-        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0)
-        if HAS_RES:
-            x = x + tl.load(r_ptr + row * C + cols, mask=m, other=0.0)
-            tl.store(s_ptr + row * C + cols, x, mask=m)
-        xf = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / C + eps)
-        h = (tl.load(w_ptr + cols, mask=m, other=0.0) * (xf * rstd).to(x.dtype)).to(tl.float32)
+        h = _norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, cols, m, C, eps, HAS_RES).to(tl.float32)
         scale = tl.load(scale_ptr)
         if MODE == 1:  # int8: round(h / s) half to even, saturated (reference.quantize_int8_act)
             v = tl.clamp(tl.math.div_rn(h, tl.zeros_like(h) + scale), -128.0, 127.0)
