@@ -2,7 +2,7 @@
 # One device call (<= 10 min). Part "a": the new kernels' GPU tests, the engine correctness
 # check, the per-mode speed table, then the decode-step profile with whatever time is left.
 # Part "b": bandwidth floor + decode profile, KV fit, the in-flight trace, HF eager and static +
-# compile against the engine.
+# compile against the engine. Part "c": part a without W4 in the check, for a short call.
 # Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" a|b [speed modes] [batches]
 set -u
 out=${1:?OUT}; part=${2:-a}; modes=${3:-"fp16,W8A8 SQ per-channel,FP8 (,W4A16_AWQ,W8A16"}
@@ -23,7 +23,9 @@ if [ "$part" = b ]; then
 fi
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w8a8.py \
   tests/test_kernels_fused.py 2>&1 | tail -12 | tee "$out/pytest.txt"
-timeout 140 python3 benchmarks/engine_gpu.py check --check-modes "fp16,W4A16_AWQ,FP8 (,W8A8" \
+checks="fp16,W4A16_AWQ,FP8 (,W8A8"
+[ "$part" = c ] && checks="fp16,FP8 (,W8A8"  # part c: a short call, no W4 (no cuda_mma build)
+timeout 140 python3 benchmarks/engine_gpu.py check --check-modes "$checks" \
   --out "$out/check" --work /tmp/w > "$out/check.log" 2>&1
 timeout $(($(left) - 120)) python3 benchmarks/engine_gpu.py speed --no-hf --modes "$modes" \
   --batches "$batches" --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
