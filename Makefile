@@ -20,6 +20,7 @@ DEMO_OUT := $(if $(QUANTLAB_OUT),$(QUANTLAB_OUT),out)
 DEMO_PROMPT := It is a truth universally acknowledged, that a single man in possession of a good fortune
 
 # run (calibrate + export + accuracy) -> check-export (loader rules, manifest) -> the FP8 run re-exported as ModelOpt HF for vLLM/SGLang/TensorRT-LLM and checked at tp 3 -> build (engine from the INT4 checkpoint) -> generate
+# -> bench (static rows and an in-flight vs static trace with its step breakdown; on CPU the reference kernels run, so the speed means nothing)
 # -> build --backend tensorrt (ONNX -> TensorRT-RTX engine for SM89, the W4A16 plugin kernel compiled ahead of time) -> report (where INT8 WO and INT4 lost accuracy: per linear, per layer, per model; HTML + JSON).
 demo: setup
 	$(BIN)/quantlab run $(DEMO_RECIPES) --set export.overwrite=true
@@ -30,6 +31,8 @@ demo: setup
 	  --max-batch-size 2 --max-seq-len 256 --overwrite
 	$(BIN)/quantlab generate $(DEMO_OUT)/engine_int4_g64_sym --max-output-len 32 \
 	  --input-text "$(DEMO_PROMPT)" --input-text "Emma Woodhouse, handsome, clever, and rich,"
+	$(BIN)/quantlab bench $(DEMO_OUT)/engine_int4_g64_sym --batch-size 1,2 --input-output-len 32,8 \
+	  --trace 4,8,32,4,8
 	$(BIN)/quantlab build $(DEMO_OUT)/smollm2_int4_g64_sym -o $(DEMO_OUT)/trt_int4_g64_sym \
 	  --backend tensorrt --w4-gemm plugin --max-batch-size 2 --max-seq-len 256 --overwrite
 	$(BIN)/quantlab report embedded:smollm2 $(DEMO_OUT)/smollm2_int8_wo $(DEMO_OUT)/smollm2_int4_g64_sym \
