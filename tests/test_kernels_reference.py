@@ -13,7 +13,7 @@ from quantlab.kernels import (
     packing,
     reference,
 )
-from quantlab.kernels.ops import _linear_fp8_op, _linear_w4a16_op, _linear_w8a16_op
+from quantlab.kernels.ops import _linear_fp8_op, _linear_w4a16_op, _linear_w8a8_op, _linear_w8a16_op
 
 
 def test_asym_pack_round_trip_and_offset() -> None:
@@ -137,6 +137,10 @@ def test_custom_ops_pass_opcheck() -> None:
         _linear_fp8_op,
         (x, w8, torch.rand(n), None, None, "row", "reference"),
         test_utils=("test_faketensor",),
+    )
+    torch.library.opcheck(
+        _linear_w8a8_op,
+        (x, q8, torch.rand(n), torch.randn(n).half(), None, torch.rand(k).half(), "reference"),
     )
 
 
