@@ -59,15 +59,16 @@ class EngineLinear(nn.Module):
         xs, bias = b["x_scale"], self.t("bias")
         assert xs is not None
         sx = xs.float().reshape(1, 1)
+        gpu = codes.is_cuda and self.backend != "reference"
         if self.kind == "w8a8":
             args = (codes, sx, b["qweight"], b["weight_scale"], bias, dtype)
-            if codes.is_cuda:
+            if gpu:
                 from quantlab.kernels.triton_w8a8 import w8a8_gemm_codes
 
                 return w8a8_gemm_codes(*args)  # type: ignore[arg-type]
             return ref_w8a8_from_codes(*args)  # type: ignore[arg-type]
         args8 = (codes, sx, b["weight"], b["weight_scale"], bias)
-        if codes.is_cuda and torch.cuda.get_device_capability(codes.device) >= (8, 9):
+        if gpu and torch.cuda.get_device_capability(codes.device) >= (8, 9):
             from quantlab.kernels.fp8 import fp8_mm_codes
 
             return fp8_mm_codes(*args8, "tensor", dtype)  # type: ignore[arg-type]
