@@ -96,7 +96,7 @@ class DecodeGraphs:
             self.capture(b)
         bs = self.engine.cfg.build.block_size
         h = self.host[:b]
-        hn = h.numpy()  # numpy element writes: ~30x cheaper than torch indexing (bs 64: 2.5 ms)
+        hn = h.numpy()  # numpy element writes: ~30x cheaper than torch indexing (bs 64: 2.4 ms)
         hn.fill(0)
         for i, (seq, _) in enumerate(plan):
             p = seq.computed
