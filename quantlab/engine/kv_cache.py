@@ -136,6 +136,5 @@ class PagedKVCache:
         self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` cached K, V [length, H_kv, D] of a sequence with block list blocks."""
-        k = self.k[layer].index_select(0, blocks).flatten(0, 1)[:length]
-        v = self.v[layer].index_select(0, blocks).flatten(0, 1)[:length]
-        return self.decode(k, layer, dtype), self.decode(v, layer, dtype)
+        k, v = self.gather_batch(layer, blocks[None], length, dtype)
+        return k[0], v[0]
