@@ -58,6 +58,7 @@ MODES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     ],
     "W4A16 per-channel (RTN int4_channel)": [("rtn", {"format": "int4_channel"})],
     "W8A16 (RTN int8_channel)": [("rtn", {"format": "int8_channel"})],
+    "W8A16_GPTQ g128 (RTN int8_g128_asym)": [("rtn", {"format": "int8_g128_asym"})],
     "FP8 (per-tensor W, static A)": [("fp8", {}), ("kv_cache", {"format": "fp8"})],
     "FP8 per-channel W, per-token A": [
         ("fp8", {"weights": "channel", "activations": "dynamic_token"})

@@ -22,9 +22,9 @@ if [ "$part" = b ]; then
   exit 0
 fi
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w8a8.py \
-  tests/test_kernels_fused.py 2>&1 | tail -12 | tee "$out/pytest.txt"
-checks="fp16,W4A16_AWQ,FP8 (,W8A8"
-[ "$part" = c ] && checks="fp16,FP8 (,W8A8"  # part c: a short call, no W4 (no cuda_mma build)
+  tests/test_kernels_fused.py tests/test_kernels_gpu.py -k "not tuner" 2>&1 | tail -12 | tee "$out/pytest.txt"
+checks="fp16,W4A16_AWQ,FP8 (,W8A8,W8A16_GPTQ"
+[ "$part" = c ] && checks="fp16,FP8 (,W8A8,W8A16_GPTQ"  # part c: a short call, no W4 (no cuda_mma build)
 timeout 140 python3 benchmarks/engine_gpu.py check --check-modes "$checks" \
   --out "$out/check" --work /tmp/w > "$out/check.log" 2>&1
 timeout $(($(left) - 120)) python3 benchmarks/engine_gpu.py speed --no-hf --modes "$modes" \

@@ -10,6 +10,7 @@ from quantlab.kernels.ops import (
     linear_w4a16,
     linear_w8a8,
     linear_w8a16,
+    linear_w8a16_group,
 )
 from quantlab.kernels.packing import (
     act_order_perm,
@@ -33,6 +34,7 @@ __all__ = [
     "linear_w4a16",
     "linear_w8a8",
     "linear_w8a16",
+    "linear_w8a16_group",
     "pack_int4_asym",
     "pack_int4_rows",
     "to_mma_layout",

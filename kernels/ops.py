@@ -1,4 +1,5 @@
-"""The one dispatch point: linear_w4a16 / linear_w8a16 / linear_fp8 as torch custom ops.
+"""The one dispatch point: linear_w4a16 / linear_w8a16 / linear_w8a16_group / linear_fp8 /
+linear_w8a8 as torch custom ops.
 
 Each public function validates its arguments, flattens x [..., K] to [M, K] and calls a custom
 op (quantlab::linear_*) whose fake implementation only computes the output shape, so
@@ -9,7 +10,9 @@ backend:
                torch._scaled_mm. CPU (or no triton): the torch reference.
   "reference"  dequantize-then-matmul in fp32 (kernels.reference), any device.
   "gemv" | "halves" | "splitk" | "tiled" | "dequant"  force one W4A16 path ("halves" is
-               W4-only; W8A16 has the other four), tuned among that path's configs.
+               W4-only; W8A16 and group-wise W8A16 have the other four), tuned among that
+               path's configs. Group-wise W8A16 (triton_w8a16_group.py) has these and "reference"
+               only.
   "swap"       force the W4A16 Triton kernel with the weights as the dot's left operand
                (triton_w4a16_swap.py); "auto" tries it from M = 9 on.
   "cuda_gemv"  force the CUDA C++ W4A16 kernel for M <= 8 (cuda_gemv.py; nvcc builds it on
@@ -41,6 +44,7 @@ from quantlab.kernels.reference import (
     ref_linear_w4a16,
     ref_linear_w8a8,
     ref_linear_w8a16,
+    ref_linear_w8a16_group,
 )
 
 W4_BACKENDS = (
@@ -57,6 +61,7 @@ W4_BACKENDS = (
     "cutlass",
 )
 W8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant", "cuda_mma", "cutlass")
+W8G_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled", "dequant")
 FP8_BACKENDS = ("auto", "reference", "scaled_mm")
 W8A8_BACKENDS = ("auto", "reference", "gemv", "splitk", "tiled")
 TRITON_GROUPS = (32, 64, 128)
@@ -303,6 +308,64 @@ def linear_w8a16(
         if reason is not None:
             raise KernelArgumentError(f"linear_w8a16: backend 'cutlass' {reason}")
     return _linear_w8a16_op(x, qweight, scales, bias, backend)
+
+
+# ---- W8A16 group-wise (W8A16_GPTQ) ------------------------------------------------------------
+
+
+@torch.library.custom_op("quantlab::linear_w8a16_group", mutates_args=())
+def _linear_w8a16_group_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if _use_reference(x, backend):
+        y = ref_linear_w8a16_group(x2, qweight, scales, zeros, group_size, bias)
+    else:
+        from quantlab.kernels.triton_w8a16_group import w8a16_group_gemm
+
+        y = w8a16_group_gemm(x2, qweight, scales, zeros, group_size, bias, backend)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@_linear_w8a16_group_op.register_fake
+def _(x, qweight, scales, zeros, group_size, bias, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def linear_w8a16_group(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ ((qweight int8 [N, K] - zeros int8 [N, K/G]) * scales [N, K/G])^T
+    + bias [N]; zeros None for symmetric groups."""
+    name = "linear_w8a16_group"
+    if backend not in W8G_BACKENDS:
+        raise KernelArgumentError(f"{name}: backend must be one of {W8G_BACKENDS}")
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise KernelArgumentError(f"{name}: qweight must be int8 [N, K]")
+    n, k = qweight.shape
+    _check_x(x, k, name)
+    if group_size < 16 or group_size & (group_size - 1) or k % group_size:
+        raise KernelArgumentError(
+            f"{name}: group_size must be a power of two >= 16 dividing K={k}, got {group_size}"
+        )
+    groups = (n, k // group_size)
+    if tuple(scales.shape) != groups or not scales.is_floating_point():
+        raise KernelArgumentError(f"{name}: scales must be float [{n}, {groups[1]}]")
+    if zeros is not None and (tuple(zeros.shape) != groups or zeros.dtype != torch.int8):
+        raise KernelArgumentError(f"{name}: zeros must be int8 [{n}, {groups[1]}] or None")
+    return _linear_w8a16_group_op(x, qweight, scales, zeros, group_size, bias, backend)
 
 
 # ---- FP8 W8A8 --------------------------------------------------------------------------------

@@ -43,6 +43,22 @@ def dequant_w8(
     return qweight.to(dtype) * scales.to(dtype).reshape(-1, 1)
 
 
+def dequant_w8_group(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize W8 group-wise (qweight int8 [N, K], scales [N, K/G], zeros int8 [N, K/G] | None)
+    to (q - zp) * s [N, K], computed in fp32 (float64 if asked) and rounded once to dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q = qweight.to(acc)
+    if zeros is not None:
+        q = q - zeros.to(acc).repeat_interleave(group_size, dim=1)
+    return (q * scales.to(acc).repeat_interleave(group_size, dim=1)).to(dtype)
+
+
 def quantize_fp8_act(
     x: torch.Tensor, granularity: str, x_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +110,21 @@ def ref_linear_w8a16(
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant_w8(...)^T (+ bias [N]) in compute_dtype, returned in x's dtype."""
     y = x.to(compute_dtype) @ dequant_w8(qweight, scales, compute_dtype).t()
+    return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
+
+
+def ref_linear_w8a16_group(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant_w8_group(...)^T (+ bias [N]) in compute_dtype, in x's dtype."""
+    w = dequant_w8_group(qweight, scales, zeros, group_size, compute_dtype)
+    y = x.to(compute_dtype) @ w.t()
     return _finish(y, bias, x.dtype if compute_dtype != torch.float64 else torch.float64)
 
 

@@ -32,6 +32,7 @@ STEPS: dict[str, list[dict[str, Any]]] = {
         }
     ],
     "W8A16_GPTQ": [{"calibrator": "gptq", "args": {"format": "int8_g32_sym"}}],
+    "W8A16_GPTQ_ASYM": [{"calibrator": "gptq", "args": {"format": "int8_g32_asym"}}],
     "FP8": [{"calibrator": "fp8", "args": {}}],
     "FP8_PER_CHANNEL_PER_TOKEN": [
         {"calibrator": "fp8", "args": {"weights": "channel", "activations": "dynamic_token"}}
@@ -115,6 +116,9 @@ def test_engine_logits_match_simulated_model(
     the activation dtype's rounding (a wrong code, scale, zero or layout is far outside it)."""
     run, eng = engine_for(family, algo)
     e = Engine(eng)
+    if algo.startswith("W8A16_GPTQ"):  # group-wise int8 runs on its kernel, not dequantized
+        kinds = {m["kind"] for n, m in e.cfg.linears.items() if n != "lm_head"}
+        assert kinds == {"w8a16_group"}, kinds
     tok = AutoTokenizer.from_pretrained(str(run / "quantlab"))
     ids = [0, *tok(PROMPT, add_special_tokens=False).input_ids]
     got = e.score(ids)

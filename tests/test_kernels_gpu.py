@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a16, packing, reference
+from quantlab.kernels import (
+    linear_fp8,
+    linear_w4a16,
+    linear_w8a16,
+    linear_w8a16_group,
+    packing,
+    reference,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,6 +46,23 @@ def test_w4a16_paths(backend: str, m: int, asym: bool) -> None:
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     y = linear_w4a16(x, qw, s, z, g, bias, backend=backend)
     ref = reference.ref_linear_w4a16(x, qw, s, z, g, bias, torch.float64)
+    assert _rel(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["auto", "gemv", "splitk", "tiled", "dequant"])
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 250])
+@pytest.mark.parametrize("asym", [False, True])
+def test_w8a16_group_paths(backend: str, m: int, asym: bool) -> None:
+    if backend == "gemv" and m > 4:
+        pytest.skip("gemv serves M <= 4")
+    n, k, g = 1536, 2304, 128
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    s = (torch.rand(n, k // g, device="cuda") * 2e-3 + 5e-4).to(torch.bfloat16)
+    z = torch.randint(-9, 10, (n, k // g), dtype=torch.int8, device="cuda") if asym else None
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = linear_w8a16_group(x, q, s, z, g, bias, backend=backend)
+    ref = reference.ref_linear_w8a16_group(x, q, s, z, g, bias, torch.float64)
     assert _rel(y, ref) < 1e-2
 
 

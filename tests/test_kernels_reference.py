@@ -10,10 +10,17 @@ from quantlab.kernels import (
     linear_fp8,
     linear_w4a16,
     linear_w8a16,
+    linear_w8a16_group,
     packing,
     reference,
 )
-from quantlab.kernels.ops import _linear_fp8_op, _linear_w4a16_op, _linear_w8a8_op, _linear_w8a16_op
+from quantlab.kernels.ops import (
+    _linear_fp8_op,
+    _linear_w4a16_op,
+    _linear_w8a8_op,
+    _linear_w8a16_group_op,
+    _linear_w8a16_op,
+)
 
 
 def test_asym_pack_round_trip_and_offset() -> None:
@@ -101,6 +108,33 @@ def test_w8a16_and_fp8_dispatch_cpu() -> None:
             assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_w8a16_group_dispatch_cpu_and_errors() -> None:
+    """Group-wise int8 on CPU equals the float64 reference; bad shapes name the argument."""
+    n, k, g = 48, 128, 32
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s = (torch.rand(n, k // g) * 0.01).half()
+    z = torch.randint(-5, 6, (n, k // g), dtype=torch.int8)
+    x = torch.randn(2, 3, k).half()
+    y = linear_w8a16_group(x, q, s, z, g)
+    ref = reference.ref_linear_w8a16_group(x.reshape(6, k), q, s, z, g, None, torch.float64)
+    assert y.shape == (2, 3, n)
+    assert float((y.reshape(6, n).double() - ref).norm() / ref.norm()) < 2e-3
+    # zero points shift every code of their group: (q - z) * s, element by element
+    w = reference.dequant_w8_group(q, s, z, g, torch.float64)
+    assert torch.equal(w[5, 40:64], (q[5, 40:64].double() - int(z[5, 1])) * float(s[5, 1]))
+    x1 = torch.randn(1, k).half()
+    for bad, match in (
+        (dict(group_size=48), "group_size"),
+        (dict(scales=s[:, :2]), "scales"),
+        (dict(zeros=z.to(torch.uint8)), "zeros"),
+        (dict(backend="cutlass"), "backend"),
+    ):
+        kw = dict(qweight=q, scales=s, zeros=z, group_size=g) | bad
+        backend = kw.pop("backend", "auto")
+        with pytest.raises(KernelArgumentError, match=match):
+            linear_w8a16_group(x1, **kw, backend=backend)  # type: ignore[arg-type]
+
+
 def test_argument_errors_are_specific() -> None:
     qw = torch.zeros(8, 64, dtype=torch.int8)
     s = torch.ones(16, 2)
@@ -131,6 +165,8 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(_linear_w4a16_op, (x, qw, s, z, g, None, "reference"))
     q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     torch.library.opcheck(_linear_w8a16_op, (x, q8, torch.rand(n).half(), None, "reference"))
+    zg = torch.randint(-9, 10, (n, k // g), dtype=torch.int8)
+    torch.library.opcheck(_linear_w8a16_group_op, (x, q8, s, zg, g, None, "reference"))
     w8 = (torch.randn(n, k) * 50).to(torch.float8_e4m3fn)
     # fp8 tensors break opcheck's schema-check mode on CPU (no fp8 mul kernel there): fake only.
     torch.library.opcheck(

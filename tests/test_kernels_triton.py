@@ -35,6 +35,7 @@ if not triton.knobs.runtime.interpret:
 from quantlab.kernels import packing, reference
 from quantlab.kernels import triton_w4a16 as t4
 from quantlab.kernels import triton_w8a16 as t8
+from quantlab.kernels import triton_w8a16_group as t8g
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MS = (1, 3, 16, 33)
@@ -92,6 +93,28 @@ def test_w8a16(path: str, m: int) -> None:
         for plan in {t8.candidates(m, path)[0], t8.candidates(m, path)[-1]}:
             y = t8.run_plan(plan, x, q, s, bias, fill=math.nan)
             _check(y, reference.ref_linear_w8a16(x, q, s, bias, torch.float64), dtype)
+
+
+@pytest.mark.parametrize("path", t8g.BACKENDS)
+@pytest.mark.parametrize("m", MS)
+def test_w8a16_group_every_format(path: str, m: int) -> None:
+    """Group-wise int8 (W8A16_GPTQ): groups 32/64/128, symmetric and with int8 zero points."""
+    if path == "gemv" and m > 4:
+        pytest.skip("gemv serves M <= 4")
+    for g, (n, k) in SHAPE.items():
+        for asym in (False, True):
+            for dtype in (torch.float16, torch.bfloat16):
+                q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+                s = (torch.rand(n, k // g) * 0.002 + 0.0005).to(dtype)
+                z = torch.randint(-20, 21, (n, k // g), dtype=torch.int8) if asym else None
+                x = torch.randn(m, k).to(dtype)
+                bias = torch.randn(n).to(dtype) if asym else None
+                plans = t8g.candidates(m, g, path)
+                assert all(p.backend == "dequant" or g % p.get("BK") == 0 for p in plans)
+                plan = plans[0] if dtype == torch.float16 else plans[-1]
+                y = t8g.run_plan(plan, x, q, s, z, g, bias, fill=math.nan)
+                ref = reference.ref_linear_w8a16_group(x, q, s, z, g, bias, torch.float64)
+                _check(y, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -91,8 +91,9 @@ def convert_linear(
 ) -> Linear:
     """Engine linear from one checkpoint linear's tensors (weight, scales, ...; see docs/export.md).
 
-    int8_groups: W8A16_GPTQ stays int8 codes (kind w8a16_group, for the ONNX export's blocked
-    DequantizeLinear) instead of being dequantized for the float GEMM."""
+    W8A16_GPTQ stays int8 codes (kind w8a16_group, linear_w8a16_group's operands) where the group
+    is a power of two >= 16; int8_groups keeps the codes for any group (the ONNX export's blocked
+    DequantizeLinear takes every block size)."""
     w = t["weight"]
     quantized = any(
         k in t for k in ("per_channel_scale", "weights_scaling_factor", "act_scale", "zero")
@@ -137,13 +138,13 @@ def convert_linear(
             **_bias(t, dtype),
         }
         return meta, tensors
-    if algo == "W8A16_GPTQ" and int8_groups:
-        return _int8_groups(t, dtype, where)
     if algo == "W8A16_GPTQ":
-        # No group-wise int8 kernel exists in quantlab.kernels: dequantize once at build time and
-        # run the float GEMM (correct, no weight-memory saving; said in config.json and the docs).
+        g = w.shape[1] // t["weights_scaling_factor"].shape[0]
+        if int8_groups or (g >= 16 and g & (g - 1) == 0):
+            return _int8_groups(t, dtype, where)
+        # linear_w8a16_group serves power-of-two groups >= 16 only: dequantize once at build time
+        # and run the float GEMM (correct, no weight-memory saving; said in config.json).
         s = t["weights_scaling_factor"].float()  # [K/G, N]
-        g = w.shape[1] // s.shape[0]
         wf = w.float() * s.t().repeat_interleave(g, dim=1)
         if "zero" in t:
             wf = wf + t["zero"].float().t().repeat_interleave(g, dim=1)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a8, linear_w8a16
+from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a8, linear_w8a16, linear_w8a16_group
+from quantlab.kernels.ops import W8G_BACKENDS
 from quantlab.kernels.reference import ref_fp8_from_codes, ref_w8a8_from_codes
 
 
@@ -100,6 +101,16 @@ class EngineLinear(nn.Module):
             return F.linear(x, w, bias)
         if self.kind == "w8a16":
             return linear_w8a16(x, b["qweight"], b["scales"], bias, self.backend)  # type: ignore[arg-type]
+        if self.kind == "w8a16_group":
+            return linear_w8a16_group(
+                x,
+                b["qweight"],  # type: ignore[arg-type]
+                b["scales"],  # type: ignore[arg-type]
+                self.t("zeros"),
+                int(self.meta["group_size"]),
+                bias,
+                self.backend if self.backend in W8G_BACKENDS else "auto",
+            )
         if self.kind == "w4a16":
             return linear_w4a16(
                 x,

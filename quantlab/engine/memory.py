@@ -20,7 +20,7 @@ ALGO_BITS: dict[str | None, tuple[int, float, bool]] = {
     "W4A16": (4, 2, False),
     "W4A16_AWQ": (4, 2, True),
     "W4A16_GPTQ": (4, 3, True),  # scale + integer zero
-    "W8A16_GPTQ": (16, 0, False),  # dequantized at build time (no group-wise int8 kernel)
+    "W8A16_GPTQ": (8, 3, True),  # scale + int8 zero (power-of-two groups; others: float)
     "FP8": (8, 0, False),
     "FP8_PER_CHANNEL_PER_TOKEN": (8, 4, False),
     "W8A8_SQ_PER_CHANNEL": (8, 4, False),
