@@ -132,9 +132,12 @@ def build_library(
     return out
 
 
-def build(device: torch.device | None = None, verbose: bool = False) -> Path:
-    """Compile the small-M kernel library for device's compute capability (cached); its path."""
-    return build_library(SOURCE, "w4a16_small_m", device, verbose)
+def build(
+    device: torch.device | None = None, verbose: bool = False, arch: str | None = None
+) -> Path:
+    """Compile the small-M kernel library for device's compute capability, or for arch (e.g. "90",
+    no GPU needed), into the cache; its path."""
+    return build_library(SOURCE, "w4a16_small_m", device, verbose, arch=arch)
 
 
 def _load(device: torch.device) -> ctypes.CDLL:

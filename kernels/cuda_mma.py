@@ -75,9 +75,10 @@ _lib: ctypes.CDLL | None = None
 _build_error: str | None = None
 
 
-def build(device: torch.device | None = None, verbose: bool = False):
-    """Compile the library for device's compute capability (cached); returns its path."""
-    return build_library(SOURCE, STEM, device, verbose)
+def build(device: torch.device | None = None, verbose: bool = False, arch: str | None = None):
+    """Compile the library for device's compute capability, or for arch (e.g. "90", no GPU
+    needed), into the cache; returns its path."""
+    return build_library(SOURCE, STEM, device, verbose, arch=arch)
 
 
 def _load(device: torch.device) -> ctypes.CDLL:

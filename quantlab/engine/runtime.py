@@ -22,7 +22,7 @@ from quantlab.engine.graphs import DecodeGraphs
 from quantlab.engine.kv_cache import PagedKVCache, kv_bytes_per_block
 from quantlab.engine.linear import EngineLinear
 from quantlab.engine.model import DecoderLayer, EngineModel, SeqSlice, StepBatch
-from quantlab.engine.sampling import SamplingParams, sample
+from quantlab.engine.sampling import SamplingParams, sample_rows
 from quantlab.engine.scheduler import Scheduler, Sequence
 from quantlab.errors import InputError
 from quantlab.kernels.paged_attention import choose_splits
@@ -238,6 +238,25 @@ class Engine:
             batch, self.cfg.model.num_kv_heads, max_ctx, self.cfg.build.block_size, sms
         )
 
+    def _next_tokens(self, plan: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[int]:
+        """The token of each logits row (rows: the plan's sequences that finish their prompt or
+        decode, in order): the argmax for greedy requests, one batched draw for the others."""
+        if not logits.shape[0]:
+            return []
+        toks = logits.argmax(-1).tolist()
+        rows = [s for s, n in plan if s.computed + n >= s.num_tokens]
+        drawn = [i for i, s in enumerate(rows) if not s.params.greedy and s.seed is not None]
+        if drawn:
+            picked = sample_rows(
+                logits[torch.tensor(drawn, device=logits.device)],
+                [rows[i].params for i in drawn],
+                [rows[i].seed for i in drawn],  # type: ignore[misc]
+                [len(rows[i].output) for i in drawn],
+            )
+            for i, t in zip(drawn, picked, strict=True):
+                toks[i] = t
+        return toks
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; the requests that finished in it."""
         plan = self.scheduler.schedule()
@@ -264,7 +283,7 @@ class Engine:
             )
         done = []
         row = 0
-        greedy = logits.argmax(-1).tolist() if logits.shape[0] else []
+        toks = self._next_tokens(plan, logits)
         now = time.perf_counter()
         st = self.step_stats.setdefault(kind, [0, 0.0, 0])
         st[0] += 1
@@ -275,7 +294,7 @@ class Engine:
             if seq.computed < seq.num_tokens:
                 continue  # prefill chunk: no token yet
             p = seq.params
-            tok = greedy[row] if p.greedy else sample(logits[row], p, seq.gen)
+            tok = toks[row]
             row += 1
             seq.output.append(tok)
             if seq.first_token_time is None:

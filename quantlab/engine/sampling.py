@@ -41,27 +41,74 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """A CPU generator seeded for this request (None for greedy); draws depend on this request only."""
+_M32 = 0xFFFFFFFF
+
+
+def request_seed(params: SamplingParams) -> int | None:
+    """The seed of one request's draws (None for greedy; a random one where none was given)."""
     if params.greedy:
         return None
-    g = torch.Generator()
-    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
-    return g
+    return params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """One token id from float32 logits [V] (on any device; sampled on CPU for reproducibility)."""
-    if params.greedy or gen is None:
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for int64 h in [0, 2^32) without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(h: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mix of int64 h in [0, 2^32) (xor-shift / multiply rounds)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [S, V] in (0, 1): a counter-based hash of (seed, step, token id) per row, so a
+    request's draws depend on its seed and step alone, never on the batch it runs in.
+
+    seeds, steps: int64 [S] (seeds of up to 62 bits) on the device the noise is wanted on."""
+    key = _hash32((seeds & _M32) ^ _hash32((seeds >> 32) & _M32))
+    key = _hash32(key ^ (steps & _M32))
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _hash32(key[:, None] ^ _hash32(tok)[None, :])
+    return ((h >> 8).float() + 0.5) * (1.0 / 2**24)
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+) -> list[int]:
+    """One token id per row of float32 logits [S, V] (any device; all rows in one batch of ops).
+
+    Temperature, then top-k, then top-p on what top-k left (the smallest prefix of the sorted
+    probabilities reaching p), then a Gumbel-max draw with uniform_noise(seed, step)."""
+    dev, v = logits.device, logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], device=dev).reshape(-1, 1)
+    x = logits.float() / temps
+    g = -torch.log(-torch.log(uniform_noise(_i64(seeds, dev), _i64(steps, dev), v)))
+    if all(p.top_k == 0 and p.top_p >= 1.0 for p in params):
+        return (x + g).argmax(-1).tolist()
+    sx, idx = torch.sort(x, dim=-1, descending=True)
+    pos = torch.arange(v, device=dev).reshape(1, -1)
+    k = _i64([p.top_k if p.top_k > 0 else v for p in params], dev).reshape(-1, 1)
+    sx = sx.masked_fill(pos >= k, float("-inf"))
+    prob = torch.softmax(sx, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev).reshape(-1, 1)
+    drop = (prob.cumsum(-1) - prob >= top_p) & (top_p < 1.0)
+    sx = sx.masked_fill(drop, float("-inf"))
+    choice = (sx + g.gather(1, idx)).argmax(-1, keepdim=True)
+    return idx.gather(1, choice).reshape(-1).tolist()
+
+
+def _i64(vals: list[int], dev: torch.device) -> torch.Tensor:
+    return torch.tensor(vals, dtype=torch.int64, device=dev)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seed: int | None, step: int = 0) -> int:
+    """One token id from float32 logits [V]: the argmax when greedy, else sample_rows' draw."""
+    if params.greedy or seed is None:
         return int(logits.argmax())
-    x = logits.float().cpu() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(x, min(params.top_k, x.numel())).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sx, idx = torch.sort(x, descending=True)
-        cum = torch.softmax(sx, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sx, dim=-1) >= params.top_p  # keep the smallest prefix >= p
-        x = x.scatter(0, idx, sx.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return sample_rows(logits.reshape(1, -1), [params], [seed], [step])[0]

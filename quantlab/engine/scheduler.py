@@ -15,10 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from quantlab.engine.kv_cache import BlockAllocator
-from quantlab.engine.sampling import SamplingParams, make_generator
+from quantlab.engine.sampling import SamplingParams, request_seed
 
 
 @dataclass
@@ -36,10 +34,10 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     preemptions: int = 0
-    gen: torch.Generator | None = None
+    seed: int | None = None  # of the sampled draws (None: greedy)
 
     def __post_init__(self) -> None:
-        self.gen = make_generator(self.params)
+        self.seed = request_seed(self.params)
 
     @property
     def tokens(self) -> list[int]:
