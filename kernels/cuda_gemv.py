@@ -1,9 +1,9 @@
 """Small-M (M <= 8) W4A16 GEMM as a CUDA C++ kernel: build on first use, plans, launch.
 
-The kernel (source in _cuda_gemv_src.py) reads the checkpoint layout (qweight int8 [N/2, K]) with
+The kernel (source in cuda/w4a16_small_m.cu) reads the checkpoint layout (qweight int8 [N/2, K]) with
 16-byte streaming loads, turns nibbles into fp16/bf16 integers with the magic-exponent trick and
 runs mma.m16n8k16 with the activations as the 8-column operand, fp32 accumulation, group scales
-on the fp32 unit sums. See _cuda_gemv_src.py for the work split.
+on the fp32 unit sums. See cuda/w4a16_small_m.cu for the work split.
 
 Build: on the first CUDA call, nvcc compiles the source for the device's compute capability into
 a shared library (static cudart) under QUANTLAB_CUDA_CACHE, else $TORCH_EXTENSIONS_DIR/quantlab,
@@ -32,10 +32,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from quantlab.kernels._cuda_gemv_src import SOURCE
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
 
 log = logging.getLogger(__name__)
+
+
+def cuda_source(name: str) -> str:
+    """Text of a CUDA C++ source shipped in the package (kernels/cuda/NAME)."""
+    return (Path(__file__).parent / "cuda" / name).read_text()
+
+
+SOURCE = cuda_source("w4a16_small_m.cu")
 
 MAX_M = 8  # B operand of mma.m16n8k16 holds 8 activation rows
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")

@@ -1,7 +1,7 @@
 """W4A16 and W8A16 tensor-core GEMMs in CUDA C++ for small and medium M ("cuda_mma"): build,
 plans, launch.
 
-The kernel (source in _cuda_w4mma_src.py) reads the checkpoint layout (int8 [N/2, K], G = 64
+The kernel (source in cuda/cuda_mma.cu) reads the checkpoint layout (int8 [N/2, K], G = 64
 or 128), the kernel-native layout (packing.to_mma_layout, int32 [ceil(N/16), K/64, 128], G = 32,
 64 or 128) or the Hopper layout (packing.to_wgmma_layout, uint8 [N, K/2], N % 16 == 0, G = 32,
 64 or 128; MT <= 4 plans: the layout that cutlass_w4 reads for larger M), streams each warp's weights through a shared-memory ring with cp.async,
@@ -33,11 +33,11 @@ import threading
 
 import torch
 from quantlab.kernels import packing
-from quantlab.kernels._cuda_w4mma_src import SOURCE
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
-from quantlab.kernels.cuda_gemv import build_library, can_load
+from quantlab.kernels.cuda_gemv import build_library, can_load, cuda_source
 
 STEM = "w4a16_mma"
+SOURCE = cuda_source("cuda_mma.cu")
 # (MT, RT, ST) compiled in (QL_MMA_TILES in the source) and the (KS, WN) launch values offered
 # for each (KS = warps per block, WN = warp columns side by side on tiles; KS / WN warps split K).
 TILES: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {

@@ -214,7 +214,7 @@ def test_sz_offset_subtraction_is_exact(dtype: torch.dtype) -> None:
     """The symmetric-only SZ kernels subtract base + 8 (fp16 odd rows: base + 16 * 8) from each
     converted register in x's dtype: for every nibble the difference is exactly q (16 q), so the
     group sums need no sum(x) correction. The constants are the ones in the source."""
-    from quantlab.kernels._cuda_w4mma_src import SOURCE
+    from quantlab.kernels.cuda_mma import SOURCE
 
     assert "Mma<T>::pack(Mma<T>::kBase + 8.f, Mma<T>::kBase + 8.f)" in SOURCE
     assert "Mma<T>::kBase + 8.f * Mma<T>::kOddMul" in SOURCE
@@ -346,7 +346,7 @@ def test_w4_plans_match_the_compiled_tiles() -> None:
     import re
 
     from quantlab.kernels import cuda_mma
-    from quantlab.kernels._cuda_w4mma_src import SOURCE
+    from quantlab.kernels.cuda_mma import SOURCE
 
     start = SOURCE.index("#define QL_MMA_TILES")
     table = SOURCE[start : SOURCE.index("#endif", start)]
@@ -378,7 +378,7 @@ def _byte_perm(x: int, y: int, sel: int) -> int:
 
 
 def _w8_cvt_source(dtype: str) -> str:
-    from quantlab.kernels._cuda_w4mma_src import SOURCE
+    from quantlab.kernels.cuda_mma import SOURCE
 
     start = SOURCE.index(f"struct W8Cvt<{dtype}> {{")
     return SOURCE[start : SOURCE.index("\n};", start)]
@@ -438,7 +438,7 @@ def test_w8_plans_match_the_compiled_tiles() -> None:
     import re
 
     from quantlab.kernels import cuda_mma, cutlass_w8
-    from quantlab.kernels._cuda_w4mma_src import SOURCE
+    from quantlab.kernels.cuda_mma import SOURCE
 
     table = SOURCE[
         SOURCE.index("#define QL_W8_TILES") : SOURCE.index(

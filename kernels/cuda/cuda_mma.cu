@@ -1,10 +1,3 @@
-"""CUDA C++ source of the tensor-core W4A16 and W8A16 kernels ("cuda_mma").
-
-Built by kernels/cuda_mma.py with nvcc on first use (same cache and ctypes loading as cuda_gemv).
-Kept as a Python string so that it ships inside the package like any module.
-"""
-
-SOURCE = r"""
 // W4A16 GEMM for small and medium M with mma.m16n8k16 (weights = A, activations = B).
 //
 // Weight layouts (MODE):
@@ -976,4 +969,3 @@ extern "C" int ql_w4_native_dequant(int device, const void* qw, const void* s, c
 extern "C" const char* ql_mma_error_string(int e) {
   return cudaGetErrorString(static_cast<cudaError_t>(e));
 }
-"""

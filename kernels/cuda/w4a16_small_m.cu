@@ -1,11 +1,3 @@
-"""CUDA C++ source of the small-M W4A16 kernel (built by kernels/cuda_gemv.py with nvcc).
-
-Kept as a Python string so that it ships inside the package like any module (the package has no
-data files); cuda_gemv.py writes it to its build cache, compiles it on first use on a CUDA device
-and loads the shared library with ctypes.
-"""
-
-SOURCE = r"""
 // W4A16 small-M GEMM (M <= 8) on the checkpoint layout: qweight int8 [N/2, K], byte (p, k) holds
 // output rows 2p (low nibble) and 2p+1 (high nibble) at column k.
 //
@@ -310,4 +302,3 @@ extern "C" int ql_w4a16_small_m(int device, const void* x, const void* qw, const
 extern "C" const char* ql_error_string(int e) {
   return cudaGetErrorString(static_cast<cudaError_t>(e));
 }
-"""
