@@ -4,6 +4,7 @@
 # Part "b": bandwidth floor + decode profile, KV fit, the in-flight trace, HF eager and static +
 # compile against the engine. Part "c": part a without W4 in the check, for a short call.
 # Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" a|b [speed modes] [batches]
+# carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}; modes=${3:-"fp16,W8A8 SQ per-channel,FP8 (,W4A16_AWQ,W8A16"}
 batches=${4:-1,16,32,64}
@@ -11,6 +12,8 @@ start=$SECONDS
 left() { echo $((580 - (SECONDS - start))); }
 python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --find-links .gpuwheels pydantic
 export PYTHONPATH=$PWD
+# CUDA libraries prebuilt on the CPU machine (benchmarks/prebuild_cuda.py), carried in: no nvcc run
+[ -d .cuda_prebuilt ] && export QUANTLAB_CUDA_CACHE=$PWD/.cuda_prebuilt
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 if [ "$part" = b ]; then
   timeout 330 python3 benchmarks/engine_profile.py bw profile kvfit hf --out "$out/profile" \

@@ -467,6 +467,43 @@ def candidates(m: int, group_size: int, backend: str) -> list[Plan]:
     return out
 
 
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, x: torch.Tensor, fill: float | None):
+    """An empty tensor on x's device, filled with fill when given (tests pass NaN, so an element
+    no kernel wrote is caught)."""
+    t = torch.empty(shape, dtype=dtype, device=x.device)
+    return t if fill is None else t.fill_(fill)
+
+
+def splitk_buffers(
+    x: torch.Tensor, m: int, n: int, split: int, fill: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [M, N] in x's dtype, what the GEMM kernel writes: out itself, or fp32 partials
+    [split, M, N] when split > 1)."""
+    out = poisoned((m, n), x.dtype, x, fill)
+    return out, (poisoned((split, m, n), torch.float32, x, fill) if split > 1 else out)
+
+
+def splitk_finish(
+    ws: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, split: int
+) -> torch.Tensor:
+    """Sum the split-K partials ws [split, M, N] (+ bias) into out; out as it is when split == 1."""
+    if split > 1:
+        m, n = out.shape
+        block = 1024
+        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws,
+            bias if bias is not None else ws,
+            out,
+            m * n,
+            n,
+            SPLIT_K=split,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
+    return out
+
+
 def run_plan(
     p: Plan,
     x: torch.Tensor,
@@ -485,14 +522,8 @@ def run_plan(
     m, k = x.shape
     n = qweight.shape[0] * 2
     cfg = dict(p.cfg)
-
-    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        # fill poisons buffers (tests pass NaN) so that an element nobody wrote is caught.
-        t = torch.empty(shape, dtype=dtype, device=x.device)
-        return t if fill is None else t.fill_(fill)
-
     if p.backend == "dequant":
-        w = empty((n, k), x.dtype)
+        w = poisoned((n, k), x.dtype, x, fill)
         grid = (triton.cdiv(n // 2, cfg["BP"]), k // cfg["BK"])
         _w4_dequant_kernel[grid](
             qweight,
@@ -512,10 +543,9 @@ def run_plan(
         )
         return torch.nn.functional.linear(x, w, bias)
 
-    out = empty((m, n), x.dtype)
     split = cfg["SPLIT_K"]
     partial = split > 1
-    ws = empty((split, m, n), torch.float32) if partial else out
+    out, ws = splitk_buffers(x, m, n, split, fill)
     common = dict(
         GROUP=group_size,
         HAS_ZERO=zeros is not None,
@@ -561,20 +591,7 @@ def run_plan(
             **extra,
             **common,
         )
-    if partial:
-        block = 1024
-        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws,
-            bias if bias is not None else ws,
-            out,
-            m * n,
-            n,
-            SPLIT_K=split,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-        )
-    return out
+    return splitk_finish(ws, out, bias, split)
 
 
 def w4a16_gemm(

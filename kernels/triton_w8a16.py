@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from quantlab.kernels._triton_tiles import grouped_tile
 from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
-from quantlab.kernels.triton_w4a16 import interpreter_bf16, splitk_reduce_kernel
+from quantlab.kernels.triton_w4a16 import interpreter_bf16, splitk_buffers, splitk_finish
 
 # int8 rows carry 2x the bytes of int4 per K, so tiles are half as wide along K for the same
 # bytes in flight; otherwise the same reasoning as triton_w4a16's configs.
@@ -188,10 +188,6 @@ def run_plan(
     n = qweight.shape[0]
     cfg = dict(p.cfg)
 
-    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype, device=x.device)
-        return t if fill is None else t.fill_(fill)
-
     if p.backend == "cuda_mma":
         from quantlab.kernels.cuda_mma import run_w8_plan
 
@@ -206,10 +202,9 @@ def run_plan(
         # cuBLAS bf16 for M >= 1024.
         w = dequant_w8(qweight, scales, x.dtype, fill)
         return torch.nn.functional.linear(x, w, bias)
-    out = empty((m, n), x.dtype)
     split = cfg["SPLIT_K"]
     partial = split > 1
-    ws = empty((split, m, n), torch.float32) if partial else out
+    out, ws = splitk_buffers(x, m, n, split, fill)
     gemv = p.backend == "gemv"
     bm = triton.next_power_of_2(m) if gemv else cfg["BM"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, cfg["BN"]), split)
@@ -238,20 +233,7 @@ def run_plan(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    if partial:
-        block = 1024
-        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws,
-            bias if bias is not None else ws,
-            out,
-            m * n,
-            n,
-            SPLIT_K=split,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-        )
-    return out
+    return splitk_finish(ws, out, bias, split)
 
 
 def w8a16_gemm(

@@ -16,7 +16,12 @@ import triton.language as tl
 from quantlab.kernels._triton_tiles import grouped_tile
 from quantlab.kernels._tune import Plan, Tuner, m_bucket
 from quantlab.kernels.reference import dequant_w8_group
-from quantlab.kernels.triton_w4a16 import _store_out, interpreter_bf16, splitk_reduce_kernel
+from quantlab.kernels.triton_w4a16 import (
+    _store_out,
+    interpreter_bf16,
+    splitk_buffers,
+    splitk_finish,
+)
 from quantlab.kernels.triton_w8a16 import candidates as w8_candidates
 
 BACKENDS = ("gemv", "splitk", "tiled", "dequant")
@@ -126,14 +131,9 @@ def run_plan(
         return torch.nn.functional.linear(x, w, bias)
     cfg = dict(p.cfg)
 
-    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype, device=x.device)
-        return t if fill is None else t.fill_(fill)
-
-    out = empty((m, n), x.dtype)
     split = cfg["SPLIT_K"]
     partial = split > 1
-    ws = empty((split, m, n), torch.float32) if partial else out
+    out, ws = splitk_buffers(x, m, n, split, fill)
     gemv = p.backend == "gemv"
     bm = triton.next_power_of_2(m) if gemv else cfg["BM"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, cfg["BN"]), split)
@@ -166,20 +166,7 @@ def run_plan(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    if partial:
-        block = 1024
-        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws,
-            bias if bias is not None else ws,
-            out,
-            m * n,
-            n,
-            SPLIT_K=split,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-        )
-    return out
+    return splitk_finish(ws, out, bias, split)
 
 
 def w8a16_group_gemm(
