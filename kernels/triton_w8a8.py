@@ -27,7 +27,7 @@ from quantlab.kernels._tune import Plan, Tuner, m_bucket, plan
 
 # fp32 1.5 * 2**23: adding and subtracting it rounds |v| < 2**22 to an integer, half to even (the
 # fp32 add rounds to nearest even); portable to the CPU interpreter, unlike libdevice.rint.
-ROUND_MAGIC = 12582912.0
+ROUND_MAGIC = tl.constexpr(12582912.0)  # a global a @triton.jit body may read
 
 _GEMV = [
     plan("gemv", BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
