@@ -3,6 +3,7 @@
 # check, the per-mode speed table, then the decode-step profile with whatever time is left.
 # Part "b": bandwidth floor + decode profile, KV fit, the in-flight trace, HF eager and static +
 # compile against the engine. Part "c": part a without W4 in the check, for a short call.
+# Part "p": engine perplexity of the SmolLM2 checkpoints packed by engine_ppl_gpu.py.
 # Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" a|b [speed modes] [batches]
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
@@ -15,6 +16,11 @@ export PYTHONPATH=$PWD
 # CUDA libraries prebuilt on the CPU machine (benchmarks/prebuild_cuda.py), carried in: no nvcc run
 [ -d .cuda_prebuilt ] && export QUANTLAB_CUDA_CACHE=$PWD/.cuda_prebuilt
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+if [ "$part" = p ]; then  # SmolLM2 perplexity, checkpoints carried in parts (engine_ppl_gpu.py)
+  timeout 400 python3 benchmarks/engine_ppl_gpu.py run --parts .pplpack1,.pplpack2,.pplpack3 \
+    --out "$out/ppl" 2>&1 | tee "$out/ppl.log" | tail -20
+  exit 0
+fi
 if [ "$part" = b ]; then
   timeout 330 python3 benchmarks/engine_profile.py bw profile kvfit hf --out "$out/profile" \
     --work /tmp/p > "$out/profile.log" 2>&1

@@ -1,0 +1,199 @@
+"""Engine perplexity on the GPU for checkpoints too large for one device call's carry.
+
+`pack` (CPU machine): for each `quantlab run` folder, measure the engine (CPU reference kernels)
+and the simulated model on the run's evaluation windows (benchmarks/engine_accuracy.py), then
+split the checkpoint's tensors into compressed blobs, shared across runs where their bytes are
+equal (SmolLM2's embedding and lm_head), spread over `--parts` folders of at most the given MB
+each, so that successive device calls on one warm machine can carry one folder each.
+`run` (device, after every part arrived): rebuild each checkpoint, build its engine on CUDA,
+score the same windows and compare with the simulated and CPU-engine perplexity.
+
+Usage: python benchmarks/engine_ppl_gpu.py pack out/smollm2_int4_g64_sym ... --parts .pplpack1:38,.pplpack2:58,.pplpack3:58
+       python benchmarks/engine_ppl_gpu.py run --parts .pplpack1,.pplpack2,.pplpack3 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_accuracy import _nll, measure
+
+
+def _encode(a: np.ndarray) -> bytes:
+    """zlib bytes of a tensor, 16-bit floats split into high and low byte planes first."""
+    raw = np.ascontiguousarray(a)
+    if raw.dtype.itemsize == 2:
+        b = raw.view(np.uint8).reshape(-1, 2)
+        return zlib.compress(b[:, 1].tobytes() + b[:, 0].tobytes(), 6)
+    return zlib.compress(raw.tobytes(), 6)
+
+
+def _decode(data: bytes, dtype: str, shape: list[int]) -> np.ndarray:
+    """Inverse of _encode: numpy array of the stored dtype and shape."""
+    raw = zlib.decompress(data)
+    np_dtype = np.dtype(dtype)
+    if np_dtype.itemsize == 2:
+        half = len(raw) // 2
+        b = np.empty((half, 2), np.uint8)
+        b[:, 1] = np.frombuffer(raw[:half], np.uint8)
+        b[:, 0] = np.frombuffer(raw[half:], np.uint8)
+        return b.reshape(-1).view(np_dtype).reshape(shape)
+    return np.frombuffer(raw, np_dtype).reshape(shape).copy()
+
+
+def pack(runs: list[Path], parts: list[tuple[Path, float]]) -> None:
+    """Measure each run on the CPU, then write its tensors as blobs across the part folders."""
+    manifest: dict[str, Any] = {"runs": [], "blobs": {}}
+    blobs: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            row = measure(run, "cpu", Path(tmp))
+            print(json.dumps(row), flush=True)
+            spec_windows = _windows(run)
+            f = safe_open(str(run / "rank0.safetensors"), "np")
+            tensors = {}
+            names = f.keys()
+            for name in names:
+                a = f.get_tensor(name)
+                key = hashlib.sha256(a.tobytes() + str((a.dtype, a.shape)).encode()).hexdigest()[
+                    :20
+                ]
+                if key not in blobs:
+                    blobs[key] = _encode(a)
+                    manifest["blobs"][key] = {"dtype": a.dtype.str, "shape": list(a.shape)}
+                tensors[name] = key
+            manifest["runs"].append(
+                {
+                    "name": run.name,
+                    "config": json.loads((run / "config.json").read_text()),
+                    "tensors": tensors,
+                    "cpu": row,
+                    "windows": spec_windows,
+                }
+            )
+    order = sorted(blobs, key=lambda k: -len(blobs[k]))
+    fill = [0.0] * len(parts)
+    for key in order:
+        mb = len(blobs[key]) / 2**20
+        i = next((j for j, (_, cap) in enumerate(parts) if fill[j] + mb <= cap), None)
+        if i is None:
+            raise SystemExit(f"blob {key} ({mb:.1f} MB) fits no part: raise the part sizes")
+        fill[i] += mb
+        parts[i][0].mkdir(parents=True, exist_ok=True)
+        (parts[i][0] / f"{key}.z").write_bytes(blobs[key])
+        manifest["blobs"][key]["part"] = i
+    parts[0][0].joinpath("manifest.json").write_text(json.dumps(manifest))
+    print("parts (MB):", ", ".join(f"{p}: {m:.1f}" for (p, _), m in zip(parts, fill, strict=True)))
+
+
+def _windows(run: Path) -> list[list[int]]:
+    """Token ids of the run's evaluation windows (lists of ints)."""
+    from quantlab.data import DataSpec, load_windows
+    from quantlab.export.reload import load_quantized
+
+    summary = json.loads((run / "accuracy.json").read_text())
+    _, tok = load_quantized(run / "quantlab")
+    return [
+        w.tolist() for w in load_windows(DataSpec.model_validate(summary["evaluation_data"]), tok)
+    ]
+
+
+def run_gpu(parts: list[Path], out: Path) -> None:
+    """Rebuild every packed checkpoint, build it on CUDA, score its windows; write ppl_gpu.json."""
+    from quantlab.engine.build import build_engine
+    from quantlab.engine.config import BuildSettings
+    from quantlab.engine.runtime import Engine
+
+    manifest = json.loads((parts[0] / "manifest.json").read_text())
+    missing = [
+        k for k, b in manifest["blobs"].items() if not (parts[b["part"]] / f"{k}.z").exists()
+    ]
+    if missing:
+        raise SystemExit(f"{len(missing)} blobs missing (parts not all carried): {missing[:3]}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in manifest["runs"]:
+            ckpt = Path(tmp) / r["name"]
+            ckpt.mkdir()
+            (ckpt / "config.json").write_text(json.dumps(r["config"]))
+            arrays = {}
+            for name, key in r["tensors"].items():
+                b = manifest["blobs"][key]
+                arrays[name] = _decode(
+                    (parts[b["part"]] / f"{key}.z").read_bytes(), b["dtype"], b["shape"]
+                )
+            save_file(arrays, str(ckpt / "rank0.safetensors"))
+            seq = max(len(w) for w in r["windows"])
+            settings = BuildSettings(
+                max_batch_size=1, max_input_len=seq, max_seq_len=seq + 1, kv_cache_mem_gb=1.0
+            )
+            t0 = time.perf_counter()
+            cfg = build_engine(
+                ckpt, Path(tmp) / f"{r['name']}-engine", settings, show_progress=False
+            )
+            t_build = time.perf_counter() - t0
+            e = Engine(Path(tmp) / f"{r['name']}-engine", device="cuda")
+            e.score(r["windows"][0])  # warm-up: compiles and tunes outside the timing
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            nll = [_nll(e.score(w), torch.tensor(w)) for w in r["windows"]]
+            torch.cuda.synchronize()
+            n = sum(c for _, c in nll)
+            ppl = math.exp(sum(s for s, _ in nll) / n)
+            cpu = r["cpu"]
+            row = {
+                "run": r["name"],
+                "quant_algo": cfg.quant_algo,
+                "kv": cfg.kv_storage,
+                "windows": len(r["windows"]),
+                "tokens": n,
+                "ppl_engine_gpu": ppl,
+                "ppl_engine_cpu": cpu["ppl_engine"],
+                "ppl_simulated": cpu["ppl_simulated"],
+                "gpu_vs_simulated": ppl / cpu["ppl_simulated"] - 1,
+                "gpu_vs_cpu_engine": ppl / cpu["ppl_engine"] - 1,
+                "build_seconds": t_build,
+                "score_seconds": time.perf_counter() - t0,
+                "device": torch.cuda.get_device_name(),
+                "linear_kinds": sorted({v["kind"] for v in cfg.linears.values()}),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del e
+            torch.cuda.empty_cache()
+    (out / "ppl_gpu.json").write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    """pack | run."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("verb", choices=["pack", "run"])
+    ap.add_argument("runs", nargs="*")
+    ap.add_argument("--parts", required=True, help="pack: DIR:MB,...; run: DIR,...")
+    ap.add_argument("--out", default="ppl_gpu")
+    args = ap.parse_args()
+    if args.verb == "pack":
+        parts = [(Path(p.split(":")[0]), float(p.split(":")[1])) for p in args.parts.split(",")]
+        pack([Path(r) for r in args.runs], parts)
+    else:
+        run_gpu([Path(p) for p in args.parts.split(",")], Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
