@@ -31,7 +31,7 @@ if [ "$part" = b ]; then
   exit 0
 fi
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w8a8.py \
-  tests/test_kernels_fused.py tests/test_kernels_gpu.py -k "not tuner" 2>&1 | tail -12 | tee "$out/pytest.txt"
+  tests/test_kernels_fused.py tests/test_kernels_gpu.py tests/test_paged_attention.py -k "not tuner" 2>&1 | tail -12 | tee "$out/pytest.txt"
 checks="fp16,W4A16_AWQ,FP8 (,W8A8,W8A16_GPTQ"
 [ "$part" = c ] && checks="fp16,FP8 (,W8A8,W8A16_GPTQ"  # part c: a short call, no W4 (no cuda_mma build)
 timeout 140 python3 benchmarks/engine_gpu.py check --check-modes "$checks" \

@@ -392,7 +392,9 @@ def test_fused_kernels_compute_the_torch_step(
     monkeypatch.setattr(engine_model, "use_fused", lambda x: True)
     got = Engine(eng).score(ids)
     got_toks = Engine(eng).generate([ids[:20]], params)[0].token_ids
-    tol = 1e-5 if dtype == "float32" else 2e-3  # fp16: the norm's reduction order
+    # fp16: the norm's reduction order, and the prefill kernel's fp16 probabilities (SDPA on CPU
+    # keeps them in fp32), which SmoothQuant's static int8 inputs turn into whole code steps
+    tol = 1e-5 if dtype == "float32" else 1e-2 if algo.startswith("W8A8") else 2e-3
     assert _rel(got, want) < tol, _rel(got, want)
     assert got_toks == want_toks
     # qkv and gate_up of every layer take their codes from the norm under SmoothQuant, else none

@@ -1,8 +1,9 @@
 """The engine's decoder for the Llama family (Llama, Mistral, Qwen2) on a flattened token batch.
 
 A step runs T tokens of several sequences at once ([T, hidden] through every linear), writes their
-K/V into the paged cache, and attends per sequence: decode rows through the paged decode kernel,
-prefill chunks through SDPA over the sequence's cached context. Numerics follow the HF modeling
+K/V into the paged cache, and attends: decode rows through the paged decode kernel, a static
+batch's whole prompts through one batched SDPA call, other prefill chunks through the paged
+prefill kernel on CUDA (SDPA over each sequence's gathered context on CPU). Numerics follow the HF modeling
 code (RMSNorm in float32, rotary tables in float32 cast to the activation dtype) so an unquantized
 engine reproduces transformers' greedy tokens.
 """
@@ -22,9 +23,12 @@ from quantlab.engine.kv_cache import PagedKVCache
 from quantlab.engine.linear import EngineLinear
 from quantlab.kernels import fused_ops
 from quantlab.kernels.paged_attention import paged_decode_attention
+from quantlab.kernels.paged_prefill import paged_prefill_attention
 
 # QUANTLAB_ENGINE_FUSED=0 runs the step in plain torch ops on CUDA too (the benchmark's baseline).
 FUSED = os.environ.get("QUANTLAB_ENGINE_FUSED", "1") != "0"
+# QUANTLAB_ENGINE_PAGED_PREFILL=0 keeps SDPA over gathered contexts for prefill chunks on CUDA.
+PAGED_PREFILL = os.environ.get("QUANTLAB_ENGINE_PAGED_PREFILL", "1") != "0"
 
 
 def use_fused(x: torch.Tensor) -> bool:
@@ -43,6 +47,33 @@ class SeqSlice:
 
 
 @dataclass
+class PrefillTables:
+    """paged_prefill_attention's inputs for the chunks of a step that neither the decode kernel
+    nor a batched SDPA call serves (int32 tensors on the step's device)."""
+
+    block_tables: torch.Tensor  # [S, max_blocks]
+    q_starts: torch.Tensor  # [S]
+    q_lens: torch.Tensor  # [S]
+    ctx_lens: torch.Tensor  # [S]
+    max_q_len: int
+
+    @staticmethod
+    def build(seqs: list[SeqSlice], device: torch.device) -> PrefillTables:
+        """Tables of seqs; their blocks padded with block 0 (the scratch block, never read)."""
+        table = torch.nn.utils.rnn.pad_sequence([sq.blocks for sq in seqs], batch_first=True)
+        meta = torch.tensor([[sq.start, sq.n, sq.ctx_len] for sq in seqs], dtype=torch.int32).to(
+            device
+        )
+        return PrefillTables(
+            table.to(device=device, dtype=torch.int32),
+            meta[:, 0],
+            meta[:, 1],
+            meta[:, 2],
+            max(sq.n for sq in seqs),
+        )
+
+
+@dataclass
 class StepBatch:
     """Inputs of one forward step (T tokens, B sequences)."""
 
@@ -57,6 +88,8 @@ class StepBatch:
     ctx_lens: torch.Tensor | None = None  # int32 [B or Bd]
     num_splits: int = 1
     decode_rows: torch.Tensor | None = None  # int64 [Bd]: one-token rows of a mixed step
+    # The paged prefill kernel's inputs for the step's other chunks, built by the first layer.
+    prefill: PrefillTables | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -242,9 +275,27 @@ def attention(
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale)
         out[s0 : s0 + b * n] = o.transpose(1, 2).reshape(b * n, *q.shape[1:])
         batched.update(id(sq) for sq in run)
-    for sq in batch.seqs:
-        if (rows is not None and sq.n == 1) or id(sq) in batched:
-            continue
+    rest = [sq for sq in batch.seqs if not ((rows is not None and sq.n == 1) or id(sq) in batched)]
+    if rest and PAGED_PREFILL and use_fused(q):  # CUDA: the other chunks in one launch
+        if batch.prefill is None:
+            batch.prefill = PrefillTables.build(rest, q.device)
+        t = batch.prefill
+        paged_prefill_attention(
+            q,
+            cache.k[layer],
+            cache.v[layer],
+            t.block_tables,
+            t.q_starts,
+            t.q_lens,
+            t.ctx_lens,
+            cache.scales[layer],
+            sm_scale,
+            t.max_q_len,
+            backend="triton",
+            out=out,
+        )
+        return out
+    for sq in rest:
         k, v = cache.gather(layer, sq.blocks, sq.ctx_len, q.dtype)
         qs = q[sq.start : sq.start + sq.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         ks = k.repeat_interleave(groups, dim=1).transpose(0, 1).unsqueeze(0)
