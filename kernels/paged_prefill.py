@@ -160,6 +160,12 @@ def _check(q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens) -> Non
         raise ValueError("paged prefill: q_starts, q_lens, ctx_lens must be int32 [S]")
     if block_tables.shape[0] != s:
         raise ValueError("paged prefill: block_tables must be [S, max_blocks]")
+    if any(t.stride(0) != 1 and s > 1 for t in (q_starts, q_lens, ctx_lens)) or (
+        block_tables.stride(1) != 1 and block_tables.shape[1] > 1
+    ):
+        raise ValueError(
+            "paged prefill: q_starts, q_lens, ctx_lens and each block_tables row must be contiguous"
+        )
 
 
 def paged_prefill_attention(

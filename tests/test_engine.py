@@ -399,3 +399,36 @@ def test_fused_kernels_compute_the_torch_step(
     assert got_toks == want_toks
     # qkv and gate_up of every layer take their codes from the norm under SmoothQuant, else none
     assert set(calls) == ({"int8"} if algo.startswith("W8A8") else set())
+
+
+def test_paged_prefill_kernel_serves_inflight_chunks(
+    engine_for: Callable[..., tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA step (run by Triton's interpreter on CPU tensors) sends the chunks of several
+    sequences in one step through the paged prefill kernel, INT8 KV, and every request gets the
+    greedy tokens of the torch step."""
+    pytest.importorskip("triton")
+    import quantlab.engine.model as engine_model
+    from quantlab.kernels import paged_prefill
+
+    run, _ = engine_for("llama", "INT8KV")
+    eng = run.parent / "engine-chunks"
+    s = BuildSettings(
+        max_batch_size=3, max_input_len=64, max_seq_len=96, max_num_tokens=40, block_size=16
+    )
+    build_engine(run, eng, s, show_progress=False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (30, 45, 9, 26)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in Engine(eng).generate(prompts, params)]
+    sizes: list[int] = []
+    kernel = paged_prefill.paged_prefill_attention
+    monkeypatch.setattr(
+        engine_model,
+        "paged_prefill_attention",
+        lambda *a, **kw: sizes.append(int(a[4].shape[0])) or kernel(*a, **kw),
+    )
+    monkeypatch.setattr(engine_model, "use_fused", lambda x: True)
+    got = [o.token_ids for o in Engine(eng).generate(prompts, params)]
+    assert max(sizes) >= 2  # one launch served the chunks of two or more sequences
+    assert got == want

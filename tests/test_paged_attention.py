@@ -162,5 +162,8 @@ def test_prefill_bad_arguments_are_refused() -> None:
         paged_prefill_attention(q, k, v, tables.long(), starts, lens, ctx, 1.0, 1.0, 40)
     with pytest.raises(ValueError, match="multiple"):
         paged_prefill_attention(q[:, :5], k, v, tables, starts, lens, ctx, 1.0, 1.0, 40)
+    with pytest.raises(ValueError, match="contiguous"):  # a column of [S, 3]: read as a row
+        meta = torch.stack([starts, lens, ctx], 1)
+        paged_prefill_attention(q, k, v, tables, meta[:, 0], meta[:, 1], meta[:, 2], 1.0, 1.0, 40)
     with pytest.raises(ValueError, match=r"\[S\]"):
         paged_prefill_attention(q, k, v, tables, starts, lens[:2], ctx, 1.0, 1.0, 40)

@@ -61,14 +61,13 @@ class PrefillTables:
     def build(seqs: list[SeqSlice], device: torch.device) -> PrefillTables:
         """Tables of seqs; their blocks padded with block 0 (the scratch block, never read)."""
         table = torch.nn.utils.rnn.pad_sequence([sq.blocks for sq in seqs], batch_first=True)
-        meta = torch.tensor([[sq.start, sq.n, sq.ctx_len] for sq in seqs], dtype=torch.int32).to(
-            device
-        )
+        rows = [[sq.start for sq in seqs], [sq.n for sq in seqs], [sq.ctx_len for sq in seqs]]
+        meta = torch.tensor(rows, dtype=torch.int32).to(device)  # rows: each one contiguous
         return PrefillTables(
             table.to(device=device, dtype=torch.int32),
-            meta[:, 0],
-            meta[:, 1],
-            meta[:, 2],
+            meta[0],
+            meta[1],
+            meta[2],
             max(sq.n for sq in seqs),
         )
 
