@@ -174,8 +174,8 @@ def stage_profile(model: Any, work: Path, bw: float | None) -> None:
 
 
 def _hf_static(model: Any, bs: int, inp: int, out: int) -> dict[str, Any]:
-    """HF generate with a static cache and the forward compiled (reduce-overhead); the compile
-    happens in two untimed warm-up generations of the same shapes."""
+    """HF generate with a static cache, which transformers compiles (reduce-overhead) in the two
+    untimed warm-up generations of the same shapes."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, eg.SHAPE["vocab_size"], (bs, inp), generator=g).cuda()
     kw = {"max_new_tokens": out, "min_new_tokens": out, "do_sample": False, "pad_token_id": 0,
@@ -211,7 +211,9 @@ def stage_hf(model: Any, work: Path, batches: list[int]) -> None:
             eg.record({"stage": "hf", "impl": "HF eager", **eg._hf_row(model, bs, 128, 128)})
         except Exception as exc:
             eg.record({"stage": "hf", "impl": "HF eager", "error": repr(exc)[:800]})
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    # transformers compiles the decode forward itself under a static cache (its auto-compile;
+    # reduce-overhead CUDA graphs). A torch.compile of model.forward by hand, run 7's attempt,
+    # failed: the prefill's graph output was read after a decode replay had overwritten it.
     for bs in batches:
         try:
             eg.record({"stage": "hf", "impl": "HF static+compile", **_hf_static(model, bs, 128, 128)})  # fmt: skip
