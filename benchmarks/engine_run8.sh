@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part.
+# Part "a": SmoothQuant W8A8 speed (both flows) against the fp16 engine in the same call, then
+#   our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
+# Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
+# Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), then the trace.
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c
+# carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
+set -u
+out=${1:?OUT}; part=${2:-a}
+start=$SECONDS
+left() { echo $((580 - (SECONDS - start))); }
+python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --find-links .gpuwheels pydantic
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+[ -d .cuda_prebuilt ] && export QUANTLAB_CUDA_CACHE=$PWD/.cuda_prebuilt
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+case "$part" in
+  a)
+    timeout 300 python3 benchmarks/engine_gpu.py speed --no-hf \
+      --modes "fp16,W8A8 SQ per-channel,W8A8 SQ per-tensor" --batches 1,16,32,64 \
+      --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
+    rm -rf /tmp/w
+    timeout "$(left)" python3 benchmarks/engine_profile.py hf --out "$out/hf" --work /tmp/p \
+      > "$out/hf.log" 2>&1
+    ;;
+  b)
+    timeout "$(left)" python3 benchmarks/engine_gpu.py speed --no-hf --shape llama3-8b \
+      --modes "fp16,W4A16_AWQ,W8A16 (,FP8 (" --batches 1,16,32 \
+      --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
+    ;;
+  c)
+    timeout 200 python3 benchmarks/engine_gpu.py speed --no-hf --modes "fp16,W4A16_AWQ" \
+      --batches 1 --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
+    timeout "$(left)" python3 benchmarks/engine_gpu.py long --ctxs 16384 \
+      --out "$out/long" --work /tmp/w > "$out/long.log" 2>&1
+    ;;
+esac
+rm -rf /tmp/w /tmp/p
+python3 benchmarks/summarize_rows.py "$out"
