@@ -11,7 +11,10 @@ Stages (GPU, repo root; rows appended to --out/profile_rows.jsonl as they are me
            torch.compile (mode reduce-overhead), against our fp16 engine, bs 1 and 64, 128/128
   kvfit    at one KV budget, the largest running batch and tokens/s of an fp16 vs an int8 KV cache
            (64 requests of 1000 + 32 tokens)
-Usage: python3 benchmarks/engine_profile.py bw profile hf kvfit --out $OUT [--shape llama2-7b]
+  mixed    one in-flight mixed step (31 sequences decoding + a 528-token prompt joining, the
+           trace's means) against the prompt prefilled alone and the batch decoding alone, with a
+           per-category kernel profile of the mixed step
+Usage: python3 benchmarks/engine_profile.py bw profile hf kvfit mixed --out $OUT [--shape llama2-7b]
 """
 
 from __future__ import annotations
@@ -67,7 +70,12 @@ def _category(name: str) -> str:
     n = name.lower()
     for key, cat in (
         ("paged", "attention (decode kernel)"),
+        ("decode_split", "attention (decode kernel)"),
         ("merge", "attention (decode kernel)"),
+        ("prefill_kernel", "attention (prefill kernel)"),
+        ("flash", "attention (sdpa)"),
+        ("fmha", "attention (sdpa)"),
+        ("attention", "attention (sdpa)"),
         ("rms_norm", "fused norm"),
         ("rope", "fused rope"),
         ("silu", "fused silu*up"),
@@ -76,6 +84,7 @@ def _category(name: str) -> str:
         ("reduce", "split-k reduce"),
         ("w4", "gemm"),
         ("w8", "gemm"),
+        ("_w8g", "gemm"),
         ("gemm", "gemm"),
         ("gemv", "gemm"),
         ("nvjet", "gemm"),
@@ -249,10 +258,87 @@ def stage_kvfit(model: Any, work: Path, gb: float) -> None:
         torch.cuda.empty_cache()
 
 
+def _step_anatomy(e: Engine, label: str) -> dict[str, Any]:
+    """Wall ms of the engine's next step and its GPU kernel ms by category (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    t0 = time.perf_counter()
+    on_gpu = e.device.type == "cuda"  # CPU (a dry run): the CPU ops' times instead
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        e.step()
+        _sync()
+    wall = (time.perf_counter() - t0) * 1e3
+    cats: dict[str, float] = defaultdict(float)
+    n = 0
+    for item in prof.key_averages():
+        us = getattr(item, "self_device_time_total", 0) if on_gpu else item.self_cpu_time_total
+        cats[_category(item.key)] += float(us) / 1e3
+        n += int(item.count) if us else 0
+    return {"step": label, "wall_ms_profiled": wall, "kernel_ms": sum(cats.values()),
+            "kernels": n, "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}  # fmt: skip
+
+
+def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
+    """One in-flight mixed step taken apart (W4A16 + INT8 KV, the trace's engine): `running`
+    sequences decoding while a `prompt`-token request joins, against the same prompt prefilled
+    alone and the same batch decoding alone. Wall times unprofiled (median of 5 rounds after one
+    warm-up round), then one profiled step of each kind by kernel category (CUDA graphs off)."""
+    eng = _engine(model, W4, work, "auto", 32)
+    e = Engine(eng, device="cuda")
+    bench.warm_up(e)
+    vocab = eg.SHAPE["vocab_size"]
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    four = SamplingParams(max_new_tokens=4, ignore_eos=True)  # prefill, decode, mixed, one more
+
+    def fresh(n: int, seed: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def timed_step() -> float:
+        _sync()
+        t0 = time.perf_counter()
+        e.step()
+        _sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    def drain() -> None:
+        while e.scheduler.has_work():
+            e.step()
+
+    rows: dict[str, list[float]] = {"prefill alone": [], "decode alone": [], "mixed": []}
+    for i in range(6):
+        e.add_request(fresh(prompt, 100 + i), one)
+        t = timed_step()  # the prompt alone: one prefill step
+        drain()
+        for j in range(running):
+            e.add_request(fresh(128, 1000 * i + j), four)
+        e.step()  # the batch's prompts (running x 128 tokens <= max_num_tokens)
+        d = timed_step()  # the batch decoding alone
+        e.add_request(fresh(prompt, 300 + i), one)
+        mx = timed_step()  # its decode rows + the joining prompt in one step
+        drain()
+        if i:
+            for k, v in zip(rows, (t, d, mx), strict=True):
+                rows[k].append(v)
+    eg.record({"stage": "mixed", "running": running, "prompt": prompt,
+               **{f"{k} ms": sorted(v)[len(v) // 2] for k, v in rows.items()}})  # fmt: skip
+    graphs, e.graphs = e.graphs, None  # eager, so the decode kernels show one by one
+    try:
+        for j in range(running):
+            e.add_request(fresh(128, 9000 + j), four)
+        e.step()
+        eg.record({"stage": "mixed", **_step_anatomy(e, "decode (eager)")})
+        e.add_request(fresh(prompt, 999), one)
+        eg.record({"stage": "mixed", **_step_anatomy(e, "mixed")})
+        drain()
+    finally:
+        e.graphs = graphs
+
+
 def main() -> None:
     """Run the stages given on the command line."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("stages", nargs="+", choices=["bw", "profile", "hf", "kvfit"])
+    ap.add_argument("stages", nargs="+", choices=["bw", "profile", "hf", "kvfit", "mixed"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=".gpuwork")
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(eg.SHAPES))
@@ -278,6 +364,8 @@ def main() -> None:
             stage_profile(model, work, bw)
         elif stage == "kvfit":
             stage_kvfit(model, work, args.kv_gb)
+        elif stage == "mixed":
+            stage_mixed(model, work, 31, 528)
         elif stage == "hf":  # last: it compiles the model's forward in place
             stage_hf(model, work, [int(b) for b in args.hf_batches.split(",")])
         print(f"stage {stage}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -3,7 +3,8 @@
 # Part "a": SmoothQuant W8A8 speed (both flows) against the fp16 engine in the same call, then
 #   our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
-# Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), then the trace.
+# Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), the trace, then one
+#   in-flight mixed step taken apart (engine_profile.py mixed).
 # Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
@@ -31,8 +32,11 @@ case "$part" in
   c)
     timeout 200 python3 benchmarks/engine_gpu.py speed --no-hf --modes "fp16,W4A16_AWQ" \
       --batches 1 --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
-    timeout "$(left)" python3 benchmarks/engine_gpu.py long --ctxs 16384 \
+    timeout 220 python3 benchmarks/engine_gpu.py long --ctxs 16384 \
       --out "$out/long" --work /tmp/w > "$out/long.log" 2>&1
+    rm -rf /tmp/w
+    timeout "$(left)" python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
+      > "$out/mixed.log" 2>&1
     ;;
 esac
 rm -rf /tmp/w /tmp/p
