@@ -9,7 +9,11 @@ each, so that successive device calls on one warm machine can carry one folder e
 score the same windows and compare with the simulated and CPU-engine perplexity.
 
 Usage: python benchmarks/engine_ppl_gpu.py pack out/smollm2_int4_g64_sym ... --parts .pplpack1:38,.pplpack2:58,.pplpack3:58
-       python benchmarks/engine_ppl_gpu.py run --parts .pplpack1,.pplpack2,.pplpack3 --out $OUT
+       python benchmarks/engine_ppl_gpu.py run --parts /tmp/ppl/.pplpack1,... --out $OUT
+A carried path does not stay on the device for the next call, but /tmp does: each device call
+carries one part and copies it (`mkdir -p /tmp/ppl && cp -r .pplpackN /tmp/ppl/`); the last one
+(carrying `.cuda_prebuilt` too, for W4 / W8 kernels) runs `run` on the /tmp copies. The parts
+(.pplpack*) are git-ignored through .git/info/exclude.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 # check, the per-mode speed table, then the decode-step profile with whatever time is left.
 # Part "b": bandwidth floor + decode profile, KV fit, the in-flight trace, HF eager and static +
 # compile against the engine. Part "c": part a without W4 in the check, for a short call.
-# Part "p": engine perplexity of the SmolLM2 checkpoints packed by engine_ppl_gpu.py.
+# Part "p": engine perplexity of the SmolLM2 checkpoints packed by engine_ppl_gpu.py (parts copied
+# to /tmp/ppl by earlier calls on the same warm machine).
 # Usage (device, repo root): bash benchmarks/engine_run7.sh "$OUT" a|b [speed modes] [batches]
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
@@ -17,7 +18,8 @@ export PYTHONPATH=$PWD
 [ -d .cuda_prebuilt ] && export QUANTLAB_CUDA_CACHE=$PWD/.cuda_prebuilt
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 if [ "$part" = p ]; then  # SmolLM2 perplexity, checkpoints carried in parts (engine_ppl_gpu.py)
-  timeout 400 python3 benchmarks/engine_ppl_gpu.py run --parts .pplpack1,.pplpack2,.pplpack3 \
+  timeout 400 python3 benchmarks/engine_ppl_gpu.py run \
+    --parts /tmp/ppl/.pplpack1,/tmp/ppl/.pplpack2,/tmp/ppl/.pplpack3 \
     --out "$out/ppl" 2>&1 | tee "$out/ppl.log" | tail -20
   exit 0
 fi

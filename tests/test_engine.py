@@ -408,8 +408,9 @@ def test_paged_prefill_kernel_serves_inflight_chunks(
     sequences in one step through the paged prefill kernel, INT8 KV, and every request gets the
     greedy tokens of the torch step."""
     pytest.importorskip("triton")
-    import quantlab.engine.model as engine_model
     from quantlab.kernels import paged_prefill
+
+    import quantlab.engine.model as engine_model
 
     run, _ = engine_for("llama", "INT8KV")
     eng = run.parent / "engine-chunks"
