@@ -415,12 +415,12 @@ def test_paged_prefill_kernel_serves_inflight_chunks(
     run, _ = engine_for("llama", "INT8KV")
     eng = run.parent / "engine-chunks"
     s = BuildSettings(
-        max_batch_size=3, max_input_len=64, max_seq_len=96, max_num_tokens=40, block_size=16
+        max_batch_size=3, max_input_len=64, max_seq_len=96, max_num_tokens=24, block_size=16
     )
     build_engine(run, eng, s, show_progress=False)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (30, 45, 9, 26)]
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (20, 33, 9)]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
     want = [o.token_ids for o in Engine(eng).generate(prompts, params)]
     sizes: list[int] = []
     kernel = paged_prefill.paged_prefill_attention
