@@ -32,32 +32,31 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_accuracy import _nll, measure
 
 
-def _encode(a: np.ndarray) -> bytes:
-    """zlib bytes of a tensor, 16-bit floats split into high and low byte planes first."""
-    raw = np.ascontiguousarray(a)
-    if raw.dtype.itemsize == 2:
-        b = raw.view(np.uint8).reshape(-1, 2)
+def _encode(t: torch.Tensor) -> bytes:
+    """zlib bytes of a tensor, 16-bit values split into high and low byte planes first."""
+    raw = t.contiguous().view(torch.uint8).numpy()
+    if t.element_size() == 2:
+        b = raw.reshape(-1, 2)
         return zlib.compress(b[:, 1].tobytes() + b[:, 0].tobytes(), 6)
     return zlib.compress(raw.tobytes(), 6)
 
 
-def _decode(data: bytes, dtype: str, shape: list[int]) -> np.ndarray:
-    """Inverse of _encode: numpy array of the stored dtype and shape."""
-    raw = zlib.decompress(data)
-    np_dtype = np.dtype(dtype)
-    if np_dtype.itemsize == 2:
-        half = len(raw) // 2
+def _decode(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
+    """Inverse of _encode: a tensor of the stored torch dtype name and shape."""
+    raw = np.frombuffer(zlib.decompress(data), np.uint8)
+    tdtype = getattr(torch, dtype)
+    if torch.empty(0, dtype=tdtype).element_size() == 2:
+        half = raw.size // 2
         b = np.empty((half, 2), np.uint8)
-        b[:, 1] = np.frombuffer(raw[:half], np.uint8)
-        b[:, 0] = np.frombuffer(raw[half:], np.uint8)
-        return b.reshape(-1).view(np_dtype).reshape(shape)
-    return np.frombuffer(raw, np_dtype).reshape(shape).copy()
+        b[:, 1], b[:, 0] = raw[:half], raw[half:]
+        raw = b.reshape(-1)
+    return torch.from_numpy(raw.copy()).view(tdtype).reshape(shape)
 
 
 def pack(runs: list[Path], parts: list[tuple[Path, float]]) -> None:
@@ -69,17 +68,17 @@ def pack(runs: list[Path], parts: list[tuple[Path, float]]) -> None:
             row = measure(run, "cpu", Path(tmp))
             print(json.dumps(row), flush=True)
             spec_windows = _windows(run)
-            f = safe_open(str(run / "rank0.safetensors"), "np")
+            f = safe_open(str(run / "rank0.safetensors"), "pt")
             tensors = {}
             names = f.keys()
             for name in names:
                 a = f.get_tensor(name)
-                key = hashlib.sha256(a.tobytes() + str((a.dtype, a.shape)).encode()).hexdigest()[
-                    :20
-                ]
+                dtype = str(a.dtype).removeprefix("torch.")
+                raw = a.contiguous().view(torch.uint8).numpy().tobytes()
+                key = hashlib.sha256(raw + str((dtype, a.shape)).encode()).hexdigest()[:20]
                 if key not in blobs:
                     blobs[key] = _encode(a)
-                    manifest["blobs"][key] = {"dtype": a.dtype.str, "shape": list(a.shape)}
+                    manifest["blobs"][key] = {"dtype": dtype, "shape": list(a.shape)}
                 tensors[name] = key
             manifest["runs"].append(
                 {
@@ -117,7 +116,13 @@ def _windows(run: Path) -> list[list[int]]:
     ]
 
 
-def run_gpu(parts: list[Path], out: Path) -> None:
+def _sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA only)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_gpu(parts: list[Path], out: Path, device: str = "cuda") -> None:
     """Rebuild every packed checkpoint, build it on CUDA, score its windows; write ppl_gpu.json."""
     from quantlab.engine.build import build_engine
     from quantlab.engine.config import BuildSettings
@@ -152,12 +157,12 @@ def run_gpu(parts: list[Path], out: Path) -> None:
                 ckpt, Path(tmp) / f"{r['name']}-engine", settings, show_progress=False
             )
             t_build = time.perf_counter() - t0
-            e = Engine(Path(tmp) / f"{r['name']}-engine", device="cuda")
+            e = Engine(Path(tmp) / f"{r['name']}-engine", device=device)
             e.score(r["windows"][0])  # warm-up: compiles and tunes outside the timing
-            torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             nll = [_nll(e.score(w), torch.tensor(w)) for w in r["windows"]]
-            torch.cuda.synchronize()
+            _sync(device)
             n = sum(c for _, c in nll)
             ppl = math.exp(sum(s for s, _ in nll) / n)
             cpu = r["cpu"]
@@ -174,13 +179,14 @@ def run_gpu(parts: list[Path], out: Path) -> None:
                 "gpu_vs_cpu_engine": ppl / cpu["ppl_engine"] - 1,
                 "build_seconds": t_build,
                 "score_seconds": time.perf_counter() - t0,
-                "device": torch.cuda.get_device_name(),
+                "device": torch.cuda.get_device_name() if device == "cuda" else device,
                 "linear_kinds": sorted({v["kind"] for v in cfg.linears.values()}),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
             del e
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     (out / "ppl_gpu.json").write_text(json.dumps(rows, indent=1))
 
 
@@ -191,12 +197,13 @@ def main() -> None:
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--parts", required=True, help="pack: DIR:MB,...; run: DIR,...")
     ap.add_argument("--out", default="ppl_gpu")
+    ap.add_argument("--device", default="cuda", help="run: cpu for a dry run of the rebuild")
     args = ap.parse_args()
     if args.verb == "pack":
         parts = [(Path(p.split(":")[0]), float(p.split(":")[1])) for p in args.parts.split(",")]
         pack([Path(r) for r in args.runs], parts)
     else:
-        run_gpu([Path(p) for p in args.parts.split(",")], Path(args.out))
+        run_gpu([Path(p) for p in args.parts.split(",")], Path(args.out), args.device)
 
 
 if __name__ == "__main__":
