@@ -5,7 +5,10 @@
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), the trace, then one
 #   in-flight mixed step taken apart (engine_profile.py mixed).
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c
+# Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine (engine_ppl_gpu.py). The five
+#   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
+#   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|p
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -37,6 +40,11 @@ case "$part" in
     rm -rf /tmp/w
     timeout "$(left)" python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
       > "$out/mixed.log" 2>&1
+    ;;
+  p)
+    parts=$(echo /tmp/ppl/.pplpackB{1..5} | tr ' ' ',')
+    timeout "$(left)" python3 benchmarks/engine_ppl_gpu.py run --parts "$parts" --out "$out/ppl" \
+      > "$out/ppl.log" 2>&1
     ;;
 esac
 rm -rf /tmp/w /tmp/p

@@ -42,24 +42,38 @@ def ref_paged_decode_attention(
     sm_scale: float,
 ) -> torch.Tensor:
     """Torch reference: out [B, H, D] (q's dtype) for q [B, H, D]; float32 math, one row at a time."""
-    b, h, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)
-    for i in range(b):
+    for i in range(q.shape[0]):
         n = int(ctx_lens[i])
         if n == 0:
             continue
-        blocks = block_tables[i, : -(-n // bs)].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:n].float()
-        v = v_cache[blocks].reshape(-1, hkv, d)[:n].float()
-        if k_cache.dtype in (torch.int8, torch.float8_e4m3fn):
-            k, v = k * kv_scale, v * kv_scale
-        k = k.to(q.dtype).float().repeat_interleave(h // hkv, dim=1)  # the kernel's operand dtype
-        v = v.to(q.dtype).float().repeat_interleave(h // hkv, dim=1)
+        k, v = ref_context(k_cache, v_cache, block_tables[i], n, kv_scale, q.dtype, q.shape[1])
         s = torch.einsum("hd,nhd->hn", q[i].float(), k) * sm_scale
         p = torch.softmax(s, dim=-1)
         out[i] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
     return out
+
+
+def ref_context(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    n: int,
+    kv_scale: float,
+    dtype: torch.dtype,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 K, V [n, heads, D] of one sequence's first n cached tokens (block table row
+    `table`), dequantized, rounded to the kernels' operand dtype, KV heads repeated for GQA."""
+    bs, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    blocks = table[: -(-n // bs)].long()
+    k = k_cache[blocks].reshape(-1, hkv, d)[:n].float()
+    v = v_cache[blocks].reshape(-1, hkv, d)[:n].float()
+    if k_cache.dtype in (torch.int8, torch.float8_e4m3fn):
+        k, v = k * kv_scale, v * kv_scale
+    k = k.to(dtype).float().repeat_interleave(heads // hkv, dim=1)
+    v = v.to(dtype).float().repeat_interleave(heads // hkv, dim=1)
+    return k, v
 
 
 def choose_splits(batch: int, kv_heads: int, max_ctx: int, block_size: int, sms: int) -> int:

@@ -19,6 +19,7 @@ Grid: (ceil(max_q_len / BLOCK_M), S, H); a program owns BLOCK_M query rows of on
 from __future__ import annotations
 
 import torch
+from quantlab.kernels.paged_attention import ref_context
 
 try:
     import triton
@@ -41,20 +42,12 @@ def ref_paged_prefill_attention(
     sm_scale: float,
 ) -> torch.Tensor:
     """Torch reference: out [T, H, D] (q's dtype; rows no sequence owns are 0), float32 math."""
-    h, d = q.shape[1], q.shape[2]
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)
     for s in range(q_starts.shape[0]):
         n, ctx, q0 = int(q_lens[s]), int(ctx_lens[s]), int(q_starts[s])
         if n == 0:
             continue
-        blocks = block_tables[s, : -(-ctx // bs)].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:ctx].float()
-        v = v_cache[blocks].reshape(-1, hkv, d)[:ctx].float()
-        if k_cache.dtype in (torch.int8, torch.float8_e4m3fn):
-            k, v = k * kv_scale, v * kv_scale
-        k = k.to(q.dtype).float().repeat_interleave(h // hkv, dim=1)  # the kernel's operand dtype
-        v = v.to(q.dtype).float().repeat_interleave(h // hkv, dim=1)
+        k, v = ref_context(k_cache, v_cache, block_tables[s], ctx, kv_scale, q.dtype, q.shape[1])
         sc = torch.einsum("ihd,jhd->hij", q[q0 : q0 + n].float(), k) * sm_scale
         pos = torch.arange(ctx - n, ctx, device=q.device).view(1, -1, 1)
         sc = sc.masked_fill(torch.arange(ctx, device=q.device).view(1, 1, -1) > pos, float("-inf"))
