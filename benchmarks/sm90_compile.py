@@ -7,7 +7,7 @@ num_stages) a wrapper would launch is captured exactly as it would be launched, 
 each one with triton.compile for the cuda:90 target (Triton's own ptxas). A kernel that fails to
 compile or needs more shared memory than an sm_90 block may have fails the run.
 
-    python benchmarks/sm90_compile.py [--only w8a16_group,w8a8,fused,prefill] [--out FILE.json]
+    python benchmarks/sm90_compile.py [--only w8a16_group,w8a8,fused,attention] [--out FILE.json]
 
 Run without TRITON_INTERPRET (the recorder patches the compiled-kernel path). Numerics still need
 the GPU tests (tests/test_kernels_gpu.py, test_kernels_w8a8.py, test_kernels_fused.py).
@@ -178,12 +178,19 @@ def _fused_calls() -> None:
             F.rope_kv_write_(qkv, cos, cos, nq, nkv, d, slots, *pools, storage, 1.0)
 
 
-def _prefill_calls() -> None:
+def _attention_calls() -> None:
+    from quantlab.kernels.paged_attention import paged_decode_attention
     from quantlab.kernels.paged_prefill import paged_prefill_attention
 
     h, hkv, d, bs = 32, 8, 128, 64
     i32 = torch.ones(2, dtype=torch.int32)
-    for dtype in ACT_DTYPES:
+    for dtype in [*ACT_DTYPES, torch.float32]:  # fp32 engines: the "ieee" dot
+        qd = torch.zeros(2, h, d, dtype=dtype)
+        for pdt in (torch.int8, dtype):
+            pool = torch.zeros(4, bs, hkv, d, dtype=pdt)
+            tab = torch.ones(2, 2, dtype=torch.int32)
+            for splits in (1, 3):
+                paged_decode_attention(qd, pool, pool, tab, i32, 1.0, 0.1, splits, "triton")
         q = torch.zeros(8, h, d, dtype=dtype)
         for pdt in (torch.int8, torch.float8_e4m3fn, dtype):
             pool = torch.zeros(4, bs, hkv, d, dtype=pdt)
@@ -195,7 +202,7 @@ GROUPS = {
     "w8a16_group": _w8a16_group_calls,
     "w8a8": _w8a8_calls,
     "fused": _fused_calls,
-    "prefill": _prefill_calls,
+    "attention": _attention_calls,
 }
 
 

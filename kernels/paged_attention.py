@@ -76,6 +76,11 @@ def ref_context(
     return k, v
 
 
+def dot_precision(q: torch.Tensor) -> str:
+    """tl.dot precision: "ieee" for fp32 q (TF32, the fp32 default, keeps 10 mantissa bits)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def choose_splits(batch: int, kv_heads: int, max_ctx: int, block_size: int, sms: int) -> int:
     """How many runs to split each context into: 1 unless B x H_kv < SMs / 2 and contexts > 1024.
 
@@ -115,6 +120,7 @@ if triton is not None:
         BS: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         QUANT: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -148,14 +154,14 @@ if triton is not None:
             if QUANT:
                 k = (k.to(tl.float32) * kv_scale).to(q.dtype)
                 v = (v.to(tl.float32) * kv_scale).to(q.dtype)
-            s = tl.dot(q, tl.trans(k)) * sm_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
             j += 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -263,6 +269,7 @@ def paged_decode_attention(
         BS=bs,
         NUM_SPLITS=num_splits,
         QUANT=quant,
+        PREC=dot_precision(q),
         num_warps=4,
     )
     if num_splits > 1:

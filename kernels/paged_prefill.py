@@ -19,7 +19,7 @@ Grid: (ceil(max_q_len / BLOCK_M), S, H); a program owns BLOCK_M query rows of on
 from __future__ import annotations
 
 import torch
-from quantlab.kernels.paged_attention import ref_context
+from quantlab.kernels.paged_attention import dot_precision, ref_context
 
 try:
     import triton
@@ -82,6 +82,7 @@ if triton is not None:
         BS: tl.constexpr,
         BLOCK: tl.constexpr,
         QUANT: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         mt = tl.program_id(0)
         s = tl.program_id(1)
@@ -117,7 +118,7 @@ if triton is not None:
             if QUANT:
                 k = (k.to(tl.float32) * kv_scale).to(q.dtype)
                 v = (v.to(tl.float32) * kv_scale).to(q.dtype)
-            sc = tl.dot(q, tl.trans(k)) * sm_scale
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
             ok = (keys[None, :] <= pos[:, None]) & kmask[None, :]
             sc = tl.where(ok, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -125,7 +126,7 @@ if triton is not None:
             p = tl.exp(sc - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
             j += 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -218,6 +219,7 @@ def paged_prefill_attention(
         BS=bs,
         BLOCK=BLOCK_M,
         QUANT=k_cache.dtype in (torch.int8, torch.float8_e4m3fn),
+        PREC=dot_precision(q),
         num_warps=8,
     )
     return out

@@ -1,5 +1,5 @@
 """The engine's newer Triton kernels (group-wise W8A16, SmoothQuant W8A8, the fused elementwise
-kernels) compile for sm_90 with every plan and flag set their wrappers launch, within an sm_90
+kernels, the paged decode and prefill attention, fp32 included) compile for sm_90 with every plan and flag set their wrappers launch, within an sm_90
 block's shared memory: benchmarks/sm90_compile.py, on the CPU (Triton's own ptxas), no GPU.
 
 The interpreter runs the numerics on CPU but never compiles; on 2026-12-07 this check found a
@@ -35,7 +35,8 @@ def test_new_triton_kernels_compile_for_sm90(tmp_path: Path) -> None:
     last = res.stdout.strip().splitlines()[-1]
     assert last.endswith(", 0 failed"), last
     count = int(last.split()[1])
-    # every plan of the three groups: far more than one launch each
+    # every plan of the four groups: far more than one launch each
     assert count >= 60, last
-    for name in ("_w8g_kernel", "w8a8_kernel", "quant_int8_kernel", "_rope_kv_write_kernel"):
+    names = ("_w8g_kernel", "w8a8_kernel", "quant_int8_kernel", "_rope_kv_write_kernel")
+    for name in (*names, "_decode_split_kernel", "_prefill_kernel"):
         assert f'"kernel": "{name}"' in res.stdout, name
