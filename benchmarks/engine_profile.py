@@ -2,13 +2,14 @@
 
 Stages (GPU, repo root; rows appended to --out/profile_rows.jsonl as they are measured):
   bw       copy bandwidth (read + write bytes / time of a 4 GiB device copy, median of 10)
-  profile  fp16 and W4A16 (RTN g128 + INT8 KV) engines on the SHAPE with RANDOM weights, bs 1 and
-           64: the decode step's wall time with CUDA graphs, its graph replay alone, and per-kernel
+  profile  fp16 and W4A16 (RTN g128 + INT8 KV) engines (or --profile-modes) on the SHAPE with
+           RANDOM weights, bs 1 and 64: the decode step's wall time with CUDA graphs, its graph
+           replay alone, and per-kernel
            GPU time from torch.profiler with graphs off (a 66-token minus a 2-token generation,
            divided by 64 steps: the context phase cancels); the bandwidth floor = engine bytes /
            copy bandwidth
-  hf       HF generate on the same fp16 model: eager (dynamic cache) and static cache +
-           torch.compile (mode reduce-overhead), against our fp16 engine, bs 1 and 64, 128/128
+  hf       HF generate on the same fp16 model: eager (dynamic cache) and static cache (which
+           transformers compiles itself), against our fp16 engine, bs 1 and 64, 128/128
   kvfit    at one KV budget, the largest running batch and tokens/s of an fp16 vs an int8 KV cache
            (64 requests of 1000 + 32 tokens)
   mixed    one in-flight mixed step (31 sequences decoding + a 528-token prompt joining, the
@@ -159,9 +160,11 @@ def _engine(model: Any, mode: str, work: Path, kv: str, batch: int, **kw: Any) -
     return eng
 
 
-def stage_profile(model: Any, work: Path, bw: float | None) -> None:
-    """Decode-step profiles of the fp16 and W4A16 + INT8 KV engines at bs 1 and 64."""
-    for mode, kv in (("fp16", "fp16"), (W4, "auto")):
+def stage_profile(model: Any, work: Path, bw: float | None, prefixes: list[str]) -> None:
+    """Decode-step profiles at bs 1 and 64 of the engines whose mode names start with a prefix
+    (default fp16 and W4A16 + INT8 KV); KV "auto" (the checkpoint's) except fp16's fp16 cache."""
+    modes = [m for m in eg.MODES if any(m.startswith(p) for p in prefixes)]
+    for mode, kv in [(m, "fp16" if m == "fp16" else "auto") for m in modes]:
         try:
             eng = _engine(model, mode, work, kv, 64)
             e = Engine(eng, device="cuda")
@@ -344,6 +347,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(eg.SHAPES))
     ap.add_argument("--hf-batches", default="1,64")
     ap.add_argument("--kv-gb", type=float, default=4.0)
+    ap.add_argument("--profile-modes", default="fp16,W4A16_AWQ", help="mode prefixes (profile)")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +365,7 @@ def main() -> None:
     for stage in args.stages:
         t0 = time.perf_counter()
         if stage == "profile":
-            stage_profile(model, work, bw)
+            stage_profile(model, work, bw, args.profile_modes.split(","))
         elif stage == "kvfit":
             stage_kvfit(model, work, args.kv_gb)
         elif stage == "mixed":

@@ -4,7 +4,8 @@
 #   our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), the trace, then one
-#   in-flight mixed step taken apart (engine_profile.py mixed).
+#   in-flight mixed step taken apart (engine_profile.py mixed), then the FP8 and W8A8 decode-step
+#   profiles at bs 1 and 64.
 # Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
@@ -38,8 +39,11 @@ case "$part" in
     timeout 220 python3 benchmarks/engine_gpu.py long --ctxs 16384 \
       --out "$out/long" --work /tmp/w > "$out/long.log" 2>&1
     rm -rf /tmp/w
-    timeout "$(left)" python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
+    timeout 150 python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
       > "$out/mixed.log" 2>&1
+    rm -rf /tmp/p  # then the FP8 and W8A8 decode steps by kernel (their targets' profiles)
+    timeout "$(left)" python3 benchmarks/engine_profile.py bw profile --out "$out/profile" \
+      --work /tmp/p --profile-modes "FP8 (,W8A8 SQ per-channel" > "$out/profile.log" 2>&1
     ;;
   p)
     parts=$(echo /tmp/ppl/.pplpackB{1..5} | tr ' ' ',')
