@@ -96,6 +96,39 @@ def choose_splits(batch: int, kv_heads: int, max_ctx: int, block_size: int, sms:
 if triton is not None:
 
     @triton.jit
+    def attend_block(
+        q,
+        K,
+        V,
+        off,
+        kmask,
+        ok,
+        m_i,
+        l_i,
+        acc,
+        sm_scale,
+        kv_scale,
+        QUANT: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """One KV block of an online softmax: load K, V [BS, D] at off (rows kmask), dequantize,
+        score q [R, D] against them where ok [R, BS]; the updated (m_i, l_i, acc)."""
+        k = tl.load(K + off, mask=kmask[:, None], other=0.0)
+        v = tl.load(V + off, mask=kmask[:, None], other=0.0)
+        if QUANT:
+            k = (k.to(tl.float32) * kv_scale).to(q.dtype)
+            v = (v.to(tl.float32) * kv_scale).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_split_kernel(
         Q,
         K,
@@ -149,20 +182,9 @@ if triton is not None:
             blk = tl.load(BT + b * stride_bt + j).to(tl.int64)
             off = blk * stride_kb + nn[:, None] * stride_ks + hk * stride_kh + dd[None, :]
             nmask = (j * BS + nn) < ctx
-            k = tl.load(K + off, mask=nmask[:, None], other=0.0)
-            v = tl.load(V + off, mask=nmask[:, None], other=0.0)
-            if QUANT:
-                k = (k.to(tl.float32) * kv_scale).to(q.dtype)
-                v = (v.to(tl.float32) * kv_scale).to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = attend_block(
+                q, K, V, off, nmask, nmask[None, :], m_i, l_i, acc, sm_scale, kv_scale, QUANT, PREC
+            )
             j += 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         obase = Out + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + dd[None, :]

@@ -56,6 +56,7 @@ def ref_paged_prefill_attention(
 
 
 if triton is not None:
+    from quantlab.kernels.paged_attention import attend_block
 
     @triton.jit
     def _prefill_kernel(
@@ -113,21 +114,10 @@ if triton is not None:
             off = blk * stride_kb + nn[:, None] * stride_ks + hk * stride_kh + dd[None, :]
             keys = j * BS + nn
             kmask = keys < ctx
-            k = tl.load(K + off, mask=kmask[:, None], other=0.0)
-            v = tl.load(V + off, mask=kmask[:, None], other=0.0)
-            if QUANT:
-                k = (k.to(tl.float32) * kv_scale).to(q.dtype)
-                v = (v.to(tl.float32) * kv_scale).to(q.dtype)
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
             ok = (keys[None, :] <= pos[:, None]) & kmask[None, :]
-            sc = tl.where(ok, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(sc - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = attend_block(
+                q, K, V, off, kmask, ok, m_i, l_i, acc, sm_scale, kv_scale, QUANT, PREC
+            )
             j += 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
