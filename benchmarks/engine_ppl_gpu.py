@@ -6,7 +6,9 @@ split the checkpoint's tensors into compressed blobs, shared across runs where t
 equal (SmolLM2's embedding and lm_head), spread over `--parts` folders of at most the given MB
 each, so that successive device calls on one warm machine can carry one folder each.
 `run` (device, after every part arrived): rebuild each checkpoint, build its engine on CUDA,
-score the same windows and compare with the simulated and CPU-engine perplexity.
+score the same windows and compare with the simulated and CPU-engine perplexity; with `--bench
+1,8,32`, also the real model's 128/128 speed per engine, against an fp16 twin of the W8A16
+checkpoint (its float weights without the scales).
 
 Usage: python benchmarks/engine_ppl_gpu.py pack out/smollm2_int4_g64_sym ... --parts .pplpack1:38,.pplpack2:58,.pplpack3:58
        python benchmarks/engine_ppl_gpu.py run --parts /tmp/ppl/.pplpack1,... --out $OUT
@@ -122,8 +124,59 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_gpu(parts: list[Path], out: Path, device: str = "cuda") -> None:
-    """Rebuild every packed checkpoint, build it on CUDA, score its windows; write ppl_gpu.json."""
+def _rebuild(r: dict[str, Any], manifest: dict[str, Any], parts: list[Path], dest: Path) -> Path:
+    """Write run r's checkpoint (config.json + rank0.safetensors) from the blobs into dest."""
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(json.dumps(r["config"]))
+    arrays = {}
+    for name, key in r["tensors"].items():
+        b = manifest["blobs"][key]
+        arrays[name] = _decode((parts[b["part"]] / f"{key}.z").read_bytes(), b["dtype"], b["shape"])
+    save_file(arrays, str(dest / "rank0.safetensors"))
+    return dest
+
+
+def _float_twin(ckpt: Path, dest: Path) -> Path:
+    """An unquantized checkpoint from a W8A16 one: its float weights (the RTN-rounded values the
+    export writes) without the scales; the fp16 baseline of the speed rows, same shapes."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if cfg["quantization"]["quant_algo"] != "W8A16":
+        raise SystemExit(f"{ckpt.name}: a float twin needs a W8A16 checkpoint")
+    cfg["quantization"] = {**cfg["quantization"], "quant_algo": None, "kv_cache_quant_algo": None}
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    f = safe_open(str(ckpt / "rank0.safetensors"), "pt")
+    names = [n for n in f.keys() if not n.endswith(".per_channel_scale")]  # noqa: SIM118
+    save_file({n: f.get_tensor(n) for n in names}, str(dest / "rank0.safetensors"))
+    return dest
+
+
+def _speed(ckpt: Path, work: Path, device: str, batches: list[int]) -> list[dict[str, Any]]:
+    """128/128 static-batch rows of ckpt's engine (CUDA graphs and tuning warmed up first)."""
+    from quantlab.engine import bench
+    from quantlab.engine.build import build_engine
+    from quantlab.engine.config import BuildSettings
+    from quantlab.engine.runtime import Engine
+
+    s = BuildSettings(max_batch_size=max(batches), max_input_len=128, max_seq_len=256,
+                      max_num_tokens=max(batches) * 128, kv_cache_mem_gb=4.0)  # fmt: skip
+    cfg = build_engine(ckpt, work / f"{ckpt.name}-speed", s, show_progress=False)
+    e = Engine(work / f"{ckpt.name}-speed", device=device)
+    bench.warm_up(e)
+    rows = []
+    for bs in batches:
+        row = bench.bench_static(e, bs, 128, 128)
+        rows.append({"run": ckpt.name, "quant_algo": cfg.quant_algo, "kv": cfg.kv_storage,
+                     **row.__dict__})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_gpu(
+    parts: list[Path], out: Path, device: str = "cuda", batches: list[int] | None = None
+) -> None:
+    """Rebuild every packed checkpoint, build it, score its windows (ppl_gpu.json); with batches,
+    also the 128/128 speed of each engine and of a float twin of the W8A16 one (speed_gpu.json)."""
     from quantlab.engine.build import build_engine
     from quantlab.engine.config import BuildSettings
     from quantlab.engine.runtime import Engine
@@ -135,19 +188,10 @@ def run_gpu(parts: list[Path], out: Path, device: str = "cuda") -> None:
     if missing:
         raise SystemExit(f"{len(missing)} blobs missing (parts not all carried): {missing[:3]}")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, speed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in manifest["runs"]:
-            ckpt = Path(tmp) / r["name"]
-            ckpt.mkdir()
-            (ckpt / "config.json").write_text(json.dumps(r["config"]))
-            arrays = {}
-            for name, key in r["tensors"].items():
-                b = manifest["blobs"][key]
-                arrays[name] = _decode(
-                    (parts[b["part"]] / f"{key}.z").read_bytes(), b["dtype"], b["shape"]
-                )
-            save_file(arrays, str(ckpt / "rank0.safetensors"))
+            ckpt = _rebuild(r, manifest, parts, Path(tmp) / r["name"])
             seq = max(len(w) for w in r["windows"])
             settings = BuildSettings(
                 max_batch_size=1, max_input_len=seq, max_seq_len=seq + 1, kv_cache_mem_gb=1.0
@@ -187,7 +231,14 @@ def run_gpu(parts: list[Path], out: Path, device: str = "cuda") -> None:
             del e
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if batches:
+                if cfg.quant_algo == "W8A16":
+                    twin = _float_twin(ckpt, Path(tmp) / "float-twin")
+                    speed += _speed(twin, Path(tmp), device, batches)
+                speed += _speed(ckpt, Path(tmp), device, batches)
     (out / "ppl_gpu.json").write_text(json.dumps(rows, indent=1))
+    if speed:
+        (out / "speed_gpu.json").write_text(json.dumps(speed, indent=1))
 
 
 def main() -> None:
@@ -198,12 +249,16 @@ def main() -> None:
     ap.add_argument("--parts", required=True, help="pack: DIR:MB,...; run: DIR,...")
     ap.add_argument("--out", default="ppl_gpu")
     ap.add_argument("--device", default="cuda", help="run: cpu for a dry run of the rebuild")
+    ap.add_argument(
+        "--bench", default="", help="run: batch sizes of 128/128 speed rows, e.g. 1,8,32"
+    )
     args = ap.parse_args()
     if args.verb == "pack":
         parts = [(Path(p.split(":")[0]), float(p.split(":")[1])) for p in args.parts.split(",")]
         pack([Path(r) for r in args.runs], parts)
     else:
-        run_gpu([Path(p) for p in args.parts.split(",")], Path(args.out), args.device)
+        batches = [int(b) for b in args.bench.split(",") if b]
+        run_gpu([Path(p) for p in args.parts.split(",")], Path(args.out), args.device, batches)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), the trace, then one
 #   in-flight mixed step taken apart (engine_profile.py mixed), then the FP8 and W8A8 decode-step
 #   profiles at bs 1 and 64.
-# Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine (engine_ppl_gpu.py). The five
+# Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine, then the real model's 128/128
+#   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
 # Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|p
@@ -48,7 +49,7 @@ case "$part" in
   p)
     parts=$(echo /tmp/ppl/.pplpackB{1..5} | tr ' ' ',')
     timeout "$(left)" python3 benchmarks/engine_ppl_gpu.py run --parts "$parts" --out "$out/ppl" \
-      > "$out/ppl.log" 2>&1
+      --bench 1,8,32,64 > "$out/ppl.log" 2>&1
     ;;
 esac
 rm -rf /tmp/w /tmp/p
