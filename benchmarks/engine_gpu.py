@@ -95,6 +95,7 @@ SHAPE = LLAMA2_7B  # --shape
 DEV = "cuda"  # --device cpu: a dry run of the script's logic (slow, no speed meaning)
 HF = True  # --no-hf: skip the transformers baseline
 LAYERS = 32  # --dry-run: the small shape with 2 layers
+LOOKAHEAD_AB = False  # --lookahead-ab: speed rows with look-ahead off too, same engine
 ROWS: Path | None = None  # every result row is appended here as it is measured
 
 
@@ -309,14 +310,17 @@ def stage_speed(
             cfg = build_engine(ckpt, eng, s, overwrite=True, show_progress=False)
             t_build = time.perf_counter() - t1
             shutil.rmtree(ckpt)
-            e = Engine(eng, device=DEV)
+            e = Engine(eng, device=DEV, lookahead=True if LOOKAHEAD_AB else None)
             bench.warm_up(e)
             est = estimate(e.cfg, e.cfg.quant_algo, e.cfg.kv_storage)
             rows = [bench.bench_static(e, bs, *io).__dict__ for bs in batches]
             r = {"mode": mode, "quant_algo": cfg.quant_algo, "kv": cfg.kv_storage,
                  "engine_gb": (eng / ENGINE_WEIGHTS).stat().st_size / 1e9,
                  "weights_est_gb": est.weights / 1e9, "export_s": t_export, "build_s": t_build,
-                 "rows": rows}  # fmt: skip
+                 "lookahead": e.lookahead, "rows": rows}  # fmt: skip
+            if LOOKAHEAD_AB:  # the same engine with each decode step waiting for the last's tokens
+                e.lookahead = False
+                r["rows_no_lookahead"] = [bench.bench_static(e, b, *io).__dict__ for b in batches]
             del e
             gc.collect()  # the engine and its CUDA graphs reference each other
             if mode not in ("fp16", "W4A16_AWQ g128 (RTN int4_g128_sym)"):
@@ -421,9 +425,11 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--dry-run", action="store_true", help="speed stage on a 2-layer small model")
+    ap.add_argument("--lookahead-ab", action="store_true", help="speed: also time look-ahead off")
     ap.add_argument("--check-modes", default="", help="comma-separated mode prefixes (check)")
     args = ap.parse_args()
-    global ROWS, DEV, LAYERS, HF, SHAPE
+    global ROWS, DEV, LAYERS, HF, SHAPE, LOOKAHEAD_AB
+    LOOKAHEAD_AB = args.lookahead_ab
     SHAPE = SHAPES[args.shape]
     HF = not args.no_hf
     DEV = args.device

@@ -6,11 +6,12 @@
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), the trace, then one
 #   in-flight mixed step taken apart (engine_profile.py mixed), then the FP8 and W8A8 decode-step
 #   profiles at bs 1 and 64.
+# Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off.
 # Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine, then the real model's 128/128
 #   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|p
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|L|p
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -45,6 +46,15 @@ case "$part" in
     rm -rf /tmp/p  # then the FP8 and W8A8 decode steps by kernel (their targets' profiles)
     timeout "$(left)" python3 benchmarks/engine_profile.py bw profile --out "$out/profile" \
       --work /tmp/p --profile-modes "FP8 (,W8A8 SQ per-channel" > "$out/profile.log" 2>&1
+    ;;
+  L)  # look-ahead decode (quantlab/engine/ahead.py): GPU correctness, then each mode's 128/128
+    # speed with look-ahead on and off on the same engine (W8A8's first speed rows with it)
+    timeout 150 python3 benchmarks/engine_gpu.py check --check-modes "fp16,W4A16_AWQ,FP8 (" \
+      --out "$out/check" --work /tmp/w > "$out/check.log" 2>&1
+    rm -rf /tmp/w
+    timeout "$(left)" python3 benchmarks/engine_gpu.py speed --no-hf --lookahead-ab \
+      --modes "fp16,W4A16_AWQ,W8A8 SQ per-channel,FP8 (,W8A16 (" --batches 1,16,32 \
+      --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
     ;;
   p)
     parts=$(echo /tmp/ppl/.pplpackB{1..5} | tr ' ' ',')

@@ -19,6 +19,10 @@ def main() -> None:
             elif st == "speed":
                 rows = [(x["batch_size"], round(x["tokens_per_s"], 1)) for x in r.get("rows", [])]
                 print("speed", r.get("mode", "")[:32], rows, err)
+                if "rows_no_lookahead" in r:
+                    off = [(x["batch_size"], round(x["tokens_per_s"], 1))
+                           for x in r["rows_no_lookahead"]]  # fmt: skip
+                    print("speed (look-ahead off)", r.get("mode", "")[:32], off)
             elif st in ("profile", "bw", "hf", "kvfit", "trace", "breakdown"):
                 keep = {k: v for k, v in r.items() if k not in ("top_kernels", "stage")}
                 print(st, json.dumps(keep)[:400])

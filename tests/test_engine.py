@@ -161,7 +161,9 @@ def test_inflight_batching_gives_each_request_its_alone_tokens(
     engine_for: Callable[..., tuple[Path, Path]],
 ) -> None:
     """Requests that join and leave a running batch, prefilled in chunks (max_num_tokens 24) and
-    preempted when the pool runs dry, get the tokens they get alone (greedy and seeded sampling)."""
+    preempted when the pool runs dry, get the tokens they get alone (greedy and seeded sampling),
+    with decode steps queued one step ahead (quantlab/engine/ahead.py) and a stop token that ends
+    a request while its next step is already queued."""
     run, _ = engine_for("llama", "INT8KV")
     eng = run.parent / "engine-small"
     small = BuildSettings(
@@ -189,13 +191,30 @@ def test_inflight_batching_gives_each_request_its_alone_tokens(
             strict=True,
         )
     ]
-    batched = Engine(eng)
+    alone = Engine(eng, lookahead=False)
+    expect = [alone.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
+    # request 3 (sampled; greedy ones repeat one token) now stops on the first token it has not
+    # drawn in its first 20 steps
+    out3 = expect[3]
+    stop = next(t for i, t in enumerate(out3) if i >= 20 and t not in out3[:i])
+    params[3] = SamplingParams(
+        max_new_tokens=30, ignore_eos=True, temperature=1.0, top_k=5, seed=2, stop_token_ids=(stop,)
+    )
+    expect[3] = out3[: out3.index(stop) + 1]
+    assert 20 < len(expect[3]) < 30  # it stops on a decode step
+    batched = Engine(eng, lookahead=True)
     together = batched.generate(prompts, params)
     assert batched.cache.allocator.num_blocks == 10
     assert sum(o.preemptions for o in together) > 0  # the pool forced a preemption
-    alone = Engine(eng)
-    for p, sp, out in zip(prompts, params, together, strict=True):
-        assert alone.generate([p], sp)[0].token_ids == out.token_ids
+    assert batched.step_stats["decode (ahead)"][0] > 10  # steps were queued ahead
+    assert [o.token_ids for o in together] == expect
+    assert together[3].finish_reason == "stop"
+    before = batched.ahead_dropped
+    assert batched.generate([prompts[3]], params[3])[0].token_ids == expect[3]
+    assert batched.ahead_dropped == before + 1  # alone, it stops with its next step queued
+    pair = batched.generate([prompts[3], prompts[2]], [params[3], params[2]])
+    assert [o.token_ids for o in pair] == [expect[3], expect[2]]
+    assert batched.ahead_dropped == before + 2  # its row dropped, request 2's kept
     assert batched.cache.allocator.free == batched.cache.allocator.num_blocks - 1  # all freed
 
 

@@ -43,7 +43,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, mb), dtype=torch.int32, device=dev)
         self.ctx_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.long, device=dev)
-        self.host = torch.zeros((n, 4 + mb), dtype=torch.long).pin_memory()
+        # token, position, slot, context length, source row, block table
+        self.host = torch.zeros((2, n, 5 + mb), dtype=torch.long).pin_memory()
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool: Any = None  # the graphs share one memory pool handle
@@ -88,29 +90,43 @@ class DecodeGraphs:
             if b not in self.graphs:
                 self.capture(b)
 
-    def run(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """float32 logits [len(plan), V] of one decode step (each sequence runs one token)."""
-        n = len(plan)
+    def run(
+        self,
+        seqs: list[Sequence],
+        ahead: int = 0,
+        src: torch.Tensor | None = None,
+        src_rows: list[int] | None = None,
+    ) -> torch.Tensor:
+        """float32 logits [len(seqs), V] of one decode step: sequence i runs position
+        computed + ahead, with its token from the host, or (src given: int64 [R] on the device,
+        a step still in flight) src[src_rows[i]], so no host round trip sits between the steps."""
+        n = len(seqs)
         b = next(x for x in self.buckets if x >= n)
         if b not in self.graphs:
             self.capture(b)
         bs = self.engine.cfg.build.block_size
-        h = self.host[:b]
+        self.turn ^= 1  # two staging buffers: the other may still feed a queued copy
+        h = self.host[self.turn, :b]
         hn = h.numpy()  # numpy element writes: ~30x cheaper than torch indexing (bs 64: 2.4 ms)
         hn.fill(0)
-        for i, (seq, _) in enumerate(plan):
-            p = seq.computed
+        for i, seq in enumerate(seqs):
+            p = seq.computed + ahead
             row = hn[i]
-            row[0] = seq.prompt[p] if p < len(seq.prompt) else seq.output[p - len(seq.prompt)]
+            if src is None:
+                row[0] = seq.prompt[p] if p < len(seq.prompt) else seq.output[p - len(seq.prompt)]
+            else:
+                row[4] = src_rows[i] if src_rows is not None else i
             row[1] = p
             row[2] = seq.blocks[p // bs] * bs + p % bs
             row[3] = p + 1
-            row[4 : 4 + len(seq.blocks)] = seq.blocks
+            row[5 : 5 + len(seq.blocks)] = seq.blocks
         d = h.to(self.engine.device, non_blocking=True)
         self.tokens[:b].copy_(d[:, 0])
+        if src is not None:
+            self.tokens[:n].copy_(src.index_select(0, d[:n, 4]))
         self.positions[:b].copy_(d[:, 1])
         self.slots[:b].copy_(d[:, 2])
         self.ctx_lens[:b].copy_(d[:, 3])
-        self.block_tables[:b].copy_(d[:, 4:])
+        self.block_tables[:b].copy_(d[:, 5:])
         self.graphs[b].replay()
         return self.logits[b][:n]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from quantlab.engine import ahead
 from quantlab.engine.config import ENGINE_WEIGHTS, EngineConfig
 from quantlab.engine.graphs import DecodeGraphs
 from quantlab.engine.kv_cache import PagedKVCache, kv_bytes_per_block
@@ -28,6 +30,7 @@ from quantlab.errors import InputError
 from quantlab.kernels.paged_attention import choose_splits
 
 log = logging.getLogger(__name__)
+LOOKAHEAD_ENV = "QUANTLAB_ENGINE_LOOKAHEAD"
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Engine:
         use_cuda_graphs: bool = True,
         multi_block: bool = True,
         kv_cache_mem_gb: float | None = None,
+        lookahead: bool | None = None,
     ) -> None:
         self.dir = Path(engine_dir)
         self.cfg = load_engine_config(self.dir)
@@ -106,6 +110,17 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self)
+        # Decode one step ahead of the host (quantlab/engine/ahead.py): on by default on CUDA;
+        # QUANTLAB_ENGINE_LOOKAHEAD=0 turns it off.
+        if lookahead is None:
+            lookahead = self.device.type == "cuda" and os.environ.get(LOOKAHEAD_ENV, "1") != "0"
+        self.lookahead = lookahead
+        self._ahead: ahead.InFlight | None = None
+        self.ahead_dropped = 0  # rows of queued steps whose sequence had stopped (wasted work)
+        n = b.max_batch_size
+        pin = self.device.type == "cuda"
+        self.token_host = torch.zeros((2, n), dtype=torch.long, pin_memory=pin)
+        self.token_turn = 0
         self._next_id = 0
         self.finished: list[RequestOutput] = []
         self.tokenizer: Any = None
@@ -194,19 +209,25 @@ class Engine:
         self.scheduler.add(Sequence(rid, list(prompt), params))
         return rid
 
-    def _batch(self, plan: list[tuple[Sequence, int]]) -> StepBatch:
+    def decode_batch(self, seqs: list[Sequence], ahead: int = 0) -> StepBatch:
+        """The eager inputs of one decode step of seqs at position computed + ahead (ahead 1: the
+        tokens are left 0 for the caller to fill on the device)."""
+        return self._batch([(s, 1) for s in seqs], ahead)
+
+    def _batch(self, plan: list[tuple[Sequence, int]], ahead: int = 0) -> StepBatch:
         bs = self.cfg.build.block_size
         toks, pos, slots, seqs, rows = [], [], [], [], []
         start = 0
         for seq, n in plan:
-            p = list(range(seq.computed, seq.computed + n))
-            toks += seq.tokens[seq.computed : seq.computed + n]
+            c = seq.computed + ahead
+            p = list(range(c, c + n))
+            toks += seq.tokens[c : c + n] if not ahead else [0] * n
             pos += p
             slots += [seq.blocks[i // bs] * bs + i % bs for i in p]
-            ctx = seq.computed + n
+            ctx = c + n
             blocks = torch.tensor(seq.blocks[: -(-ctx // bs)], dtype=torch.long)
             seqs.append(SeqSlice(start, n, ctx, blocks.to(self.device)))
-            if ctx == seq.num_tokens:
+            if ctx - ahead == seq.num_tokens:
                 rows.append(start + n - 1)
             start += n
         dev = self.device
@@ -259,6 +280,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; the requests that finished in it."""
+        if self._ahead is not None:  # a decode step queued ahead by the previous call
+            cur, self._ahead = self._ahead, None
+            cur.t0 = time.perf_counter()  # its time: what this call waits and records
+            return self._finish(cur, "decode (ahead)")
         plan = self.scheduler.schedule()
         if not plan:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -267,10 +292,14 @@ class Engine:
                     "larger --kv-cache-mem-gb or a smaller --max-seq-len."
                 )
             return []
-        t0 = time.perf_counter()
         decode = all(n == 1 for _, n in plan)
-        if decode and self.graphs is not None and self.graphs.serves(len(plan)):
-            logits = self.graphs.run(plan)
+        graphs = self.graphs is not None and self.graphs.serves(len(plan))
+        if decode and self.lookahead and ahead.queueable(self, [s for s, _ in plan]):
+            cur = ahead.launch(self, [s for s, _ in plan])
+            return self._finish(cur, "decode (graph)" if graphs else "decode (eager)")
+        t0 = time.perf_counter()
+        if decode and graphs:
+            logits = self.graphs.run([s for s, _ in plan])  # type: ignore[union-attr]
             kind = "decode (graph)"
         else:
             logits = self.model(self._batch(plan), self.cache)
@@ -281,9 +310,28 @@ class Engine:
                 if any(n == 1 for _, n in plan)
                 else "prefill"
             )
+        return self._record(plan, self._next_tokens(plan, logits), t0, kind)
+
+    def _finish(self, cur: ahead.InFlight, kind: str) -> list[RequestOutput]:
+        """Queue the step after cur when it can go ahead, then read cur's tokens and record them
+        (a sequence that finished on the step before cur gets its row dropped)."""
+        self._ahead = ahead.follow(self, cur)
+        toks = cur.tokens()
+        keep = [(s, t) for s, t in zip(cur.seqs, toks, strict=True) if s.finish_reason is None]
+        self.ahead_dropped += len(cur.seqs) - len(keep)
+        done = self._record([(s, 1) for s, _ in keep], [t for _, t in keep], cur.t0, kind)
+        if self._ahead is not None and all(s.finish_reason for s in self._ahead.seqs):
+            self.ahead_dropped += len(self._ahead.seqs)
+            self._ahead = None  # every row of the queued step stopped: nothing to read
+        return done
+
+    def _record(
+        self, plan: list[tuple[Sequence, int]], toks: list[int], t0: float, kind: str
+    ) -> list[RequestOutput]:
+        """Advance the plan's sequences by the step's tokens (one per row: the sequences that
+        finish their prompt or decode) and release those that finished."""
         done = []
         row = 0
-        toks = self._next_tokens(plan, logits)
         now = time.perf_counter()
         st = self.step_stats.setdefault(kind, [0, 0.0, 0])
         st[0] += 1

@@ -81,7 +81,14 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 def sample_rows(
     logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
 ) -> list[int]:
-    """One token id per row of float32 logits [S, V] (any device; all rows in one batch of ops).
+    """One token id per row of float32 logits [S, V] (sample_rows_t's draw, on the host)."""
+    return sample_rows_t(logits, params, seeds, steps).tolist()
+
+
+def sample_rows_t(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+) -> torch.Tensor:
+    """int64 [S]: one token id per row of float32 logits [S, V], on their device (one batch of ops).
 
     Temperature, then top-k, then top-p on what top-k left (the smallest prefix of the sorted
     probabilities reaching p), then a Gumbel-max draw with uniform_noise(seed, step)."""
@@ -90,7 +97,7 @@ def sample_rows(
     x = logits.float() / temps
     g = -torch.log(-torch.log(uniform_noise(_i64(seeds, dev), _i64(steps, dev), v)))
     if all(p.top_k == 0 and p.top_p >= 1.0 for p in params):
-        return (x + g).argmax(-1).tolist()
+        return (x + g).argmax(-1)
     sx, idx = torch.sort(x, dim=-1, descending=True)
     pos = torch.arange(v, device=dev).reshape(1, -1)
     k = _i64([p.top_k if p.top_k > 0 else v for p in params], dev).reshape(-1, 1)
@@ -100,7 +107,7 @@ def sample_rows(
     drop = (prob.cumsum(-1) - prob >= top_p) & (top_p < 1.0)
     sx = sx.masked_fill(drop, float("-inf"))
     choice = (sx + g.gather(1, idx)).argmax(-1, keepdim=True)
-    return idx.gather(1, choice).reshape(-1).tolist()
+    return idx.gather(1, choice).reshape(-1)
 
 
 def _i64(vals: list[int], dev: torch.device) -> torch.Tensor:

@@ -108,6 +108,14 @@ class Scheduler:
         self.waiting.appendleft(victim)
         return victim
 
+    def would_admit(self) -> bool:
+        """True when the next schedule() would admit a waiting request into the running batch."""
+        if not self.waiting or len(self.running) >= self.max_batch_size:
+            return False
+        if self.static_batching and not self._batch_open:
+            return False
+        return self._blocks_for(self.waiting[0].num_tokens + 1) <= self.allocator.free
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to run) pairs for one step: running sequences first, then new ones."""
         budget = self.max_num_tokens
