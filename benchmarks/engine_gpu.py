@@ -365,7 +365,7 @@ def stage_long(work: Path, ctxs: list[int], out_len: int) -> dict[str, Any]:
                     r = {"engine": tag, "multi_block": mb, "ctx": ctx, "error": repr(exc)[:300]}
                 record({"stage": "long", **r})
                 res["long"].append(r)
-        if tag == "W4A16AWQ":
+        if tag == "W4A16AWQ" and e.cfg.build.max_batch_size >= 8:  # else a batch-1 "trace"
             _regraph(e, True)
             lengths = bench.trace_lengths(96, (32, 1024), (16, 384), 0)
             for static in (False, True):

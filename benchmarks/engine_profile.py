@@ -265,6 +265,8 @@ def _step_anatomy(e: Engine, label: str) -> dict[str, Any]:
     """Wall ms of the engine's next step and its GPU kernel ms by category (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
+    if e.lookahead:
+        raise ValueError("_step_anatomy needs look-ahead off: the step would queue the next one")
     _sync()
     t0 = time.perf_counter()
     on_gpu = e.device.type == "cuda"  # CPU (a dry run): the CPU ops' times instead
@@ -288,7 +290,8 @@ def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
     alone and the same batch decoding alone. Wall times unprofiled (median of 5 rounds after one
     warm-up round), then one profiled step of each kind by kernel category (CUDA graphs off)."""
     eng = _engine(model, W4, work, "auto", 32)
-    e = Engine(eng, device="cuda")
+    # look-ahead off: each timed step must be that one step, not one that queues the next
+    e = Engine(eng, device="cuda", lookahead=False)
     bench.warm_up(e)
     vocab = eg.SHAPE["vocab_size"]
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part.
-# Part "a": SmoothQuant W8A8 speed (both flows) against the fp16 engine in the same call, then
-#   our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
+# Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part. Parts L and c ran
+# on 2026-12-07 (docs/engine.md, "Run 8"); a, b, t and p are for the next GPU session.
+# Part "a": our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
-# Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), the trace, then one
-#   in-flight mixed step taken apart (engine_profile.py mixed), then the FP8 and W8A8 decode-step
-#   profiles at bs 1 and 64.
-# Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off.
+# Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), then the FP8 and W8A8
+#   decode-step profiles at bs 1 and 64.
+# Part "t": the in-flight vs static trace with look-ahead (engine_gpu.py trace), then one
+#   in-flight mixed step taken apart (engine_profile.py mixed, look-ahead off).
+# Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off
+#   (W8A8 SmoothQuant included).
 # Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine, then the real model's 128/128
 #   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|L|p
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|L|p
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -23,10 +25,6 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 case "$part" in
   a)
-    timeout 300 python3 benchmarks/engine_gpu.py speed --no-hf \
-      --modes "fp16,W8A8 SQ per-channel,W8A8 SQ per-tensor" --batches 1,16,32,64 \
-      --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
-    rm -rf /tmp/w
     timeout "$(left)" python3 benchmarks/engine_profile.py hf --out "$out/hf" --work /tmp/p \
       > "$out/hf.log" 2>&1
     ;;
@@ -40,12 +38,16 @@ case "$part" in
       --batches 1 --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
     timeout 220 python3 benchmarks/engine_gpu.py long --ctxs 16384 \
       --out "$out/long" --work /tmp/w > "$out/long.log" 2>&1
-    rm -rf /tmp/w
-    timeout 150 python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
-      > "$out/mixed.log" 2>&1
-    rm -rf /tmp/p  # then the FP8 and W8A8 decode steps by kernel (their targets' profiles)
+    rm -rf /tmp/w  # then the FP8 and W8A8 decode steps by kernel (their targets' profiles)
     timeout "$(left)" python3 benchmarks/engine_profile.py bw profile --out "$out/profile" \
       --work /tmp/p --profile-modes "FP8 (,W8A8 SQ per-channel" > "$out/profile.log" 2>&1
+    ;;
+  t)
+    timeout 330 python3 benchmarks/engine_gpu.py trace --out "$out/trace" --work /tmp/w \
+      > "$out/trace.log" 2>&1
+    rm -rf /tmp/w
+    timeout "$(left)" python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
+      > "$out/mixed.log" 2>&1
     ;;
   L)  # look-ahead decode (quantlab/engine/ahead.py): GPU correctness, then each mode's 128/128
     # speed with look-ahead on and off on the same engine (W8A8's first speed rows with it)

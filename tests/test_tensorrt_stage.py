@@ -193,6 +193,7 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> 
     return out
 
 
+@pytest.mark.slow  # three TensorRT-RTX engine builds (~25 s): CI runs it in the slow tier
 def test_tensorrt_engines_store_8_and_4_bit_weights(
     wide_model: Path, emma: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
