@@ -282,6 +282,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         device=args.device,
         use_cuda_graphs=not args.no_cuda_graphs,
         multi_block=not args.no_multi_block,
+        lookahead=False if args.no_lookahead else None,
     )
     return e
 
@@ -320,7 +321,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     e = _engine(args)
     est = estimate(e.cfg, e.cfg.quant_algo, e.cfg.kv_storage)
-    log.info("warming up (CUDA graphs, kernel tuning)")
+    log.info(
+        "warming up (CUDA graphs, kernel tuning); look-ahead decode %s",
+        "on" if e.lookahead else "off",
+    )
     bench.warm_up(e)
     rows = []
     for pair in args.input_output_len.split(";"):
@@ -372,6 +376,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--no-multi-block", action="store_true", help="one block per (seq, KV head)")
+    p.add_argument(
+        "--no-lookahead",
+        action="store_true",
+        help="wait for each decode step's tokens before queuing the next (look-ahead is on by "
+        "default on CUDA)",
+    )
 
 
 def _add_engine_verbs(sub: argparse._SubParsersAction) -> None:
