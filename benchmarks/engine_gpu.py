@@ -95,6 +95,7 @@ SHAPE = LLAMA2_7B  # --shape
 DEV = "cuda"  # --device cpu: a dry run of the script's logic (slow, no speed meaning)
 HF = True  # --no-hf: skip the transformers baseline
 LAYERS = 32  # --dry-run: the small shape with 2 layers
+BREAKDOWN = True  # --short-trace: the trace stage skips the step breakdown and the third trace
 LOOKAHEAD_AB = False  # --lookahead-ab: speed rows with look-ahead off too, same engine
 ROWS: Path | None = None  # every result row is appended here as it is measured
 
@@ -394,7 +395,7 @@ def stage_trace(work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     bench.warm_up(e)
     res: dict[str, Any] = {"warm_up_s": time.perf_counter() - t0, "trace": [], "breakdown": []}
-    for bs in (1, 32):
+    for bs in (1, 32) if BREAKDOWN else ():
         step = bench.bench_static(e, bs, 128, 66)
         short = bench.bench_static(e, bs, 128, 2)
         per_step = (step.latency_ms - short.latency_ms) / 64
@@ -403,7 +404,7 @@ def stage_trace(work: Path) -> dict[str, Any]:
         record({"stage": "breakdown", **r})
         res["breakdown"].append(r)
     lengths = bench.trace_lengths(96, (32, 1024), (16, 384), 0)
-    for static in (False, True, False):
+    for static in (False, True, False) if BREAKDOWN else (False, True):
         t = bench.bench_trace(e, lengths, static).to_dict()
         record({"stage": "trace", **t})
         res["trace"].append(t)
@@ -425,10 +426,12 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--dry-run", action="store_true", help="speed stage on a 2-layer small model")
+    ap.add_argument("--short-trace", action="store_true", help="trace: in-flight + static only")
     ap.add_argument("--lookahead-ab", action="store_true", help="speed: also time look-ahead off")
     ap.add_argument("--check-modes", default="", help="comma-separated mode prefixes (check)")
     args = ap.parse_args()
-    global ROWS, DEV, LAYERS, HF, SHAPE, LOOKAHEAD_AB
+    global ROWS, DEV, LAYERS, HF, SHAPE, LOOKAHEAD_AB, BREAKDOWN
+    BREAKDOWN = not args.short_trace
     LOOKAHEAD_AB = args.lookahead_ab
     SHAPE = SHAPES[args.shape]
     HF = not args.no_hf

@@ -13,7 +13,7 @@
 #   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|L|p
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|L|p
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -48,6 +48,10 @@ case "$part" in
     rm -rf /tmp/w
     timeout "$(left)" python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
       > "$out/mixed.log" 2>&1
+    ;;
+  T)  # part t's trace alone, short (in-flight then static, no breakdown): for a small budget
+    timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
+      --work /tmp/w > "$out/trace.log" 2>&1
     ;;
   L)  # look-ahead decode (quantlab/engine/ahead.py): GPU correctness, then each mode's 128/128
     # speed with look-ahead on and off on the same engine (W8A8's first speed rows with it)
