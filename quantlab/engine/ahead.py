@@ -74,7 +74,10 @@ def launch(e: Engine, seqs: list[Sequence], prev: InFlight | None = None) -> InF
     t0 = time.perf_counter()
     ahead = int(prev is not None)
     src = prev.tokens_dev if prev is not None else None
-    rows = [prev.seqs.index(s) for s in seqs] if prev is not None else None
+    rows = None
+    if prev is not None:  # by identity: Sequence's dataclass == compares every field
+        at = {id(q): i for i, q in enumerate(prev.seqs)}
+        rows = [at[id(q)] for q in seqs]
     if e.graphs is not None:
         logits = e.graphs.run(seqs, ahead, src, rows)
     else:
