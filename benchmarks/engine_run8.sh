@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part. Parts L and c ran
-# on 2026-12-07 (docs/engine.md, "Run 8"); a, b, t and p are for the next GPU session.
+# Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part. Parts L, c and T ran
+# on 2026-12-07 (docs/engine.md, "Run 8"); a, b, t, w and p are for the next GPU session.
 # Part "a": our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), then the FP8 and W8A8
 #   decode-step profiles at bs 1 and 64.
 # Part "t": the in-flight vs static trace with look-ahead (engine_gpu.py trace), then one
 #   in-flight mixed step taken apart (engine_profile.py mixed, look-ahead off).
+# Part "w": SmoothQuant W8A8 with fp16 and with INT8 KV against fp16 at bs 1-64.
 # Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off
 #   (W8A8 SmoothQuant included).
 # Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine, then the real model's 128/128
 #   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|L|p
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|w|L|p
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -52,6 +53,11 @@ case "$part" in
   T)  # part t's trace alone, short (in-flight then static, no breakdown): for a small budget
     timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
       --work /tmp/w > "$out/trace.log" 2>&1
+    ;;
+  w)  # SmoothQuant W8A8 with its fp16 and its INT8 KV cache against fp16, bs 1-64
+    timeout "$(left)" python3 benchmarks/engine_gpu.py speed --no-hf \
+      --modes "fp16,W8A8 SQ per-channel" --batches 1,16,32,64 \
+      --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
     ;;
   L)  # look-ahead decode (quantlab/engine/ahead.py): GPU correctness, then each mode's 128/128
     # speed with look-ahead on and off on the same engine (W8A8's first speed rows with it)
