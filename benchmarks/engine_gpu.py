@@ -282,6 +282,29 @@ def replay_ms(e: Engine, bs: int, n: int = 50) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def tuned_plans(max_m: int = 4) -> dict[str, dict[str, str]]:
+    """The GEMM plans the kernels' tuners picked in this process for keys whose M bucket is at most
+    max_m (decode), each with its three fastest timings (plan, ms): which kernel ran each linear,
+    to explain a row that moves between runs."""
+    out: dict[str, dict[str, str]] = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("quantlab.kernels."):
+            continue
+        for attr in ("TUNER", "HOPPER_TUNER"):
+            t = getattr(mod, attr, None)
+            cache = getattr(t, "cache", None)
+            if not isinstance(cache, dict):
+                continue
+            picked = {
+                str(k): f"{p} of {sorted(t.timings.get(k, []), key=lambda r: r[1])[:3]}"
+                for k, p in cache.items()
+                if isinstance(k, tuple) and isinstance(k[0], int) and k[0] <= max_m
+            }
+            if picked:
+                out[t.name] = picked
+    return out
+
+
 def stage_speed(
     work: Path, modes: list[str], batches: list[int], io: tuple[int, int]
 ) -> dict[str, Any]:
@@ -321,7 +344,7 @@ def stage_speed(
             r = {"mode": mode, "quant_algo": cfg.quant_algo, "kv": cfg.kv_storage,
                  "engine_gb": (eng / ENGINE_WEIGHTS).stat().st_size / 1e9,
                  "weights_est_gb": est.weights / 1e9, "export_s": t_export, "build_s": t_build,
-                 "lookahead": e.lookahead, "rows": rows}  # fmt: skip
+                 "lookahead": e.lookahead, "rows": rows, "decode_plans": tuned_plans()}  # fmt: skip
             if LOOKAHEAD_AB:  # the same engine with each decode step waiting for the last's tokens
                 e.lookahead = False
                 r["rows_no_lookahead"] = [bench.bench_static(e, b, *io).__dict__ for b in batches]
