@@ -36,7 +36,6 @@ class InFlight:
     tokens_dev: torch.Tensor  # int64 [R] on the engine's device
     tokens_host: torch.Tensor  # int64 [R], pinned on CUDA, filled by a queued copy
     event: torch.cuda.Event | None  # recorded after that copy (None on CPU)
-    ahead: bool  # queued before the previous step's tokens were read
     t0: float
 
     def tokens(self) -> list[int]:
@@ -87,13 +86,13 @@ def launch(e: Engine, seqs: list[Sequence], prev: InFlight | None = None) -> InF
         logits = e.model(batch, e.cache)
     toks = device_tokens(seqs, logits, ahead)
     if e.device.type != "cuda":
-        return InFlight(seqs, toks, toks, None, bool(ahead), t0)
+        return InFlight(seqs, toks, toks, None, t0)
     e.token_turn ^= 1  # two pinned buffers: the other holds the step before, not yet read
     host = e.token_host[e.token_turn, : len(seqs)]
     host.copy_(toks, non_blocking=True)
     ev = torch.cuda.Event()
     ev.record()
-    return InFlight(seqs, toks, host, ev, bool(ahead), t0)
+    return InFlight(seqs, toks, host, ev, t0)
 
 
 def follow(e: Engine, cur: InFlight) -> InFlight | None:

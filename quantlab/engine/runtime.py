@@ -24,7 +24,7 @@ from quantlab.engine.graphs import DecodeGraphs
 from quantlab.engine.kv_cache import PagedKVCache, kv_bytes_per_block
 from quantlab.engine.linear import EngineLinear
 from quantlab.engine.model import DecoderLayer, EngineModel, SeqSlice, StepBatch
-from quantlab.engine.sampling import SamplingParams, sample_rows
+from quantlab.engine.sampling import SamplingParams
 from quantlab.engine.scheduler import Scheduler, Sequence
 from quantlab.errors import InputError
 from quantlab.kernels.paged_attention import choose_splits
@@ -264,19 +264,8 @@ class Engine:
         decode, in order): the argmax for greedy requests, one batched draw for the others."""
         if not logits.shape[0]:
             return []
-        toks = logits.argmax(-1).tolist()
         rows = [s for s, n in plan if s.computed + n >= s.num_tokens]
-        drawn = [i for i, s in enumerate(rows) if not s.params.greedy and s.seed is not None]
-        if drawn:
-            picked = sample_rows(
-                logits[torch.tensor(drawn, device=logits.device)],
-                [rows[i].params for i in drawn],
-                [rows[i].seed for i in drawn],  # type: ignore[misc]
-                [len(rows[i].output) for i in drawn],
-            )
-            for i, t in zip(drawn, picked, strict=True):
-                toks[i] = t
-        return toks
+        return ahead.device_tokens(rows, logits, 0).tolist()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; the requests that finished in it."""
@@ -293,13 +282,14 @@ class Engine:
                 )
             return []
         decode = all(n == 1 for _, n in plan)
+        seqs = [s for s, _ in plan]
         graphs = self.graphs is not None and self.graphs.serves(len(plan))
-        if decode and self.lookahead and ahead.queueable(self, [s for s, _ in plan]):
-            cur = ahead.launch(self, [s for s, _ in plan])
+        if decode and self.lookahead and ahead.queueable(self, seqs):
+            cur = ahead.launch(self, seqs)
             return self._finish(cur, "decode (graph)" if graphs else "decode (eager)")
         t0 = time.perf_counter()
         if decode and graphs:
-            logits = self.graphs.run([s for s, _ in plan])  # type: ignore[union-attr]
+            logits = self.graphs.run(seqs)  # type: ignore[union-attr]
             kind = "decode (graph)"
         else:
             logits = self.model(self._batch(plan), self.cache)
