@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import shutil
 import sys
 import time
@@ -202,7 +203,8 @@ def _hf_static(model: Any, bs: int, inp: int, out: int) -> dict[str, Any]:
     _sync()
     dt = time.perf_counter() - t0
     return {"batch_size": bs, "input_len": inp, "output_len": out, "latency_ms": dt * 1e3,
-            "tokens_per_s": bs * out / dt, "warm_up_s": warm}  # fmt: skip
+            "tokens_per_s": bs * out / dt, "warm_up_s": warm,
+            "compiled": hasattr(model, "_compiled_call")}  # fmt: skip
 
 
 def stage_hf(model: Any, work: Path, batches: list[int]) -> None:
@@ -284,6 +286,40 @@ def _step_anatomy(e: Engine, label: str) -> dict[str, Any]:
             "kernels": n, "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}  # fmt: skip
 
 
+HOST_PROFILE = os.environ.get("QUANTLAB_HOST_PROFILE") == "1"
+
+
+def _host_profile(e: Engine, fresh: Any, running: int, prompt: int, four: Any, one: Any) -> None:
+    """cProfile of one eager decode step and one mixed step: the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    for j in range(running):
+        e.add_request(fresh(128, 7000 + j), four)
+    e.step()
+    for label in ("decode (eager)", "mixed"):
+        if label == "mixed":
+            e.add_request(fresh(prompt, 777), one)
+        _sync()
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        e.step()
+        pr.disable()
+        host = (time.perf_counter() - t0) * 1e3
+        _sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        buf = io.StringIO()
+        st = pstats.Stats(pr, stream=buf)
+        st.sort_stats("tottime").print_stats(30)
+        st.sort_stats("cumulative").print_stats(40)
+        eg.record({"stage": "host", "step": label, "host_ms": host, "wall_ms": wall})
+        print(buf.getvalue(), flush=True)
+    while e.scheduler.has_work():
+        e.step()
+
+
 def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
     """One in-flight mixed step taken apart (W4A16 + INT8 KV, the trace's engine): `running`
     sequences decoding while a `prompt`-token request joins, against the same prompt prefilled
@@ -330,6 +366,8 @@ def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
                **{f"{k} ms": sorted(v)[len(v) // 2] for k, v in rows.items()}})  # fmt: skip
     graphs, e.graphs = e.graphs, None  # eager, so the decode kernels show one by one
     try:
+        if HOST_PROFILE:  # where the host time of an eager mixed step goes (cProfile)
+            _host_profile(e, fresh, running, prompt, four, one)
         for j in range(running):
             e.add_request(fresh(128, 9000 + j), four)
         e.step()

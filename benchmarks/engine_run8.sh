@@ -7,6 +7,8 @@
 #   decode-step profiles at bs 1 and 64.
 # Part "t": the in-flight vs static trace with look-ahead (engine_gpu.py trace), then one
 #   in-flight mixed step taken apart (engine_profile.py mixed, look-ahead off).
+# Part "h": the eager mixed step's host cost, kernels' ops through the dispatcher vs called
+#   directly, then the short trace.
 # Part "w": SmoothQuant W8A8 with fp16 and with INT8 KV against fp16 at bs 1-64.
 # Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off
 #   (W8A8 SmoothQuant included).
@@ -14,7 +16,7 @@
 #   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|w|L|p
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|h|w|L|p
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -51,6 +53,17 @@ case "$part" in
       > "$out/mixed.log" 2>&1
     ;;
   T)  # part t's trace alone, short (in-flight then static, no breakdown): for a small budget
+    timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
+      --work /tmp/w > "$out/trace.log" 2>&1
+    ;;
+  h)  # host cost of eager steps: the mixed step with the kernels' ops dispatched as registered
+    # ops (the old path), then called directly (the new eager path); then the short trace
+    QUANTLAB_KERNELS_DISPATCH=op timeout 150 python3 benchmarks/engine_profile.py mixed \
+      --out "$out/mixed_op" --work /tmp/p > "$out/mixed_op.log" 2>&1
+    rm -rf /tmp/p
+    timeout 150 python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
+      > "$out/mixed.log" 2>&1
+    rm -rf /tmp/p
     timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
       --work /tmp/w > "$out/trace.log" 2>&1
     ;;

@@ -29,6 +29,7 @@ the whole K per warp.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 import torch
@@ -187,7 +188,12 @@ def candidates(m: int, hopper: bool = False, sym: bool = False) -> list[Plan]:
     grid walks M in blocks of 8*MT rows; the Hopper layout stops at MT 4). sym (no zero points)
     adds each MT < 8 plan's SZ=1 twin, which subtracts the offset in registers instead of
     correcting each group's sum with sum(x)."""
-    b = m_bucket(m)
+    return list(_candidates(m_bucket(m), hopper, sym))
+
+
+@functools.lru_cache(maxsize=256)
+def _candidates(b: int, hopper: bool, sym: bool) -> tuple[Plan, ...]:
+    """candidates() per M bucket, built once (the engine's eager steps ask on every linear)."""
     mts = (1,) if b <= 8 else (2,) if b <= 16 else (4,) if b <= 32 or hopper else (4, 8)
     base = [
         plan("cuda_mma", MT=t[0], RT=t[1], ST=t[2], KS=ks, WN=wn)
@@ -197,8 +203,8 @@ def candidates(m: int, hopper: bool = False, sym: bool = False) -> list[Plan]:
         if not hopper or ks * t[2] * (t[1] * 512 + t[0] * 1024) <= SMEM_LIMIT
     ]
     if not sym:
-        return base
-    return base + [plan("cuda_mma", **dict(p.cfg), SZ=1) for p in base if p.get("MT") < 8]
+        return tuple(base)
+    return (*base, *(plan("cuda_mma", **dict(p.cfg), SZ=1) for p in base if p.get("MT") < 8))
 
 
 def run_plan(

@@ -18,6 +18,7 @@ flags, so a library built elsewhere for sm_90a can be carried in. Group sizes: m
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import threading
@@ -161,13 +162,19 @@ def candidates(x_dtype: torch.dtype, asym: bool, m: int, group_size: int = 128) 
     """The compiled configurations for this dtype and zero mode whose activation tile fits M and
     whose k step divides the group size (plan keys: ID, TN, TM, and CL / TK where not 1 / 64,
     PP=1 for the ping-pong schedule, DM / SP for a forced stream-K decomposition)."""
+    return list(_candidates(x_dtype, asym, m_bucket(m), group_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _candidates(x_dtype: torch.dtype, asym: bool, b: int, group_size: int) -> tuple[Plan, ...]:
+    """candidates() per M bucket, built once (the engine's eager steps ask on every linear)."""
     dt = "f16" if x_dtype == torch.float16 else "bf16"
     rows = [
         c
         for c in CONFIGS
         if c["dtype"] == dt and c["zero"] == asym and group_size % c["tile_k"] == 0
     ]
-    fit = [c for c in rows if c["tile_m"] <= max(64, m_bucket(m))] or rows
+    fit = [c for c in rows if c["tile_m"] <= max(64, b)] or rows
     out = []
     for c in fit:
         extra = {"CL": c["cluster"]} if c["cluster"] != 1 else {}
@@ -177,7 +184,7 @@ def candidates(x_dtype: torch.dtype, asym: bool, m: int, group_size: int = 128) 
         out.append(plan("cutlass_w4", **base))
         for sk in _stream_k_variants(c):
             out.append(plan("cutlass_w4", **base, **sk))
-    return out
+    return tuple(out)
 
 
 def _stream_k_variants(c: dict) -> list[dict[str, int]]:

@@ -37,6 +37,10 @@ Forced Triton paths on CPU tensors run only under TRITON_INTERPRET=1 (that is ho
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from quantlab.kernels import packing
 from quantlab.kernels.reference import (
@@ -92,11 +96,21 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> None:
         raise KernelArgumentError(f"{name}: x has K={x.shape[-1]} but the weight has K={k}")
 
 
+def _op_or_impl(op: Any, impl: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The registered op while torch.compile traces (its fake kernel gives the shapes), else the
+    plain implementation: eager calls skip the dispatcher's per-call cost (host time that the
+    engine's eager mixed and prefill steps pay once per linear)."""
+    return op if _DISPATCH_ALWAYS or torch.compiler.is_compiling() else impl
+
+
+# QUANTLAB_KERNELS_DISPATCH=op: eager calls go through the registered op too (to measure its cost).
+_DISPATCH_ALWAYS = os.environ.get("QUANTLAB_KERNELS_DISPATCH") == "op"
+
+
 # ---- W4A16 -----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("quantlab::linear_w4a16", mutates_args=())
-def _linear_w4a16_op(
+def _linear_w4a16_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -155,6 +169,11 @@ def _hopper_plans(x, qweight, scales, zeros, group_size, bias) -> list:
     from quantlab.kernels.cutlass_w4 import hopper_plans
 
     return hopper_plans(x, qweight, scales, zeros, group_size, bias)
+
+
+_linear_w4a16_op = torch.library.custom_op(
+    "quantlab::linear_w4a16", _linear_w4a16_impl, mutates_args=()
+)
 
 
 @_linear_w4a16_op.register_fake
@@ -251,14 +270,15 @@ def linear_w4a16(
     check_w4a16(x, qweight, scales, zeros, group_size, backend)
     if perm is not None:
         x = x.index_select(-1, perm)
-    return _linear_w4a16_op(x, qweight, scales, zeros, group_size, bias, backend)
+    return _op_or_impl(_linear_w4a16_op, _linear_w4a16_impl)(
+        x, qweight, scales, zeros, group_size, bias, backend
+    )
 
 
 # ---- W8A16 -----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("quantlab::linear_w8a16", mutates_args=())
-def _linear_w8a16_op(
+def _linear_w8a16_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -273,6 +293,11 @@ def _linear_w8a16_op(
 
         y = w8a16_gemm(x2, qweight, scales, bias, backend)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+_linear_w8a16_op = torch.library.custom_op(
+    "quantlab::linear_w8a16", _linear_w8a16_impl, mutates_args=()
+)
 
 
 @_linear_w8a16_op.register_fake
@@ -307,14 +332,13 @@ def linear_w8a16(
         reason = cutlass8_reason(x, qweight, scales, bias, False)
         if reason is not None:
             raise KernelArgumentError(f"linear_w8a16: backend 'cutlass' {reason}")
-    return _linear_w8a16_op(x, qweight, scales, bias, backend)
+    return _op_or_impl(_linear_w8a16_op, _linear_w8a16_impl)(x, qweight, scales, bias, backend)
 
 
 # ---- W8A16 group-wise (W8A16_GPTQ) ------------------------------------------------------------
 
 
-@torch.library.custom_op("quantlab::linear_w8a16_group", mutates_args=())
-def _linear_w8a16_group_op(
+def _linear_w8a16_group_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -331,6 +355,11 @@ def _linear_w8a16_group_op(
 
         y = w8a16_group_gemm(x2, qweight, scales, zeros, group_size, bias, backend)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+_linear_w8a16_group_op = torch.library.custom_op(
+    "quantlab::linear_w8a16_group", _linear_w8a16_group_impl, mutates_args=()
+)
 
 
 @_linear_w8a16_group_op.register_fake
@@ -365,14 +394,15 @@ def linear_w8a16_group(
         raise KernelArgumentError(f"{name}: scales must be float [{n}, {groups[1]}]")
     if zeros is not None and (tuple(zeros.shape) != groups or zeros.dtype != torch.int8):
         raise KernelArgumentError(f"{name}: zeros must be int8 [{n}, {groups[1]}] or None")
-    return _linear_w8a16_group_op(x, qweight, scales, zeros, group_size, bias, backend)
+    return _op_or_impl(_linear_w8a16_group_op, _linear_w8a16_group_impl)(
+        x, qweight, scales, zeros, group_size, bias, backend
+    )
 
 
 # ---- FP8 W8A8 --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("quantlab::linear_fp8", mutates_args=())
-def _linear_fp8_op(
+def _linear_fp8_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -392,6 +422,9 @@ def _linear_fp8_op(
 
         y = fp8_scaled_mm(x2, weight, weight_scale, bias, x_scale, granularity, fast_accum)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_linear_fp8_op = torch.library.custom_op("quantlab::linear_fp8", _linear_fp8_impl, mutates_args=())
 
 
 @_linear_fp8_op.register_fake
@@ -424,14 +457,15 @@ def linear_fp8(
     _check_x(x, weight.shape[1], "linear_fp8")
     if weight.shape[0] % 16 or weight.shape[1] % 16:
         raise KernelArgumentError("linear_fp8: N and K must be multiples of 16 (cuBLASLt fp8)")
-    return _linear_fp8_op(x, weight, weight_scale, bias, x_scale, granularity, backend, fast_accum)
+    return _op_or_impl(_linear_fp8_op, _linear_fp8_impl)(
+        x, weight, weight_scale, bias, x_scale, granularity, backend, fast_accum
+    )
 
 
 # ---- SmoothQuant W8A8 (int8 activations) -----------------------------------------------------
 
 
-@torch.library.custom_op("quantlab::linear_w8a8", mutates_args=())
-def _linear_w8a8_op(
+def _linear_w8a8_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -448,6 +482,11 @@ def _linear_w8a8_op(
 
         y = w8a8_gemm(x2, qweight, weight_scale, bias, x_scale, pre, backend)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+_linear_w8a8_op = torch.library.custom_op(
+    "quantlab::linear_w8a8", _linear_w8a8_impl, mutates_args=()
+)
 
 
 @_linear_w8a8_op.register_fake
@@ -484,4 +523,6 @@ def linear_w8a8(
         raise KernelArgumentError(f"linear_w8a8: pre must be [{qweight.shape[1]}]")
     if not _use_reference(x, backend):
         _check_x(x, qweight.shape[1], "linear_w8a8")
-    return _linear_w8a8_op(x, qweight, weight_scale, bias, x_scale, pre, backend)
+    return _op_or_impl(_linear_w8a8_op, _linear_w8a8_impl)(
+        x, qweight, weight_scale, bias, x_scale, pre, backend
+    )
