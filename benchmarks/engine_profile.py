@@ -287,6 +287,7 @@ def _step_anatomy(e: Engine, label: str) -> dict[str, Any]:
 
 
 HOST_PROFILE = os.environ.get("QUANTLAB_HOST_PROFILE") == "1"
+DISPATCH_AB = os.environ.get("QUANTLAB_DISPATCH_AB") == "1"  # mixed: dispatcher vs direct calls
 
 
 def _host_profile(e: Engine, fresh: Any, running: int, prompt: int, four: Any, one: Any) -> None:
@@ -347,6 +348,35 @@ def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
         while e.scheduler.has_work():
             e.step()
 
+    if DISPATCH_AB:  # the same rounds with the kernels' ops through the dispatcher, then direct
+        from quantlab.kernels import ops
+
+        for via_op in (True, False, True, False):
+            ops._DISPATCH_ALWAYS = via_op
+            _mixed_rounds(e, fresh, timed_step, drain, running, prompt, one, four, via_op)
+        return
+    _mixed_rounds(e, fresh, timed_step, drain, running, prompt, one, four, None)
+    graphs, e.graphs = e.graphs, None  # eager, so the decode kernels show one by one
+    try:
+        if HOST_PROFILE:  # where the host time of an eager mixed step goes (cProfile)
+            _host_profile(e, fresh, running, prompt, four, one)
+        for j in range(running):
+            e.add_request(fresh(128, 9000 + j), four)
+        e.step()
+        eg.record({"stage": "mixed", **_step_anatomy(e, "decode (eager)")})
+        e.add_request(fresh(prompt, 999), one)
+        eg.record({"stage": "mixed", **_step_anatomy(e, "mixed")})
+        drain()
+    finally:
+        e.graphs = graphs
+
+
+def _mixed_rounds(
+    e: Engine, fresh: Any, timed_step: Any, drain: Any, running: int, prompt: int, one: Any,
+    four: Any, via_op: bool | None,
+) -> None:  # fmt: skip
+    """Median wall ms of 5 rounds (after one warm-up) of: the prompt alone, the batch decoding
+    alone, the batch's decode rows + the joining prompt in one step."""
     rows: dict[str, list[float]] = {"prefill alone": [], "decode alone": [], "mixed": []}
     for i in range(6):
         e.add_request(fresh(prompt, 100 + i), one)
@@ -362,21 +392,8 @@ def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
         if i:
             for k, v in zip(rows, (t, d, mx), strict=True):
                 rows[k].append(v)
-    eg.record({"stage": "mixed", "running": running, "prompt": prompt,
+    eg.record({"stage": "mixed", "running": running, "prompt": prompt, "ops_via_dispatcher": via_op,
                **{f"{k} ms": sorted(v)[len(v) // 2] for k, v in rows.items()}})  # fmt: skip
-    graphs, e.graphs = e.graphs, None  # eager, so the decode kernels show one by one
-    try:
-        if HOST_PROFILE:  # where the host time of an eager mixed step goes (cProfile)
-            _host_profile(e, fresh, running, prompt, four, one)
-        for j in range(running):
-            e.add_request(fresh(128, 9000 + j), four)
-        e.step()
-        eg.record({"stage": "mixed", **_step_anatomy(e, "decode (eager)")})
-        e.add_request(fresh(prompt, 999), one)
-        eg.record({"stage": "mixed", **_step_anatomy(e, "mixed")})
-        drain()
-    finally:
-        e.graphs = graphs
 
 
 def main() -> None:

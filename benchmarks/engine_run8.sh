@@ -56,13 +56,11 @@ case "$part" in
     timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
       --work /tmp/w > "$out/trace.log" 2>&1
     ;;
-  h)  # host cost of eager steps: the mixed step with the kernels' ops dispatched as registered
-    # ops (the old path), then called directly (the new eager path); then the short trace
-    QUANTLAB_KERNELS_DISPATCH=op timeout 150 python3 benchmarks/engine_profile.py mixed \
-      --out "$out/mixed_op" --work /tmp/p > "$out/mixed_op.log" 2>&1
-    rm -rf /tmp/p
-    timeout 150 python3 benchmarks/engine_profile.py mixed --out "$out/mixed" --work /tmp/p \
-      > "$out/mixed.log" 2>&1
+  h)  # host cost of eager steps: the mixed step's rounds with the kernels' ops dispatched as
+    # registered ops (the old path) and called directly (the new eager path), alternating in one
+    # process on one engine; then the short trace
+    QUANTLAB_DISPATCH_AB=1 timeout 240 python3 benchmarks/engine_profile.py mixed \
+      --out "$out/mixed" --work /tmp/p > "$out/mixed.log" 2>&1
     rm -rf /tmp/p
     timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
       --work /tmp/w > "$out/trace.log" 2>&1
