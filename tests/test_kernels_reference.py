@@ -186,8 +186,37 @@ def test_compile_traces_through_custom_op() -> None:
         torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g).half()
     )
     x = torch.randn(4, k).half()
-    f = torch.compile(lambda t: linear_w4a16(t, qw, s, None, g), backend="eager", fullgraph=True)
+    targets: list[object] = []
+
+    def record(gm: torch.fx.GraphModule, _: object) -> object:
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    f = torch.compile(lambda t: linear_w4a16(t, qw, s, None, g), backend=record, fullgraph=True)
     torch.testing.assert_close(f(x), linear_w4a16(x, qw, s, None, g))
+    assert torch.ops.quantlab.linear_w4a16.default in targets  # traced as the op, not its body
+
+
+def test_eager_calls_skip_the_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside torch.compile the public function calls the implementation directly (host time of
+    the engine's eager steps); QUANTLAB_KERNELS_DISPATCH=op routes it through the op again."""
+    from quantlab.kernels import ops
+
+    n, k, g = 32, 64, 32
+    qw, s, _ = packing.w4_from_codes(
+        torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g).half()
+    )
+    x = torch.randn(2, k).half()
+    want = ops._linear_w4a16_impl(x, qw, s, None, g, None, "auto")
+
+    def no_dispatch(*args: object) -> torch.Tensor:
+        raise AssertionError("the registered op was called")
+
+    monkeypatch.setattr(ops, "_linear_w4a16_op", no_dispatch)
+    torch.testing.assert_close(linear_w4a16(x, qw, s, None, g), want, rtol=0, atol=0)
+    monkeypatch.setattr(ops, "_DISPATCH_ALWAYS", True)
+    with pytest.raises(AssertionError, match="registered op"):
+        linear_w4a16(x, qw, s, None, g)
 
 
 def test_cuda_paths_share_one_load_guard(monkeypatch: pytest.MonkeyPatch) -> None:
