@@ -282,7 +282,7 @@ def replay_ms(e: Engine, bs: int, n: int = 50) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def tuned_plans(max_m: int = 4) -> dict[str, dict[str, str]]:
+def tuned_plans(max_m: int = 64) -> dict[str, dict[str, str]]:
     """The GEMM plans the kernels' tuners picked in this process for keys whose M bucket is at most
     max_m (decode), each with its three fastest timings (plan, ms): which kernel ran each linear,
     to explain a row that moves between runs."""
