@@ -7,8 +7,8 @@
 #   decode-step profiles at bs 1 and 64.
 # Part "t": the in-flight vs static trace with look-ahead (engine_gpu.py trace), then one
 #   in-flight mixed step taken apart (engine_profile.py mixed, look-ahead off).
-# Part "h": the eager mixed step's host cost, kernels' ops through the dispatcher vs called
-#   directly, then the short trace.
+# Part "h": host cost per call of the eager step's ops (host_launch_gpu.py), the eager mixed
+#   step with the kernels' ops through the dispatcher vs called directly, then the short trace.
 # Part "w": SmoothQuant W8A8 with fp16 and with INT8 KV against fp16 at bs 1-64.
 # Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off
 #   (W8A8 SmoothQuant included).
@@ -58,7 +58,9 @@ case "$part" in
     ;;
   h)  # host cost of eager steps: the mixed step's rounds with the kernels' ops dispatched as
     # registered ops (the old path) and called directly (the new eager path), alternating in one
-    # process on one engine; then the short trace
+    # process on one engine; before it, each op's host cost per call (host_launch_gpu.py); then
+    # the short trace
+    timeout 120 python3 benchmarks/host_launch_gpu.py --out "$out/launch" > "$out/launch.log" 2>&1
     QUANTLAB_DISPATCH_AB=1 timeout 240 python3 benchmarks/engine_profile.py mixed \
       --out "$out/mixed" --work /tmp/p > "$out/mixed.log" 2>&1
     rm -rf /tmp/p
