@@ -35,8 +35,23 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return float(-lp.gather(-1, ids[1:, None].to(lp.device)).sum()), int(ids.numel() - 1)
 
 
-def measure(run: Path, device: str, work: Path) -> dict[str, Any]:
-    """Engine and simulated perplexity of one run folder on its evaluation windows."""
+def _sim_fp16(run: Path) -> Any:
+    """The simulated model run in fp16, static activation scales kept fp32 as exported: how far
+    the activation dtype's rounding alone moves the simulated model."""
+    from quantlab.qmodules import QuantLinear
+
+    sim16, _ = load_quantized(run / "quantlab")
+    scales = {n: m.input_scale for n, m in sim16.named_modules() if isinstance(m, QuantLinear)}
+    sim16.half()
+    for n, m in sim16.named_modules():
+        if isinstance(m, QuantLinear):
+            m.input_scale = scales[n]
+    return sim16
+
+
+def measure(run: Path, device: str, work: Path, fp16_sim: bool = False) -> dict[str, Any]:
+    """Engine and simulated perplexity of one run folder on its evaluation windows (fp16_sim: also
+    the simulated model's perplexity in fp16)."""
     summary = json.loads((run / "accuracy.json").read_text())
     spec = DataSpec.model_validate(summary["evaluation_data"])
     sim, tok = load_quantized(run / "quantlab")
@@ -53,7 +68,15 @@ def measure(run: Path, device: str, work: Path) -> dict[str, Any]:
     n = sum(c for _, c in eng)
     ppl_e = math.exp(sum(s for s, _ in eng) / n)
     ppl_s = math.exp(sum(s for s, _ in simn) / n)
+    extra: dict[str, Any] = {}
+    if fp16_sim:
+        sim16 = _sim_fp16(run)
+        with torch.no_grad():
+            h = [_nll(sim16(input_ids=w[None]).logits[0], w) for w in windows]
+        ppl_h = math.exp(sum(s for s, _ in h) / n)
+        extra = {"ppl_simulated_fp16": ppl_h, "rel_diff_sim_fp16": ppl_h / ppl_s - 1}
     return {
+        **extra,
         "run": str(run),
         "quant_algo": cfg.quant_algo,
         "kv": cfg.kv_storage,
@@ -74,19 +97,22 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--fp16-sim", action="store_true", help="also the simulated model in fp16")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in args.runs:
-            rows.append(measure(Path(r), args.device, Path(tmp)))
+            rows.append(measure(Path(r), args.device, Path(tmp), args.fp16_sim))
             print(json.dumps(rows[-1]), flush=True)
-    print("| run | quant_algo | KV | windows x tokens | engine ppl | simulated ppl | diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | quant_algo | KV | windows x tokens | engine ppl | simulated ppl | diff |"
+          " simulated in fp16 |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for x in rows:
+        h = x.get("ppl_simulated_fp16")
+        h_txt = f"{h:.3f} ({100 * x['rel_diff_sim_fp16']:+.2f} %)" if h else "-"
         print(
             f"| {Path(x['run']).name} | {x['quant_algo']} | {x['kv']} | {x['windows']} x "
             f"{x['tokens'] // x['windows']} | {x['ppl_engine']:.3f} | {x['ppl_simulated']:.3f} | "
-            f"{100 * x['rel_diff']:+.2f} % |"
+            f"{100 * x['rel_diff']:+.2f} % | {h_txt} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
