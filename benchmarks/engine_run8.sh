@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part. Parts L, c and T ran
-# on 2026-12-07 (docs/engine.md, "Run 8"); a, b, t, w and p are for the next GPU session.
+# on 2026-12-07 (docs/engine.md, "Run 8"); a, b, p and t ran in run 9 (H200, same day); h, w and q
+# are for the next GPU session.
 # Part "a": our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), then the FP8 and W8A8
@@ -16,7 +17,8 @@
 #   speed: fp16 (the W8A16 checkpoint's float weights), W8A16, FP8 (engine_ppl_gpu.py). The five
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|h|w|L|p
+# Part "q": SmolLM2 SmoothQuant W8A8 + INT8 KV perplexity on the GPU (parts .pplpackC1-3 first).
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|h|w|L|p|q
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -80,6 +82,14 @@ case "$part" in
     timeout "$(left)" python3 benchmarks/engine_gpu.py speed --no-hf --lookahead-ab \
       --modes "fp16,W4A16_AWQ,W8A8 SQ per-channel,FP8 (,W8A16 (" --batches 1,16,32 \
       --out "$out/speed" --work /tmp/w > "$out/speed.log" 2>&1
+    ;;
+  q)  # SmolLM2 SmoothQuant W8A8 (searched alpha) + INT8 KV perplexity through the GPU engine,
+    # after three transfer calls carrying .pplpackC1-3 (`mkdir -p /tmp/ppl && cp -r .pplpackCN
+    # /tmp/ppl/`); made by `engine_ppl_gpu.py pack out/smollm2_int8_sq_int8kv --parts
+    # .pplpackC1:58,.pplpackC2:58,.pplpackC3:58`
+    parts=$(echo /tmp/ppl/.pplpackC{1..3} | tr ' ' ',')
+    timeout "$(left)" python3 benchmarks/engine_ppl_gpu.py run --parts "$parts" --out "$out/ppl" \
+      > "$out/ppl.log" 2>&1
     ;;
   p)
     parts=$(echo /tmp/ppl/.pplpackB{1..5} | tr ' ' ',')
