@@ -338,6 +338,11 @@ def test_hopper_plans_fit_shared_memory() -> None:
     assert cuda_mma.candidates(1, hopper=True) == cuda_mma.candidates(1)
     assert {p.get("MT") for p in cuda_mma.candidates(64)} == {4, 8}
     assert len(cuda_mma.candidates(32, hopper=True)) < len(cuda_mma.candidates(32))
+    # built once per M bucket: equal for M in one bucket, and each call gets its own list
+    a, b = cuda_mma.candidates(5, sym=True), cuda_mma.candidates(7, sym=True)
+    assert a == b and a is not b
+    a.clear()
+    assert cuda_mma.candidates(5, sym=True) == b
 
 
 def test_w4_plans_match_the_compiled_tiles() -> None:
