@@ -315,10 +315,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_plan(
+    args: argparse.Namespace,
+) -> tuple[list[tuple[int, int]], list[int], list[int] | None]:
+    """(input/output pairs, batch sizes, trace N,in_min,in_max,out_min,out_max or None), checked
+    before the engine loads."""
+    pairs = []
+    for pair in args.input_output_len.split(";"):
+        v = _csv_ints(pair, "--input-output-len")
+        if len(v) != 2:
+            raise QuantlabError(
+                f"--input-output-len: each ';'-separated item is INPUT,OUTPUT, got {pair!r} "
+                "(e.g. '128,128;2048,1024')."
+            )
+        pairs.append((v[0], v[1]))
+    batches = _csv_ints(args.batch_size, "--batch-size")
+    trace = _csv_ints(args.trace, "--trace") if args.trace else None
+    if trace is not None and (len(trace) != 5 or trace[1] > trace[2] or trace[3] > trace[4]):
+        raise QuantlabError(
+            f"--trace: expected N,IN_MIN,IN_MAX,OUT_MIN,OUT_MAX with MIN <= MAX, got {args.trace!r} "
+            "(e.g. '64,32,512,16,256')."
+        )
+    return pairs, batches, trace
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from quantlab.engine import bench
     from quantlab.engine.memory import estimate
 
+    pairs, batches, trace = _bench_plan(args)
     e = _engine(args)
     est = estimate(e.cfg, e.cfg.quant_algo, e.cfg.kv_storage)
     log.info(
@@ -327,9 +352,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     bench.warm_up(e)
     rows = []
-    for pair in args.input_output_len.split(";"):
-        inp, out = _csv_ints(pair, "--input-output-len")[:2]
-        for bs in _csv_ints(args.batch_size, "--batch-size"):
+    for inp, out in pairs:
+        for bs in batches:
             why = bench.check_row(e, bs, inp, out)
             if why:
                 print(
@@ -343,8 +367,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"quantlab mem estimate for this engine: {est.total / 1e9:.2f} GB (weights "
         f"{est.weights / 1e9:.2f}, KV {est.kv_cache / 1e9:.2f}, activations {est.activations / 1e9:.2f})"
     )
-    if args.trace:
-        n, i0, i1, o0, o1 = _csv_ints(args.trace, "--trace")
+    if trace is not None:
+        n, i0, i1, o0, o1 = trace
         lengths = bench.trace_lengths(n, (i0, i1), (o0, o1), args.seed)
         for static in (False, True):
             r = bench.bench_trace(e, lengths, static)

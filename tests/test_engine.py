@@ -328,6 +328,25 @@ def _edited(run: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Pat
     return dst
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--input-output-len", "128;256,64", "each ';'-separated item is INPUT,OUTPUT"),
+        ("--input-output-len", "128,x", "expected comma-separated integers"),
+        ("--batch-size", "1,0", "expected positive integers"),
+        ("--trace", "8,64,32,4,8", "MIN <= MAX"),
+        ("--trace", "8,16,32", "N,IN_MIN,IN_MAX,OUT_MIN,OUT_MAX"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_loading(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Bad bench arguments: exit 2 with the cause, before the engine folder is even read (the
+    folder here does not exist, so a later check would name it instead)."""
+    rc, _, err = _cli(["bench", str(tmp_path / "no-engine"), flag, value], capsys)
+    assert rc == 2 and says in err and "not an engine folder" not in err, err
+
+
 def test_build_refuses_bad_input_before_any_work(
     engine_for: Callable[..., tuple[Path, Path]],
     capsys: pytest.CaptureFixture[str],
