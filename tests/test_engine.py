@@ -299,6 +299,10 @@ def test_cli_build_generate_mem_bench(
     assert rc == 0, err
     assert 'Input [Text 1]: "Mr. Knightley said"' in out
     assert out.count("Output [Text") == 2
+    missing = tmp_path / "no-tokenizer"  # a local path only, never looked up as a hub name
+    rc, _, err = _cli(["generate", str(eng), "--input-text", "Emma", "--tokenizer", str(missing)],
+                      capsys)  # fmt: skip
+    assert rc == 2 and f"Tokenizer folder {missing} does not exist" in err, err
     rc, out, err = _cli(["mem", str(eng)], capsys)
     assert rc == 0, err
     assert "int8" in out and "W4A16" in out

@@ -176,6 +176,11 @@ class Engine:
                 f"Engine {self.dir} holds no tokenizer; pass --tokenizer DIR (a Hugging Face "
                 "tokenizer folder, e.g. the run's quantlab/ folder)."
             )
+        if not Path(src).is_dir():  # never a hub name: the engine reads local folders only
+            raise InputError(
+                f"Tokenizer folder {src} does not exist; pass --tokenizer DIR (a Hugging Face "
+                "tokenizer folder, e.g. the run's quantlab/ folder)."
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(src))
         except (OSError, ValueError) as e:
