@@ -15,6 +15,7 @@ from quantlab.engine.build import build_engine
 from quantlab.engine.config import BuildSettings
 from quantlab.engine.runtime import Engine
 from quantlab.engine.sampling import SamplingParams
+from quantlab.errors import InputError
 from quantlab.export.reload import load_quantized
 from quantlab.pipeline import run_recipe
 from quantlab.qmodules import QuantLinear
@@ -349,6 +350,20 @@ def test_bench_refuses_bad_arguments_before_loading(
     folder here does not exist, so a later check would name it instead)."""
     rc, _, err = _cli(["bench", str(tmp_path / "no-engine"), flag, value], capsys)
     assert rc == 2 and says in err and "not an engine folder" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU messages")
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("cuda", "sees no CUDA GPU"), ("cuda:1", "sees no CUDA GPU"), ("bogus", "is not a device")],
+)
+def test_engine_device_refuses_what_this_machine_lacks(name: str, says: str) -> None:
+    """--device names a device this machine has, or gets one message (not a loader traceback)."""
+    from quantlab.engine.runtime import engine_device
+
+    with pytest.raises(InputError, match=says):
+        engine_device(name)
+    assert engine_device(None) == torch.device("cpu") == engine_device("cpu")
 
 
 def test_build_refuses_bad_input_before_any_work(

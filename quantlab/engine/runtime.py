@@ -57,6 +57,28 @@ def load_engine_config(engine_dir: Path) -> EngineConfig:
     return EngineConfig.from_dict(json.loads(cfile.read_text()), str(engine_dir))
 
 
+def engine_device(name: str | None) -> torch.device:
+    """The device to run on: name ('cpu', 'cuda', 'cuda:N'), or CUDA when torch sees a GPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: the engine runs on cpu or cuda only.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {name!r}, but torch {torch.__version__} sees no CUDA GPU on this machine; "
+            "use --device cpu (the reference kernels) or run where a GPU is visible."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)."
+        )
+    return dev
+
+
 def build_model(cfg: EngineConfig, tensors: dict[str, torch.Tensor]) -> EngineModel:
     """EngineModel from the engine tensors (names as build.convert_layers writes them)."""
 
@@ -92,7 +114,7 @@ class Engine:
     ) -> None:
         self.dir = Path(engine_dir)
         self.cfg = load_engine_config(self.dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = engine_device(device)
         try:
             tensors = load_file(str(self.dir / ENGINE_WEIGHTS), device=str(self.device))
         except (SafetensorError, OSError, FileNotFoundError) as e:
