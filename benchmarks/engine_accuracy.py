@@ -26,27 +26,13 @@ from quantlab.data import DataSpec, load_windows
 from quantlab.engine.build import build_engine
 from quantlab.engine.config import BuildSettings
 from quantlab.engine.runtime import Engine
-from quantlab.export.reload import load_quantized
+from quantlab.export.reload import half_keeping_input_scales, load_quantized
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """(summed NLL of ids[1:] under logits[:-1], token count); logits [T, V], ids int64 [T]."""
     lp = F.log_softmax(logits[:-1].float(), dim=-1)
     return float(-lp.gather(-1, ids[1:, None].to(lp.device)).sum()), int(ids.numel() - 1)
-
-
-def _sim_fp16(run: Path) -> Any:
-    """The simulated model run in fp16, static activation scales kept fp32 as exported: how far
-    the activation dtype's rounding alone moves the simulated model."""
-    from quantlab.qmodules import QuantLinear
-
-    sim16, _ = load_quantized(run / "quantlab")
-    scales = {n: m.input_scale for n, m in sim16.named_modules() if isinstance(m, QuantLinear)}
-    sim16.half()
-    for n, m in sim16.named_modules():
-        if isinstance(m, QuantLinear):
-            m.input_scale = scales[n]
-    return sim16
 
 
 def measure(run: Path, device: str, work: Path, fp16_sim: bool = False) -> dict[str, Any]:
@@ -70,7 +56,7 @@ def measure(run: Path, device: str, work: Path, fp16_sim: bool = False) -> dict[
     ppl_s = math.exp(sum(s for s, _ in simn) / n)
     extra: dict[str, Any] = {}
     if fp16_sim:
-        sim16 = _sim_fp16(run)
+        sim16 = half_keeping_input_scales(load_quantized(run / "quantlab")[0])
         with torch.no_grad():
             h = [_nll(sim16(input_ids=w[None]).logits[0], w) for w in windows]
         ppl_h = math.exp(sum(s for s, _ in h) / n)

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_accuracy import _sim_fp16
-
 from quantlab.data import DataSpec, load_windows
 from quantlab.engine.build import build_engine
 from quantlab.engine.config import BuildSettings
 from quantlab.engine.runtime import Engine
-from quantlab.export.reload import load_quantized
+from quantlab.export.reload import half_keeping_input_scales, load_quantized
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +39,7 @@ def main() -> None:
     run = Path(args.run)
     summary = json.loads((run / "accuracy.json").read_text())
     sim, tok = load_quantized(run / "quantlab")
-    sim16 = _sim_fp16(run)
+    sim16 = half_keeping_input_scales(load_quantized(run / "quantlab")[0])
     windows = load_windows(DataSpec.model_validate(summary["evaluation_data"]), tok)
     windows = windows[: args.windows]
     seq = max(len(w) for w in windows)

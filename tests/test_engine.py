@@ -16,9 +16,8 @@ from quantlab.engine.config import BuildSettings
 from quantlab.engine.runtime import Engine
 from quantlab.engine.sampling import SamplingParams
 from quantlab.errors import InputError
-from quantlab.export.reload import load_quantized
+from quantlab.export.reload import half_keeping_input_scales, load_quantized
 from quantlab.pipeline import run_recipe
-from quantlab.qmodules import QuantLinear
 from quantlab.recipe import Recipe
 
 SQ = {"calibrator": "smoothquant", "args": {"alpha": 0.5}}
@@ -124,12 +123,7 @@ def test_engine_logits_match_simulated_model(
     ids = [0, *tok(PROMPT, add_special_tokens=False).input_ids]
     got = e.score(ids)
     sim, _ = load_quantized(run / "quantlab")
-    sim16, _ = load_quantized(run / "quantlab")
-    scales = {n: m.input_scale for n, m in sim16.named_modules() if isinstance(m, QuantLinear)}
-    sim16.half()
-    for n, m in sim16.named_modules():  # static activation scales stay float32, as exported
-        if isinstance(m, QuantLinear):
-            m.input_scale = scales[n]
+    sim16 = half_keeping_input_scales(load_quantized(run / "quantlab")[0])
     with torch.no_grad():
         want = sim(input_ids=torch.tensor([ids])).logits[0].float()
         half = sim16(input_ids=torch.tensor([ids])).logits[0].float()

@@ -75,3 +75,14 @@ def load_quantized(
     meta = json.loads((directory / "quant_state.json").read_text())
     model.quantlab_recipe = meta.get("recipe", {})  # type: ignore[assignment]
     return model, tok
+
+
+def half_keeping_input_scales(model: nn.Module) -> nn.Module:
+    """model cast to fp16 in place, its QuantLinear static activation scales kept float32 (as the
+    export writes them): the simulated model at the activation dtype a deployed engine runs."""
+    scales = {n: m.input_scale for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    model.half()
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            m.input_scale = scales[n]
+    return model
