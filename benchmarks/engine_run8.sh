@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run 8: the rows run 7 left unmeasured, one device call (<= 10 min) per part. Parts L, c and T ran
 # on 2026-12-07 (docs/engine.md, "Run 8"); a, b, p and t ran in run 9 (H200, same day); h, w and q
-# are for the next GPU session.
+# in run 10 (H100, same day).
 # Part "a": our fp16 engine vs HF eager vs HF static cache + compile (engine_profile.py hf).
 # Part "b": the Llama-3-8B shape (GQA 32/8, vocab 128256): fp16, W4A16_AWQ + INT8 KV, W8A16, FP8.
 # Part "c": multi-block decode at 16k, bs 1 (fp16 and W4A16_AWQ + INT8 KV), then the FP8 and W8A8
