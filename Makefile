@@ -48,11 +48,11 @@ lint: setup
 
 # The quick tier (everything but `slow`) on both cores: under 10 minutes from a fresh clone.
 test: lint
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" -n 2
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" -n 2 --dist loadgroup
 
 # The accuracy-of-record runs on the real SmolLM2 model and the GGUF round trips (`slow`).
 test-slow: setup
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m slow -n 2
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m slow -n 2 --dist loadgroup
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

@@ -288,6 +288,7 @@ def _step_anatomy(e: Engine, label: str) -> dict[str, Any]:
 
 HOST_PROFILE = os.environ.get("QUANTLAB_HOST_PROFILE") == "1"
 DISPATCH_AB = os.environ.get("QUANTLAB_DISPATCH_AB") == "1"  # mixed: dispatcher vs direct calls
+BIND_AB = os.environ.get("QUANTLAB_BIND_AB") == "1"  # mixed: bound W4 launches vs checked calls
 
 
 def _host_profile(e: Engine, fresh: Any, running: int, prompt: int, four: Any, one: Any) -> None:
@@ -355,6 +356,14 @@ def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
             ops._DISPATCH_ALWAYS = via_op
             _mixed_rounds(e, fresh, timed_step, drain, running, prompt, one, four, via_op)
         return
+    if BIND_AB:  # the same rounds with the W4 linears' launches bound (the default), then unbound
+        from quantlab.engine import linear
+
+        for bind in (True, False, True, False):
+            linear.BIND = bind
+            _mixed_rounds(e, fresh, timed_step, drain, running, prompt, one, four, None, bind)
+        linear.BIND = True
+        return
     _mixed_rounds(e, fresh, timed_step, drain, running, prompt, one, four, None)
     graphs, e.graphs = e.graphs, None  # eager, so the decode kernels show one by one
     try:
@@ -373,7 +382,7 @@ def stage_mixed(model: Any, work: Path, running: int, prompt: int) -> None:
 
 def _mixed_rounds(
     e: Engine, fresh: Any, timed_step: Any, drain: Any, running: int, prompt: int, one: Any,
-    four: Any, via_op: bool | None,
+    four: Any, via_op: bool | None, bound: bool | None = None,
 ) -> None:  # fmt: skip
     """Median wall ms of 5 rounds (after one warm-up) of: the prompt alone, the batch decoding
     alone, the batch's decode rows + the joining prompt in one step."""
@@ -393,7 +402,7 @@ def _mixed_rounds(
             for k, v in zip(rows, (t, d, mx), strict=True):
                 rows[k].append(v)
     eg.record({"stage": "mixed", "running": running, "prompt": prompt, "ops_via_dispatcher": via_op,
-               **{f"{k} ms": sorted(v)[len(v) // 2] for k, v in rows.items()}})  # fmt: skip
+               "w4_bound": bound, **{f"{k} ms": sorted(v)[len(v) // 2] for k, v in rows.items()}})  # fmt: skip
 
 
 def main() -> None:

@@ -11,6 +11,8 @@
 # Part "h": host cost per call of the eager step's ops (host_launch_gpu.py), the eager mixed
 #   step with the kernels' ops through the dispatcher vs called directly, then the short trace.
 # Part "w": SmoothQuant W8A8 with fp16 and with INT8 KV against fp16 at bs 1-64.
+# Part "B": the W4 linears' bound launches: host cost, GPU check, mixed step on / off, the trace.
+# Part "W": W8A16 against fp16 on the Llama-3-8B shape, tuner picks up to M = 64 recorded.
 # Part "L": look-ahead decode checked on the GPU, then the speed table with it on and off
 #   (W8A8 SmoothQuant included).
 # Part "p": SmolLM2 W8A16 and FP8 perplexity through the GPU engine, then the real model's 128/128
@@ -18,7 +20,7 @@
 #   parts .pplpackB1-5 go first, one call each on the same warm machine, carrying that part alone:
 #   `mkdir -p /tmp/ppl && cp -r .pplpackBN /tmp/ppl/`; then part p, carrying .cuda_prebuilt.
 # Part "q": SmolLM2 SmoothQuant W8A8 + INT8 KV perplexity on the GPU (parts .pplpackC1-3 first).
-# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|h|w|L|p|q
+# Usage (device, repo root): bash benchmarks/engine_run8.sh "$OUT" a|b|c|t|T|h|B|W|w|L|p|q
 # carry: [".gpuwheels", ".cuda_prebuilt"] (the second from benchmarks/prebuild_cuda.py)
 set -u
 out=${1:?OUT}; part=${2:-a}
@@ -68,6 +70,27 @@ case "$part" in
     rm -rf /tmp/p
     timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
       --work /tmp/w > "$out/trace.log" 2>&1
+    ;;
+  B)  # the W4 linears' bound launches (kernels.bind_w4a16): host cost per call against the
+    # checked call (and equal outputs), the GPU check of the W4 modes, the mixed step with bound
+    # launches on and off (alternating on one engine), then the short trace
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
+      -k "bound or cutlass_dispatch" 2>&1 | tail -8 > "$out/pytest.txt"
+    timeout 120 python3 benchmarks/host_launch_gpu.py --out "$out/launch" > "$out/launch.log" 2>&1
+    timeout 120 python3 benchmarks/engine_gpu.py check --check-modes "W4A16" \
+      --out "$out/check" --work /tmp/w > "$out/check.log" 2>&1
+    rm -rf /tmp/w
+    QUANTLAB_BIND_AB=1 timeout 150 python3 benchmarks/engine_profile.py mixed \
+      --out "$out/mixed" --work /tmp/p > "$out/mixed.log" 2>&1
+    rm -rf /tmp/p
+    timeout "$(left)" python3 benchmarks/engine_gpu.py trace --short-trace --out "$out/trace" \
+      --work /tmp/w > "$out/trace.log" 2>&1
+    ;;
+  W)  # W8A16 against fp16 on the Llama-3-8B shape with the tuner's picks up to M = 64 recorded
+    # (run 9's 0.95x at bs 32)
+    timeout "$(left)" python3 benchmarks/engine_gpu.py speed --no-hf --shape llama3-8b \
+      --modes "fp16,W8A16 (" --batches 1,16,32 --out "$out/speed" --work /tmp/w \
+      > "$out/speed.log" 2>&1
     ;;
   w)  # SmoothQuant W8A8 with its fp16 and its INT8 KV cache against fp16, bs 1-64
     timeout "$(left)" python3 benchmarks/engine_gpu.py speed --no-hf \

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from quantlab.kernels import fused_ops, linear_w4a16, ops, packing
+from quantlab.kernels import bind_w4a16, fused_ops, linear_w4a16, ops, packing
 
 SHAPES = {"dense 4096x4096": (4096, 4096), "gate_up 22016x4096": (22016, 4096)}
 
@@ -73,7 +73,12 @@ def main() -> None:
                     return linear_w4a16(x, qw, s, None, 128)
 
                 record("linear_w4a16", call, shape=name, m=m, via_dispatcher=via_op)
-        ops._DISPATCH_ALWAYS = False
+            ops._DISPATCH_ALWAYS = False
+            bound = bind_w4a16(x, qw, s, None, 128)  # after the calls above: tuned already
+            same = torch.equal(bound(x), linear_w4a16(x, qw, s, None, 128))
+            record("bind_w4a16", lambda b=bound, x=x: b(x), shape=name, m=m, equal_to_call=same)
+            if not same:
+                raise SystemExit(f"bind_w4a16 differs from linear_w4a16 on {name}, M={m}")
     t = 559
     h = torch.randn(t, 4096, dtype=torch.float16, device="cuda")
     w = torch.ones(4096, dtype=torch.float16, device="cuda")

@@ -4,6 +4,7 @@ This package is the ground floor: it imports torch (and triton, lazily, only whe
 runs) and nothing of quantlab. Importing it registers the quantlab::linear_* custom ops.
 """
 
+from quantlab.kernels.bound_w4 import bind_w4a16
 from quantlab.kernels.ops import (
     KernelArgumentError,
     linear_fp8,
@@ -28,6 +29,7 @@ from quantlab.kernels.packing import (
 __all__ = [
     "KernelArgumentError",
     "act_order_perm",
+    "bind_w4a16",
     "from_mma_layout",
     "is_mma_layout",
     "linear_fp8",

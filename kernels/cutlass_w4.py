@@ -379,6 +379,20 @@ def w4a16_hopper_auto(
     hopper_plans' result when the caller already has it."""
     if plans is None:
         plans = hopper_plans(x, qweight, scales, zeros, group_size, bias)
+    chosen = pick_hopper(x, qweight, scales, zeros, group_size, bias, plans)
+    return run_hopper_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
+
+
+def pick_hopper(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    plans: list[Plan],
+) -> Plan:
+    """The tuned plan among plans (hopper_plans' list) for x [M, K]'s M bucket and these weights."""
     if not plans:
         raise ValueError("Hopper layout: neither cuda_mma nor cutlass_w4 takes these arguments")
     key = (
@@ -392,10 +406,9 @@ def w4a16_hopper_auto(
         zeros is not None,
         bias is not None,
     )
-    chosen = HOPPER_TUNER.pick(
+    return HOPPER_TUNER.pick(
         key, plans, lambda c: run_hopper_plan(c, x, qweight, scales, zeros, group_size, bias)
     )
-    return run_hopper_plan(chosen, x, qweight, scales, zeros, group_size, bias, fill)
 
 
 if (

@@ -484,3 +484,36 @@ def test_paged_prefill_kernel_serves_inflight_chunks(
     got = [o.token_ids for o in Engine(eng).generate(prompts, params)]
     assert max(sizes) >= 2  # one launch served the chunks of two or more sequences
     assert got == want
+
+
+def test_engine_w4_linear_binds_once_per_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine W4A16 linear binds its launch once per (M bucket, dtype, backend), reuses it,
+    drops it on .to(), and gives the checked path's outputs."""
+    from quantlab.kernels import packing as kpacking
+
+    from quantlab.engine import linear as engine_linear
+
+    n, k, g = 32, 64, 32
+    qw, s, _ = kpacking.w4_from_codes(
+        torch.randint(-8, 8, (n, k), dtype=torch.int8), (torch.rand(n, k // g) + 0.1).half()
+    )
+    lin = engine_linear.EngineLinear(
+        {"kind": "w4a16", "group_size": g},
+        {"qweight": qw, "scales": s, "bias": torch.randn(n).half()},
+    )
+    binds: list[int] = []
+    real = engine_linear.bind_w4a16
+
+    def counting(x: torch.Tensor, *args: object) -> object:
+        binds.append(x.shape[0])
+        return real(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_linear, "bind_w4a16", counting)
+    xs = [torch.randn(m, k).half() for m in (1, 1, 3, 4, 5)]  # buckets 1, 1, 4, 4, 8
+    got = [lin(x) for x in xs]
+    assert binds == [1, 3, 5] and len(lin.bound) == 3
+    monkeypatch.setattr(engine_linear, "BIND", False)
+    for x, y in zip(xs, got, strict=True):
+        torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+    lin.to(torch.device("cpu"))
+    assert not lin.bound

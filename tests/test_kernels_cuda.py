@@ -261,6 +261,31 @@ def test_cutlass_dispatch_graph_and_compile(cw) -> None:
     assert _rel(static_y, reference.ref_linear_w4a16(new_x, qw, s, z, g, None, torch.float64)) < TOL
 
 
+@pytest.mark.parametrize("asym", [False, True])
+def test_bound_hopper_launch_equals_the_checked_call(cw, asym: bool) -> None:
+    """kernels.bind_w4a16 on the Hopper layout gives linear_w4a16's outputs bit for bit (the same
+    tuned plan: cuda_mma at small M, cutlass_w4 above), with bias and fp32 scales, at every M of
+    a bucket, and its launch replays in a CUDA graph."""
+    from quantlab.kernels import bind_w4a16
+
+    n, k, g = 1216, 1152, 128
+    qw, s, z = _w4(n, k, g, asym, torch.float16)
+    qh = packing.to_wgmma_layout(qw)
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    for scales in (s, s.float()):
+        for m in (1, 4, 16, 50, 300):  # with m - 1: M buckets 1, 4, 16, 64, 512
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            f = bind_w4a16(x, qh, scales, z, g, bias)
+            for mi in (m, max(1, m - 1)):  # another M of the same bucket reuses the binding
+                xi = x[:mi]
+                assert torch.equal(f(xi), linear_w4a16(xi, qh, scales, z, g, bias)), (m, mi)
+    x = torch.randn(5, k, device="cuda", dtype=torch.float16)
+    f = bind_w4a16(x, qh, s, z, g, bias)
+    f(x)
+    static_y, new_x = _capture_and_replay(f, x)
+    assert torch.equal(static_y, linear_w4a16(new_x, qh, s, z, g, bias))
+
+
 # ---- cuda_mma W8A16 (int8 [N, K], per-channel scales) ------------------------------------------
 
 # 1216 = 76 tiles of 16 rows; 360 leaves a half-filled last tile; K = 18 and 36 units of 64.

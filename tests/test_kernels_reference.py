@@ -244,3 +244,33 @@ def test_cuda_paths_share_one_load_guard(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert not can_load(None, ok)
     assert calls == [1]
+
+
+def test_bind_w4a16_matches_the_checked_call() -> None:
+    """kernels.bind_w4a16: checks once at bind time; the bound function equals linear_w4a16
+    exactly (sym and asym, bias, batch dims, a strided and a misaligned x)."""
+    from quantlab.kernels import bind_w4a16
+
+    n, k, g = 32, 64, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    zero = torch.randint(0, 16, (n, k // g), dtype=torch.uint8)
+    scale = (torch.rand(n, k // g) + 0.1).half()
+    bias = torch.randn(n).half()
+    for qw, s, z in (
+        packing.w4_from_codes(codes.to(torch.int8) - 8, scale),
+        packing.w4_from_codes(codes, scale, zero),
+    ):
+        x = torch.randn(2, 3, k).half()
+        f = bind_w4a16(x, qw, s, z, g, bias)
+        wide = torch.randn(5, k + 1).half()  # rows not contiguous, then rows off 16-byte alignment
+        for xi in (
+            x,
+            torch.randn(4, k).half(),
+            wide[:, :k],
+            wide.flatten()[1 : 1 + 3 * k].view(3, k),
+        ):
+            want = linear_w4a16(xi.contiguous(), qw, s, z, g, bias)
+            assert f(xi).shape == want.shape
+            torch.testing.assert_close(f(xi), want, rtol=0, atol=0)
+        with pytest.raises(KernelArgumentError, match="scales"):
+            bind_w4a16(x, qw, s[:, :1], z, g, bias)

@@ -19,6 +19,10 @@ import torch
 
 from quantlab.cli import main
 
+# One worker runs this module: its module fixture (five runs and five ModelOpt exports, ~28 s)
+# would otherwise be built on both (`make test` distributes with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("modelopt_hf")
+
 RECIPE = """\
 name: mo
 model:

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.kernels import linear_fp8, linear_w4a16, linear_w8a8, linear_w8a16, linear_w8a16_group
+from quantlab.kernels import (
+    bind_w4a16,
+    linear_fp8,
+    linear_w4a16,
+    linear_w8a8,
+    linear_w8a16,
+    linear_w8a16_group,
+)
+from quantlab.kernels._tune import m_bucket
 from quantlab.kernels.ops import W8G_BACKENDS
 from quantlab.kernels.reference import ref_fp8_from_codes, ref_w8a8_from_codes
+
+# W4A16 linears bind their kernel launch once per M bucket (kernels.bind_w4a16) instead of paying
+# linear_w4a16's checks and plan lookup on every call; QUANTLAB_ENGINE_BIND=0 turns that off.
+BIND = os.environ.get("QUANTLAB_ENGINE_BIND", "1") != "0"
 
 
 class EngineLinear(nn.Module):
@@ -25,8 +39,14 @@ class EngineLinear(nn.Module):
         self.kind: str = meta["kind"]
         self.meta = dict(meta)
         self.backend = "auto"
+        self.bound: dict[tuple[int, torch.dtype, str], Callable[[torch.Tensor], torch.Tensor]] = {}
         for k, v in tensors.items():
             self.register_buffer(k, v)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EngineLinear:
+        """Module.to / .cuda / .half: bound launches hold the old tensors, so they are dropped."""
+        self.bound.clear()
+        return super()._apply(fn, recurse)
 
     def t(self, name: str) -> torch.Tensor | None:
         """A buffer by name, or None."""
@@ -112,6 +132,8 @@ class EngineLinear(nn.Module):
                 self.backend if self.backend in W8G_BACKENDS else "auto",
             )
         if self.kind == "w4a16":
+            if BIND and not torch.compiler.is_compiling():
+                return self._w4_bound(x)
             return linear_w4a16(
                 x,
                 b["qweight"],  # type: ignore[arg-type]
@@ -132,3 +154,17 @@ class EngineLinear(nn.Module):
                 "auto" if self.backend not in ("reference", "scaled_mm") else self.backend,
             )
         raise AssertionError(self.kind)
+
+    def _w4_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """y [..., N] through this linear's bound W4A16 launch for x's M bucket (bound on first
+        use; while a CUDA graph is captured, an unbound bucket takes the checked path instead)."""
+        key = (m_bucket(x.numel() // x.shape[-1]), x.dtype, self.backend)
+        fn = self.bound.get(key)
+        b = self._buffers
+        if fn is None:
+            args = (b["qweight"], b["scales"], self.t("zeros"), int(self.meta["group_size"]))
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return linear_w4a16(x, *args, self.t("bias"), self.backend)  # type: ignore[arg-type]
+            fn = bind_w4a16(x, *args, self.t("bias"), self.backend)  # type: ignore[arg-type]
+            self.bound[key] = fn
+        return fn(x)
