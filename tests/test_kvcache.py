@@ -380,8 +380,9 @@ def kv_recipe(
     )
 
 
-# Covered in the quick tier by the combinations that contain them; run in the slow tier.
-_SLOW_COMBOS = ("int8kv", "fp8kv", "eq_int8wo_int8kv")
+# Covered in the quick tier by the combinations that contain them (eq_awq_w4_int8kv: by
+# test_kv_scale_on_every_tp_rank's tp=2 run of the same steps); run in the slow tier.
+_SLOW_COMBOS = ("int8kv", "fp8kv", "eq_int8wo_int8kv", "eq_awq_w4_int8kv")
 
 
 @pytest.mark.parametrize(
