@@ -30,6 +30,15 @@ if not torch.cuda.is_available():
 
         _interp._patch_lang_tensor = _patch_lang_tensor
 
+# Under pytest-xdist each worker's torch would start one thread per core (4 threads on CI's 2
+# cores with -n 2): give each worker its share, and its subprocesses (the CLI, kill-and-resume
+# runs) the same through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(_share)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUANTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
 
