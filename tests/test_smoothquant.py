@@ -515,9 +515,13 @@ def test_smollm2_smoothquant_beats_plain_w8a8(
     assert p["ppl_ref"] == pytest.approx(20.854, abs=0.01)
     assert plain["calibration_windows"] == 0 and sq["calibration_windows"] == 8
     assert {plain["quant_algo"], sq["quant_algo"]} == {"W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}
-    # Measured (8 calibration windows, these 4 evaluation windows, 2026-11-22): plain W8A8 ppl
-    # 21.369 / KL 0.0324 / top-1 90.6%; SmoothQuant a = 0.5 21.157 / 0.0140 / 94.5%.
-    assert s["ppl_quant"] < p["ppl_quant"] and s["kl_mean"] < 0.6 * p["kl_mean"]
+    # Measured (8 calibration windows, these 4 evaluation windows): plain W8A8 ppl 21.369 / KL
+    # 0.0324 / top-1 90.6%, SmoothQuant a = 0.5 21.157 / 0.0140 / 94.5% (AMD EPYC, 2026-11-22);
+    # plain 21.189 / 0.0325 / 89.3%, SmoothQuant 21.287 / 0.0150 / 94.8% (AVX-512 Xeon,
+    # 2026-12-07). Four windows' perplexity moves by +-0.2 with the CPU's float rounding, so the
+    # claim is on the distance from the float model: KL and top-1 agreement.
+    assert s["kl_mean"] < 0.6 * p["kl_mean"]
+    assert s["top1_agreement"] > p["top1_agreement"] + 0.02
     assert s["ppl_quant"] < 21.4 and s["kl_mean"] < 0.02 and s["top1_agreement"] > 0.93
     # Static per-tensor activations, searched exponent (grid 5): measured 21.882 / 0.0761 / 87.7%
     # (plain static W8A8 is ppl ~48 on the full protocol).
