@@ -84,7 +84,13 @@ def _modelopt_model(model_dir: Path, emma: Path, algo: str, dtype: torch.dtype) 
 
 
 @pytest.mark.parametrize(
-    "algo", ["int8_weight_only", "fp8_per_channel_per_token", "int8_smoothquant", "fp8"]
+    "algo",
+    [
+        pytest.param("int8_weight_only", marks=pytest.mark.slow),  # the int8 path of smoothquant
+        "fp8_per_channel_per_token",
+        "int8_smoothquant",
+        pytest.param("fp8", marks=pytest.mark.slow),  # per-tensor: the static path of smoothquant
+    ],
 )
 def test_captured_state_computes_what_modelopts_model_computes(
     setup: Callable[..., Path], tiny_model: Callable[[str], Path], emma: Path, algo: str
